@@ -1,0 +1,249 @@
+"""The ``Pattern`` base class, the mask-evaluation context and the combinators.
+
+A pattern is an immutable description of which query may attend to which key. Its exact
+meaning is ``Pattern.mask``: given flat query indices ``qi`` [nq] and key indices ``ki``
+[nk] it returns a bool tensor broadcastable to [B, H, nq, nk] (B only for patterns whose
+mask depends on run-time content). Everything else — dense masks, the float64 reference,
+tile schedules — is derived from, or tested against, that one method.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from .problem import Problem
+
+# Bump when the meaning of an existing pattern changes: it is part of every fingerprint.
+SEMANTICS_VERSION = 1
+
+
+@dataclasses.dataclass
+class MaskContext:
+    """What a pattern's mask may read: the problem and the run-time inputs.
+
+    q, k:    float64 [B, H, N, D] (k already expanded from kv_heads to heads), for routing.
+    coords:  int64 [N, 1 + ndim] voxel coordinates (batch first), for ``Scattered``.
+    routes:  int64 [B, H or 1, R, topk] routing given by the caller instead of computed.
+    """
+
+    problem: Problem
+    tokens: int
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    coords: torch.Tensor | None = None
+    routes: torch.Tensor | None = None
+    cache: dict = dataclasses.field(default_factory=dict)
+
+    def grid_coord(self, idx: torch.Tensor, dim: int) -> torch.Tensor:
+        """Coordinate along grid dimension ``dim`` of flat row-major token indices."""
+        grid = self.problem.grid
+        stride = 1
+        for s in grid[dim + 1:]:
+            stride *= s
+        return (idx // stride) % grid[dim]
+
+
+def as_4d(mask: torch.Tensor) -> torch.Tensor:
+    """A mask of rank 2 [nq, nk], 3 [H, nq, nk] or 4 [B, H, nq, nk] as rank 4."""
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    return mask
+
+
+class Pattern:
+    """Base class of every sparsity pattern. Subclasses are frozen dataclasses.
+
+    Class attributes a family sets:
+      ``needs``:   run-time inputs its mask reads: subset of {"qk", "coords"}.
+      ``needs_grid``: False for patterns defined on run-time tokens (voxels).
+    """
+
+    needs: ClassVar[frozenset[str]] = frozenset()
+    needs_grid: ClassVar[bool] = True
+
+    # -- meaning --------------------------------------------------------------------
+    def check(self, problem: Problem) -> None:
+        """Raise ValueError if this pattern cannot be applied to ``problem``."""
+
+    def mask(self, ctx: MaskContext, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
+        """Bool tensor broadcastable to [B, H, len(qi), len(ki)]: may query qi[a] see key ki[b]."""
+        raise NotImplementedError
+
+    def children(self) -> tuple["Pattern", ...]:
+        return ()
+
+    def walk(self) -> Iterable["Pattern"]:
+        """This pattern and every pattern below it, depth first."""
+        yield self
+        for c in self.children():
+            yield from c.walk()
+
+    def inputs_needed(self) -> frozenset[str]:
+        out: set[str] = set()
+        for p in self.walk():
+            out |= p.needs
+        return frozenset(out)
+
+    @property
+    def is_static(self) -> bool:
+        """True when the mask is known from shapes alone (no run-time content)."""
+        return not self.inputs_needed()
+
+    # -- combinators ----------------------------------------------------------------
+    def __or__(self, other: "Pattern") -> "Pattern":
+        return Union.of(self, _pattern_operand("|", other))
+
+    def __and__(self, other: "Pattern") -> "Pattern":
+        return Intersection.of(self, _pattern_operand("&", other))
+
+    def __bool__(self):
+        raise TypeError(
+            f"the truth value of a pattern is undefined ({self!r}); combine patterns with "
+            "'|' (union) and '&' (intersection), not 'or'/'and'"
+        )
+
+    # -- identity -------------------------------------------------------------------
+    def __repr__(self) -> str:
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required:
+                parts.append(_literal(value))
+            elif value != f.default:
+                parts.append(f"{f.name}={_literal(value)}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def fingerprint(self) -> str:
+        """Stable content hash: equal iff the patterns are equal (same repr, same semantics)."""
+        text = f"sparseforge-pattern/{SEMANTICS_VERSION}/{self!r}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_literal(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return repr(value)
+
+
+def _pattern_operand(op: str, other) -> "Pattern":
+    if not isinstance(other, Pattern):
+        raise TypeError(f"'{op}' combines two patterns, got {other!r} ({type(other).__name__})")
+    return other
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Union(Pattern):
+    """Keys allowed by any of ``parts`` (``a | b``)."""
+
+    parts: tuple[Pattern, ...]
+
+    @classmethod
+    def of(cls, a: Pattern, b: Pattern) -> "Union":
+        flat = (a.parts if isinstance(a, Union) else (a,)) + (b.parts if isinstance(b, Union) else (b,))
+        return cls(flat)
+
+    def children(self):
+        return self.parts
+
+    def check(self, problem):
+        for p in self.parts:
+            p.check(problem)
+
+    def mask(self, ctx, qi, ki):
+        out = as_4d(self.parts[0].mask(ctx, qi, ki))
+        for p in self.parts[1:]:
+            out = out | as_4d(p.mask(ctx, qi, ki))
+        return out
+
+    def __repr__(self):
+        return "(" + " | ".join(map(repr, self.parts)) + ")"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Intersection(Pattern):
+    """Keys allowed by all of ``parts`` (``a & b``)."""
+
+    parts: tuple[Pattern, ...]
+
+    @classmethod
+    def of(cls, a: Pattern, b: Pattern) -> "Intersection":
+        flat = (a.parts if isinstance(a, Intersection) else (a,)) + (
+            b.parts if isinstance(b, Intersection) else (b,))
+        return cls(flat)
+
+    def children(self):
+        return self.parts
+
+    def check(self, problem):
+        for p in self.parts:
+            p.check(problem)
+
+    def mask(self, ctx, qi, ki):
+        out = as_4d(self.parts[0].mask(ctx, qi, ki))
+        for p in self.parts[1:]:
+            out = out & as_4d(p.mask(ctx, qi, ki))
+        return out
+
+    def __repr__(self):
+        return "(" + " & ".join(map(repr, self.parts)) + ")"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class PerHead(Pattern):
+    """Head ``h`` uses ``patterns[h]``; the list length must equal ``Problem.heads``."""
+
+    patterns: tuple[Pattern, ...]
+
+    def __init__(self, patterns):
+        if isinstance(patterns, Pattern) or not isinstance(patterns, (list, tuple)):
+            raise TypeError(f"PerHead takes a list of patterns (one per head), got {patterns!r}")
+        if not patterns:
+            raise ValueError("PerHead needs at least one pattern, got an empty list")
+        for i, p in enumerate(patterns):
+            if not isinstance(p, Pattern):
+                raise TypeError(f"PerHead patterns[{i}] must be a pattern, got {p!r}")
+        object.__setattr__(self, "patterns", tuple(patterns))
+
+    def children(self):
+        return self.patterns
+
+    def check(self, problem):
+        if len(self.patterns) != problem.heads:
+            raise ValueError(
+                f"PerHead has {len(self.patterns)} patterns but the problem has heads={problem.heads}; "
+                "give exactly one pattern per head")
+        for p in self.patterns:
+            p.check(problem)
+
+    def mask(self, ctx, qi, ki):
+        cache: dict[Pattern, torch.Tensor] = {}
+        heads = []
+        for h, p in enumerate(self.patterns):
+            if p not in cache:
+                cache[p] = as_4d(p.mask(ctx, qi, ki))
+            m = cache[p]
+            heads.append(m[:, h if m.shape[1] > 1 else 0])
+        b = max(m.shape[0] for m in heads)
+        return torch.stack([m.expand(b, len(qi), len(ki)) for m in heads], dim=1)
+
+    def __repr__(self):
+        return "PerHead([" + ", ".join(map(repr, self.patterns)) + "])"
+
+
+def registry() -> Mapping[str, type[Pattern]]:
+    """Every public pattern constructor by name (what the CLI parser accepts)."""
+    from . import content, local, sequence  # noqa: F401  (registers subclasses)
+
+    out: dict[str, type[Pattern]] = {}
+    stack = list(Pattern.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        if not cls.__name__.startswith("_") and cls not in (Union, Intersection):
+            out[cls.__name__] = cls
+        stack.extend(cls.__subclasses__())
+    return out

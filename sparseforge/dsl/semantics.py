@@ -1,0 +1,225 @@
+"""Exact semantics: dense masks, the float64 reference attention and pattern statistics.
+
+This module is the oracle every kernel is tested against; it favours obviousness over
+speed, but works in query-row chunks so that statistics of large problems fit in memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .pattern import MaskContext, Pattern, as_4d
+from .problem import Problem
+
+# Largest number of mask elements materialised at once by the chunked helpers.
+CHUNK_ELEMENTS = 1 << 26
+
+
+def _check_pattern(pattern, problem):
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern must be a sparseforge Pattern, got {pattern!r} ({type(pattern).__name__})")
+    if not isinstance(problem, Problem):
+        raise TypeError(f"problem must be a sparseforge Problem, got {problem!r} ({type(problem).__name__})")
+
+
+def make_context(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=None, routes=None) -> MaskContext:
+    """Check ``pattern`` against ``problem`` and the run-time inputs; build the mask context."""
+    _check_pattern(pattern, problem)
+    needs = pattern.inputs_needed()
+    grid_free = all(not p.needs_grid for p in pattern.walk() if not p.children())
+    if problem.grid is None and not grid_free:
+        raise ValueError(f"{pattern!r} is defined on a token grid: give Problem(grid=...)")
+    if "coords" in needs:
+        if coords is None:
+            raise ValueError(f"{pattern!r} needs voxel coordinates: pass coords= (int [N, 1 + ndim], batch first)")
+        from .content import check_coords
+        coords = check_coords(coords)
+        tokens = coords.shape[0]
+        if problem.grid is not None and tokens != problem.tokens:
+            raise ValueError(f"coords has {tokens} voxels but the problem grid has {problem.tokens} tokens")
+    else:
+        tokens = problem.tokens
+    pattern.check(problem)
+    q64 = k64 = None
+    if "qk" in needs and routes is None:
+        if q is None or k is None:
+            raise ValueError(f"{pattern!r} routes on content: pass q= and k= ([B, H, N, D]) or routes=")
+        q64, k64 = q.detach().double().cpu(), k.detach().double().cpu()
+        if k64.shape[1] != q64.shape[1]:
+            k64 = k64.repeat_interleave(q64.shape[1] // k64.shape[1], dim=1)
+    elif q is not None:
+        q64 = q.detach()
+    return MaskContext(problem=problem, tokens=tokens, q=q64, k=k64, coords=coords, routes=routes)
+
+
+def mask_rows(pattern: Pattern, ctx: MaskContext, rows: torch.Tensor) -> torch.Tensor:
+    """Bool [B|1, H, len(rows), N]: the mask of the given query rows against every key."""
+    keys = torch.arange(ctx.tokens)
+    m = as_4d(pattern.mask(ctx, rows, keys))
+    return m.expand(m.shape[0], ctx.problem.heads, len(rows), ctx.tokens)
+
+
+def _row_chunks(ctx: MaskContext):
+    per_row = max(1, ctx.problem.heads * ctx.tokens)
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    for start in range(0, ctx.tokens, step):
+        yield torch.arange(start, min(start + step, ctx.tokens))
+
+
+def dense_mask(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=None, routes=None) -> torch.Tensor:
+    """The exact mask: bool [H, N, N], or [B, H, N, N] for patterns that route on q/k.
+
+    ``q``/``k`` ([B, H, N, D]) are needed by ``Routed`` (or ``routes``), ``coords`` by
+    ``Scattered``; they are ignored by static patterns.
+    """
+    ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes)
+    m = mask_rows(pattern, ctx, torch.arange(ctx.tokens))
+    return m if "qk" in pattern.inputs_needed() else m[0]
+
+
+# ------------------------------------------------------------------------------------
+# Reference attention
+# ------------------------------------------------------------------------------------
+def check_qkv(q, k, v, problem: Problem, *, tokens: int | None = None, names=("q", "k", "v")) -> None:
+    """Check q [B, H, N, D], k/v [B, kv_heads, N, D] against ``problem``; errors name the argument."""
+    for name, t in zip(names, (q, k, v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape [B, H, N, D], got {tuple(t.shape)}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    n = problem.tokens if tokens is None else tokens
+    b, h, nq, d = q.shape
+    expected = {names[0]: (b, problem.heads, n, problem.head_dim),
+                names[1]: (b, problem.kv_heads, n, problem.head_dim),
+                names[2]: (b, problem.kv_heads, n, problem.head_dim)}
+    for name, t in zip(names, (q, k, v)):
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {expected[name]} "
+                             f"[B, {'H' if name == names[0] else 'kv_heads'}, N, D] for {problem!r}")
+
+
+def masked_softmax_attention(q, k, v, mask, scale):
+    """Attention with a boolean mask; empty rows give zeros and LSE = -inf, never NaN.
+
+    q [..., Nq, D], k/v [..., Nk, D], mask broadcastable to [..., Nq, Nk]. Differentiable.
+    Returns (out [..., Nq, D], lse [..., Nq]) with lse in natural log.
+    """
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = torch.where(mask, s, torch.full_like(s, -math.inf))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    den = e.sum(-1, keepdim=True)
+    p = e / den.clamp_min(torch.finfo(den.dtype).tiny)
+    lse = (m + torch.log(den)).squeeze(-1)
+    return p @ v, lse
+
+
+def reference_attention(q, k, v, pattern: Pattern, problem: Problem, *, scale: float | None = None,
+                        coords=None, routes=None, return_lse: bool = False):
+    """Attention under ``pattern`` in float64: [B, H, N, D] in, float64 [B, H, N, D] out.
+
+    k/v may have ``problem.kv_heads`` heads (GQA). ``scale`` defaults to D**-0.5. With
+    ``return_lse`` also returns the natural-log LSE [B, H, N] (-inf for empty rows).
+    Voxel patterns also accept [N, H, D] tensors (one batch; ``coords`` carries the batch id).
+    Differentiable with respect to q, k and v.
+    """
+    _check_pattern(pattern, problem)
+    voxel_layout = isinstance(q, torch.Tensor) and q.dim() == 3
+    if voxel_layout:
+        q, k, v = (t.permute(1, 0, 2).unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in (q, k, v))
+    ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes)
+    check_qkv(q, k, v, problem, tokens=ctx.tokens)
+    if scale is None:
+        scale = problem.head_dim ** -0.5
+    group = problem.heads // problem.kv_heads
+    q64 = q.double()
+    k64 = k.double().repeat_interleave(group, dim=1)
+    v64 = v.double().repeat_interleave(group, dim=1)
+    outs, lses = [], []
+    for rows in _row_chunks(ctx):
+        m = mask_rows(pattern, ctx, rows).to(q.device)
+        o, l = masked_softmax_attention(q64[:, :, rows], k64, v64, m, scale)
+        outs.append(o)
+        lses.append(l)
+    out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+    if voxel_layout:
+        out, lse = out[0].permute(1, 0, 2), lse[0].permute(1, 0)
+    return (out, lse) if return_lse else out
+
+
+# ------------------------------------------------------------------------------------
+# Statistics
+# ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class HeadStats:
+    """Figures of one head: density = allowed pairs / N^2; keys per query over rows."""
+
+    head: int
+    allowed: int
+    density: float
+    keys_min: int
+    keys_mean: float
+    keys_max: int
+    empty_rows: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PatternStats:
+    """What ``describe`` returns: totals and one ``HeadStats`` per head (batch element 0
+    for content-dependent patterns)."""
+
+    pattern: str
+    problem: str
+    tokens: int
+    heads: tuple[HeadStats, ...]
+
+    @property
+    def density(self) -> float:
+        return sum(h.allowed for h in self.heads) / (len(self.heads) * self.tokens ** 2)
+
+    @property
+    def empty_rows(self) -> int:
+        return sum(h.empty_rows for h in self.heads)
+
+    def as_dict(self) -> dict:
+        return {"pattern": self.pattern, "problem": self.problem, "tokens": self.tokens,
+                "density": self.density, "empty_rows": self.empty_rows,
+                "heads": [dataclasses.asdict(h) for h in self.heads]}
+
+    def __str__(self) -> str:
+        lines = [f"{self.pattern} on {self.problem}: N={self.tokens}, density {self.density:.4g}, "
+                 f"empty rows {self.empty_rows}",
+                 f"{'head':>4} {'density':>9} {'keys/query min':>15} {'mean':>9} {'max':>7} {'empty rows':>11}"]
+        for h in self.heads:
+            lines.append(f"{h.head:>4} {h.density:>9.4g} {h.keys_min:>15} {h.keys_mean:>9.2f} "
+                         f"{h.keys_max:>7} {h.empty_rows:>11}")
+        return "\n".join(lines)
+
+
+def describe(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=None, routes=None) -> PatternStats:
+    """Density per head, keys per query (min/mean/max) and empty rows, computed exactly."""
+    ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes)
+    h = problem.heads
+    kmin = torch.full((h,), ctx.tokens, dtype=torch.long)
+    kmax = torch.zeros(h, dtype=torch.long)
+    total = torch.zeros(h, dtype=torch.long)
+    empty = torch.zeros(h, dtype=torch.long)
+    for rows in _row_chunks(ctx):
+        counts = mask_rows(pattern, ctx, rows)[0].sum(-1)  # [H, rows]
+        kmin = torch.minimum(kmin, counts.amin(-1))
+        kmax = torch.maximum(kmax, counts.amax(-1))
+        total += counts.sum(-1)
+        empty += (counts == 0).sum(-1)
+    n = ctx.tokens
+    heads = tuple(HeadStats(i, int(total[i]), int(total[i]) / n ** 2, int(kmin[i]), int(total[i]) / n,
+                            int(kmax[i]), int(empty[i])) for i in range(h))
+    return PatternStats(repr(pattern), repr(problem), n, heads)
