@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+import sympy
 import torch
 
 from .args import expand, pairwise_le, per_dim, per_dim_bool, positive_int
@@ -44,8 +46,8 @@ def natten_window(q, length: int, kernel: int, dilation: int, stride: int, causa
 
     Returns ``(group, start, end)``: the dilation group ``q % dilation`` and the first and
     last visible key in *group coordinates* (key ``k`` is visible iff
-    ``k % dilation == group`` and ``start <= k // dilation <= end``). Works on ints and
-    on integer tensors alike. The rules (NATTEN's reference mask):
+    ``k % dilation == group`` and ``start <= k // dilation <= end``). Works on ints, on
+    integer tensors/arrays and on sympy expressions alike (``codegen`` prints the latter). The rules (NATTEN's reference mask):
 
     - the group of length ``L_g = ceil((length - group) / dilation)`` holds the query at
       index ``i = q // dilation``;
@@ -68,13 +70,19 @@ def natten_window(q, length: int, kernel: int, dilation: int, stride: int, causa
 
 
 def _maximum(a, b):
-    return torch.clamp(a, min=b) if isinstance(a, torch.Tensor) else max(a, b)
+    if isinstance(a, torch.Tensor):
+        return torch.clamp(a, min=b)
+    if isinstance(a, sympy.Basic) or isinstance(b, sympy.Basic):
+        return sympy.Max(a, b)
+    return np.maximum(a, b)
 
 
 def _minimum(a, b):
     if isinstance(a, torch.Tensor):
         return torch.minimum(a, b) if isinstance(b, torch.Tensor) else torch.clamp(a, max=b)
-    return min(a, b)
+    if isinstance(a, sympy.Basic) or isinstance(b, sympy.Basic):
+        return sympy.Min(a, b)
+    return np.minimum(a, b)
 
 
 def _clamp(x, lo, hi):

@@ -1,0 +1,156 @@
+"""Generated Triton kernels for one TileSchedule: write, load and launch them.
+
+Sources are written under the cache directory (content-addressed, atomically) and loaded
+as real modules, because Triton reads a kernel's source through ``inspect``. The
+interpreter variant is loaded with ``TRITON_INTERPRET=1`` set only while its decorators
+run, so CPU tensors can run the very same kernels without the caller exporting anything.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import envvars
+from .render import block_d, kernel_name, render
+from .schedule import TileSchedule
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # explicit; part of every cache key
+
+
+@contextlib.contextmanager
+def _interpreter(enabled: bool):
+    old = os.environ.get("TRITON_INTERPRET")
+    if enabled:
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class TritonKernels:
+    """Forward and backward kernels of one schedule, loaded for GPU or interpreter use.
+
+    forward(q, k, v, scale)                      -> out [B, H, N, D], lse [B, H, N] fp32 (natural log)
+    backward(q, k, v, out, lse, dout, scale)     -> dq, dk, dv
+    """
+
+    def __init__(self, schedule: TileSchedule, interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
+        self.schedule = schedule
+        self.interpret = interpret
+        self.num_warps, self.num_stages = num_warps, num_stages
+        self.name = kernel_name(schedule)
+        self.sources = {kind: render(schedule, kind) for kind in ("fwd", "bwd")}
+        self._modules: dict[str, object] = {}
+        self._tables: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+    def source(self, kind: str) -> str:
+        if kind not in self.sources:
+            raise ValueError(f"kind must be one of {sorted(self.sources)}, got {kind!r}")
+        return self.sources[kind]
+
+    def path(self, kind: str) -> Path:
+        digest = hashlib.sha256(self.sources[kind].encode()).hexdigest()[:16]
+        return envvars.cache_dir() / "kernels" / self.name / f"{kind}_{digest}.py"
+
+    def module(self, kind: str):
+        """The loaded module of ``kind``; written to the cache directory on first use."""
+        if kind not in self._modules:
+            path = self.path(kind)
+            if not path.exists() or path.read_text() != self.sources[kind]:
+                write_atomic(path, self.sources[kind])
+            mod_name = f"sparseforge_generated.{self.name}.{kind}{'_interp' if self.interpret else ''}"
+            spec = importlib.util.spec_from_file_location(mod_name, path)
+            mod = importlib.util.module_from_spec(spec)
+            with _interpreter(self.interpret):
+                spec.loader.exec_module(mod)
+            sys.modules[mod_name] = mod
+            self._modules[kind] = mod
+        return self._modules[kind]
+
+    def kernel(self, name: str):
+        kind = "fwd" if name == "fwd" else "bwd"
+        return getattr(self.module(kind), f"{self.name}_{name}")
+
+    def _launch(self, name: str, grid, *args):
+        # The interpreter also reads TRITON_INTERPRET while running (lazy imports assert it).
+        with _interpreter(True) if self.interpret else contextlib.nullcontext():
+            self.kernel(name)[grid](*args, **self._meta())
+
+    def tables(self, device: torch.device) -> dict[str, torch.Tensor]:
+        if device not in self._tables:
+            s = self.schedule
+
+            def t(a):
+                return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device)
+            self._tables[device] = dict(
+                kv_ptr=t(s.forward.ptr), kv_idx=t(s.forward.idx), kv_full=t(s.forward.full),
+                q_ptr=t(s.inverse.ptr), q_idx=t(s.inverse.idx), q_full=t(s.inverse.full),
+                head_group=t(s.head_group))
+        return self._tables[device]
+
+    def _meta(self):
+        g = self.schedule.geometry
+        meta = dict(BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_D=block_d(self.schedule.problem.head_dim))
+        if not self.interpret:
+            meta.update(num_warps=self.num_warps, num_stages=self.num_stages)
+        return meta
+
+    # -- launches ----------------------------------------------------------------------
+    def forward(self, q, k, v, scale: float):
+        b, h, n, _ = q.shape
+        out = torch.empty_like(q)
+        lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
+        tb = self.tables(q.device)
+        grid = (self.schedule.geometry.n_q_tiles, b * h)
+        self._launch(
+            "fwd", grid, q, k, v, out, lse, tb["kv_ptr"], tb["kv_idx"], tb["kv_full"], tb["head_group"],
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
+            scale * math.log2(math.e))
+        return out, lse
+
+    def backward(self, q, k, v, out, lse, dout, scale: float):
+        b, h, n, _ = q.shape
+        kvh = k.shape[1]
+        delta = (dout.float() * out.float()).sum(-1)  # rowsum(dO * O): [B, H, N] fp32
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        tb = self.tables(q.device)
+        qk_scale = scale * math.log2(math.e)
+        geom = self.schedule.geometry
+        self._launch(
+            "bwd_dq", (geom.n_q_tiles, b * h), q, k, v, dout, lse, delta, dq,
+            tb["kv_ptr"], tb["kv_idx"], tb["kv_full"], tb["head_group"],
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, qk_scale)
+        self._launch(
+            "bwd_dkdv", (geom.n_k_tiles, b * kvh), q, k, v, dout, lse, delta, dk, dv,
+            tb["q_ptr"], tb["q_idx"], tb["q_full"], tb["head_group"],
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, qk_scale)
+        return dq, dk, dv

@@ -1,0 +1,99 @@
+"""Render: TileSchedule -> readable Triton source (Jinja2 templates, StrictUndefined)."""
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+
+import jinja2
+import torch
+
+from ..dsl.problem import DTYPE_NAMES
+from .lowering import Symbols, predicate
+from .printer import to_triton
+from .schedule import TileSchedule
+
+KINDS = ("fwd", "bwd")
+_TEMPLATES = {"fwd": "attention_fwd.py.j2", "bwd": "attention_bwd.py.j2"}
+
+_env = jinja2.Environment(
+    loader=jinja2.PackageLoader("sparseforge", "templates"),
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+)
+
+
+def kernel_name(schedule: TileSchedule) -> str:
+    """A readable, filesystem- and identifier-safe name: family, grid, tiles, dtype, hash."""
+    p = schedule.pattern
+    family = re.sub(r"[^a-z0-9]+", "_", type(p).__name__.lower()).strip("_")
+    prob = schedule.problem
+    digest = hashlib.sha256(f"{p.fingerprint()}|{prob!r}|{schedule.geometry}".encode()).hexdigest()[:8]
+    return f"sf_{family}_{prob.name()}_{schedule.geometry.name()}_{digest}"
+
+
+def _side(schedule: TileSchedule, name: str) -> dict:
+    geom = schedule.geometry
+    tiles = [d.q_tiles if name == "q" else d.k_tiles for d in geom.dims]
+    extents = [d.tq if name == "q" else d.tk for d in geom.dims]
+    strides = [math.prod(geom.grid[i + 1:]) for i in range(len(geom.dims))]
+    dims = []
+    for i, d in enumerate(geom.dims):
+        dims.append(dict(length=d.length, fold=d.fold, padded_group=d.padded_group, tile=extents[i],
+                         tiles=tiles[i], tiles_after=math.prod(tiles[i + 1:]), rows_after=math.prod(extents[i + 1:]),
+                         stride=strides[i]))
+    return dict(name=name, block=math.prod(extents), dims=dims,
+                coords=", ".join(f"x{i}" for i in range(len(geom.dims))))
+
+
+def render(schedule: TileSchedule, kind: str) -> str:
+    """Source of the ``kind`` ("fwd" or "bwd") kernel module for ``schedule``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    prob, geom = schedule.problem, schedule.geometry
+    nd = len(geom.dims)
+    sym = Symbols.make(nd)
+    pred = predicate(schedule.pattern, prob, sym)
+
+    def names(q_axis: str, k_axis: str) -> dict:
+        out = {sym.qn: f"q_tok{q_axis}", sym.kn: f"k_tok{k_axis}", sym.head: "head"}
+        for d in range(nd):
+            out[sym.qx[d]] = f"qx{d}{q_axis}"
+            out[sym.kx[d]] = f"kx{d}{k_axis}"
+        return out
+
+    block_d = max(16, 1 << (prob.head_dim - 1).bit_length())
+    context = dict(
+        version=_version(), pattern=repr(schedule.pattern), problem=repr(prob),
+        q_tile=geom.q_tile, k_tile=geom.k_tile, fold=geom.fold,
+        n_q_tiles=geom.n_q_tiles, n_k_tiles=geom.n_k_tiles, groups=schedule.groups,
+        dtype=DTYPE_NAMES[prob.dtype], head_dim=prob.head_dim, block_d=block_d,
+        heads=prob.heads, kv_group=prob.heads // prob.kv_heads, tokens=prob.tokens,
+        sides=[_side(schedule, "q"), _side(schedule, "k")],
+        q_coords=", ".join(f"qx{d}" for d in range(nd)), k_coords=", ".join(f"kx{d}" for d in range(nd)),
+        kernel_name=kernel_name(schedule),
+        predicate=_bool_tensor(to_triton(pred, names("[:, None]", "[None, :]")), "q_valid[:, None] & k_valid[None, :]"),
+        predicate_t=_bool_tensor(to_triton(pred, names("[None, :]", "[:, None]")), "k_valid[:, None] & q_valid[None, :]"),
+        dot_args=', input_precision="ieee"' if prob.dtype in (torch.float32, torch.float64) else "",
+    )
+    return _env.get_template(_TEMPLATES[kind]).render(**context)
+
+
+def _bool_tensor(text: str, full_shape_expr: str) -> str:
+    """A predicate that printed as a Python constant becomes a tensor of the tile's shape."""
+    if text == "True":
+        return full_shape_expr
+    if text == "False":
+        return f"~({full_shape_expr})"
+    return text
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def _version() -> str:
+    from .. import __version__
+    return __version__

@@ -1,0 +1,375 @@
+"""Lowering: Pattern + Problem -> TileSchedule.
+
+For each query tile the schedule lists the key tiles to visit, FULL ones (every pair
+allowed: no mask in the kernel) before PARTIAL ones (mask predicate evaluated); EMPTY
+tiles are never visited. The inverse lists, per key tile, the query tiles that visit it
+(for the dK/dV kernel). Classification is exact for separable families (per-dimension
+interval arithmetic, combined over dimensions) and sound for combinations: FULL tiles are
+always all-allowed, EMPTY tiles always all-masked.
+
+Cost: per-dimension work is O(tiles_d * candidates * tile); the N-D combination is one
+int8 array of [query tiles, key tiles].
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+
+import numpy as np
+import torch
+
+from ..dsl import local, sequence
+from ..dsl.pattern import Intersection, Pattern, PerHead, Union
+from ..dsl.problem import Problem
+from ..dsl.semantics import make_context
+from .lowering import EMPTY, FULL, PARTIAL, SEPARABLE, choose_fold, fold_1d, head_signature, leaf_for_head, span_1d
+from .tiling import DimTiling, TileGeometry
+
+# Largest folded extent for which a 1-D rule is classified through its dense 1-D mask.
+DENSE_1D_LIMIT = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class CSR:
+    """Per schedule group ``g`` and row ``r``: ``idx[ptr[g, r]:ptr[g, r + 1]]`` are the tiles
+    to visit, the first ``full[g, r]`` of them FULL. int32 numpy arrays."""
+
+    ptr: np.ndarray   # [G, rows + 1]
+    idx: np.ndarray   # [nnz]
+    full: np.ndarray  # [G, rows]
+
+    @property
+    def visited(self) -> int:
+        return int(self.idx.shape[0])
+
+    @property
+    def visited_full(self) -> int:
+        return int(self.full.sum())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TileSchedule:
+    """Which (query tile, key tile) pairs a kernel visits, per group of identical heads.
+
+    head_group: int32 [H], the schedule group of each query head.
+    forward:    CSR over query tiles (key tiles per query tile).
+    inverse:    CSR over key tiles (query tiles per key tile).
+    closed_form: why the forward loop bounds are (or are not) emitted in closed form.
+    """
+
+    pattern: Pattern
+    problem: Problem
+    geometry: TileGeometry
+    head_group: np.ndarray
+    group_heads: tuple[int, ...]  # a representative head of each group
+    forward: CSR
+    inverse: CSR
+    closed_form: bool
+    closed_form_reason: str
+    build_seconds: float
+
+    @property
+    def groups(self) -> int:
+        return len(self.group_heads)
+
+    @property
+    def visited_tiles(self) -> int:
+        """Visited (query tile, key tile) pairs summed over heads."""
+        per_group = np.diff(self.forward.ptr, axis=1).sum(axis=1)
+        return int(sum(per_group[g] for g in self.head_group))
+
+    @property
+    def full_tiles(self) -> int:
+        per_group = self.forward.full.sum(axis=1)
+        return int(sum(per_group[g] for g in self.head_group))
+
+    @functools.cached_property
+    def allowed_pairs(self) -> int:
+        """Allowed (query, key) pairs summed over heads, counted exactly tile by tile."""
+        return sum(self._allowed_in_group(g) * int((self.head_group == g).sum()) for g in range(self.groups))
+
+    @property
+    def tile_efficiency(self) -> float:
+        """Allowed pairs / pairs inside visited tiles (1.0 = no wasted work)."""
+        visited_pairs = self.visited_tiles * self.geometry.block_m * self.geometry.block_n
+        return self.allowed_pairs / visited_pairs if visited_pairs else 1.0
+
+    def _allowed_in_group(self, g: int) -> int:
+        geom, head = self.geometry, self.group_heads[g]
+        ctx = make_context(self.pattern, self.problem)
+        q_tok = torch.from_numpy(geom.token_table("q"))
+        k_tok = torch.from_numpy(geom.token_table("k"))
+        ptr, idx, full = self.forward.ptr[g], self.forward.idx, self.forward.full[g]
+        k_valid = (k_tok >= 0).sum(1)
+        total = 0
+        for qt in range(geom.n_q_tiles):
+            a, b, f = int(ptr[qt]), int(ptr[qt + 1]), int(full[qt])
+            if a == b:
+                continue
+            qi = q_tok[qt][q_tok[qt] >= 0]
+            total += len(qi) * int(k_valid[torch.from_numpy(idx[a:a + f]).long()].sum())
+            if b > a + f:
+                ki = k_tok[torch.from_numpy(idx[a + f:b]).long()].reshape(-1)
+                ki = ki[ki >= 0]
+                m = self.pattern.mask(ctx, qi, ki)
+                m = m.expand(*m.shape[:-3], self.problem.heads, len(qi), len(ki)) if m.dim() >= 3 else m
+                total += int((m[..., head, :, :] if m.dim() >= 3 else m).sum())
+        return total
+
+    def one_d_efficiency(self, tile: int = 128) -> float:
+        """Tile efficiency of the same pattern cut into 1-D ``tile``-token runs of the
+        row-major sequence (what FlexAttention's BlockMask does). Computed from the exact
+        mask one query tile at a time: O(N^2 / tile) work, meant for reports, not hot paths."""
+        ctx = make_context(self.pattern, self.problem)
+        n = self.problem.tokens
+        n_tiles = -(-n // tile)
+        keys = torch.arange(n)
+        pad = n_tiles * tile - n
+        visited = 0
+        for g in range(self.groups):
+            head = self.group_heads[g]
+            weight = int((self.head_group == g).sum())
+            for t in range(n_tiles):
+                rows = torch.arange(t * tile, min((t + 1) * tile, n))
+                m = self.pattern.mask(ctx, rows, keys)
+                m = m[..., head if m.dim() >= 3 and m.shape[-3] > 1 else 0, :, :] if m.dim() >= 3 else m
+                m = torch.nn.functional.pad(m.reshape(len(rows), n), (0, pad))
+                visited += weight * int(m.reshape(len(rows), n_tiles, tile).any(-1).any(0).sum())
+        return self.allowed_pairs / (visited * tile * tile) if visited else 1.0
+
+    def summary(self) -> str:
+        g = self.geometry
+        lines = [
+            f"schedule for {self.pattern!r} on {self.problem!r}",
+            f"  tiles: query {g.q_tile} x key {g.k_tile}, fold {g.fold}; {g.n_q_tiles} query tiles, "
+            f"{g.n_k_tiles} key tiles, {self.groups} head group(s)",
+            f"  visited tile pairs: {self.visited_tiles} ({self.full_tiles} full, "
+            f"{self.visited_tiles - self.full_tiles} partial) of {g.n_q_tiles * g.n_k_tiles * self.problem.heads}",
+            f"  tile efficiency: {self.tile_efficiency:.4f}",
+            f"  loop bounds: {'closed form' if self.closed_form else 'index tables'} ({self.closed_form_reason})",
+            f"  built in {self.build_seconds * 1e3:.1f} ms",
+        ]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------
+def default_tile(problem: Problem, block: int = 128) -> tuple[int, ...]:
+    """An N-D tile of ``block`` tokens shaped to the grid: 128 -> (128,), (8, 16), (4, 4, 8)."""
+    nd = problem.ndim
+    if nd == 1:
+        return (block,)
+    exps = [0] * nd
+    total = int(math.log2(block))
+    for i in range(total):
+        exps[nd - 1 - (i % nd)] += 1  # fill from the last (fastest) dimension
+    return tuple(1 << e for e in sorted(exps))
+
+
+def build_schedule(pattern: Pattern, problem: Problem, *, q_tile=None, k_tile=None, fold=None) -> TileSchedule:
+    """Lower ``pattern`` on ``problem`` to a TileSchedule (see module docstring)."""
+    t0 = time.perf_counter()
+    if not pattern.is_static:
+        raise ValueError(f"{pattern!r} depends on run-time content; static schedules need a static pattern")
+    make_context(pattern, problem)  # validates pattern against problem
+    q_tile = tuple(q_tile) if q_tile is not None else default_tile(problem)
+    fold = tuple(fold) if fold is not None else choose_fold(pattern, problem)
+    geom = TileGeometry.make(problem.grid, q_tile, k_tile, fold)
+
+    signatures: dict = {}
+    head_group = np.zeros(problem.heads, dtype=np.int32)
+    for h in range(problem.heads):
+        head_group[h] = signatures.setdefault(head_signature(pattern, problem, h), len(signatures))
+    group_heads = tuple(int(np.argmax(head_group == g)) for g in range(len(signatures)))
+
+    classifier = _Classifier(problem, geom)
+    classes = [classifier.pattern(leaf_for_head(pattern, h), h) for h in group_heads]
+    classes = [classifier.apply_padding(c) for c in classes]
+    forward = _csr(classes)
+    inverse = _csr([c.T for c in classes])
+    closed, reason = _closed_form(pattern, problem, geom)
+    return TileSchedule(pattern, problem, geom, head_group, group_heads, forward, inverse, closed, reason,
+                        time.perf_counter() - t0)
+
+
+def _csr(classes: list[np.ndarray]) -> CSR:
+    rows = classes[0].shape[0]
+    ptr = np.zeros((len(classes), rows + 1), dtype=np.int64)
+    full = np.zeros((len(classes), rows), dtype=np.int32)
+    idx_parts, offset = [], 0
+    for g, c in enumerate(classes):
+        is_full, is_part = c == FULL, c == PARTIAL
+        full[g] = is_full.sum(1)
+        counts = full[g] + is_part.sum(1)
+        fr, fc = np.nonzero(is_full)
+        pr, pc = np.nonzero(is_part)
+        r = np.concatenate([fr, pr])
+        col = np.concatenate([fc, pc])
+        kind = np.concatenate([np.zeros(len(fr), np.int8), np.ones(len(pr), np.int8)])
+        order = np.lexsort((col, kind, r))
+        idx_parts.append(col[order])
+        ptr[g, 1:] = offset + np.cumsum(counts)
+        ptr[g, 0] = offset
+        offset += int(counts.sum())
+    idx = np.concatenate(idx_parts) if idx_parts else np.zeros(0)
+    if offset >= 2 ** 31:
+        raise ValueError(f"schedule has {offset} visited tiles, more than int32 tables hold")
+    return CSR(ptr.astype(np.int32), idx.astype(np.int32), full)
+
+
+def _closed_form(pattern: Pattern, problem: Problem, geom: TileGeometry) -> tuple[bool, str]:
+    if not isinstance(pattern, SEPARABLE):
+        return False, f"{type(pattern).__name__} is not a single separable family"
+    for d, p in enumerate(pattern.params(problem)):
+        lo, hi, step = span_1d(pattern, problem.grid[d], np.arange(problem.grid[d]), p)
+        if not _contiguous_in_fold(step, geom.dims[d].fold, lo, hi):
+            return False, f"keys along dimension {d} are not contiguous under fold {geom.dims[d].fold}"
+    return True, f"affine {type(pattern).__name__} bounds"
+
+
+def _contiguous_in_fold(step: int, fold: int, lo, hi) -> bool:
+    return step == fold or bool(np.all(hi <= lo))
+
+
+# ------------------------------------------------------------------------------------
+class _Classifier:
+    """Tile classes [n_q_tiles, n_k_tiles] (int8 EMPTY/PARTIAL/FULL) of a pattern for one head."""
+
+    def __init__(self, problem: Problem, geom: TileGeometry):
+        self.problem, self.geom = problem, geom
+        self.q_tok = geom.token_table("q")
+        self.k_tok = geom.token_table("k")
+
+    def pattern(self, p: Pattern, head: int) -> np.ndarray:
+        if isinstance(p, Union):
+            return functools.reduce(np.maximum, (self.pattern(c, head) for c in p.parts))
+        if isinstance(p, Intersection):
+            return functools.reduce(np.minimum, (self.pattern(c, head) for c in p.parts))
+        if isinstance(p, PerHead):
+            return self.pattern(p.patterns[head], head)
+        if isinstance(p, SEPARABLE):
+            return self.separable(p)
+        return self.flat(p, head)
+
+    def apply_padding(self, c: np.ndarray) -> np.ndarray:
+        """No FULL tile may hold padding; a tile of padding only is EMPTY."""
+        q_pad = (self.q_tok < 0).any(1)
+        k_pad = (self.k_tok < 0).any(1)
+        c = np.where((q_pad[:, None] | k_pad[None, :]) & (c == FULL), PARTIAL, c)
+        q_none = (self.q_tok < 0).all(1)
+        k_none = (self.k_tok < 0).all(1)
+        return np.where(q_none[:, None] | k_none[None, :], EMPTY, c).astype(np.int8)
+
+    # -- separable families: per-dimension classes, combined with min ---------------
+    def separable(self, leaf) -> np.ndarray:
+        per_dim = [_classes_1d(leaf, dim, p) for dim, p in zip(self.geom.dims, leaf.params(self.problem))]
+        nd = len(per_dim)
+        out = None
+        for d, c in enumerate(per_dim):
+            shape = [1] * (2 * nd)
+            shape[d], shape[nd + d] = c.shape
+            c = c.reshape(shape)
+            out = c if out is None else np.minimum(out, c)
+        return out.reshape(self.geom.n_q_tiles, self.geom.n_k_tiles)
+
+    # -- flat families: from the token range of each tile -----------------------------
+    def flat(self, leaf, head: int) -> np.ndarray:
+        q, k = self.q_tok, self.k_tok
+        big = np.iinfo(np.int64).max
+        qmin = np.where(q >= 0, q, big).min(1)[:, None]
+        qmax = q.max(1)[:, None]
+        kmin = np.where(k >= 0, k, big).min(1)[None, :]
+        kmax = k.max(1)[None, :]
+        shape = (q.shape[0], k.shape[0])
+        if isinstance(leaf, sequence.Full):
+            return np.full(shape, FULL, np.int8)
+        if isinstance(leaf, sequence.Causal):
+            return _classes(kmax <= qmin, kmin > qmax)
+        if isinstance(leaf, sequence.Sink):
+            return np.broadcast_to(_classes(kmax < leaf.n, kmin >= leaf.n), shape)
+        if isinstance(leaf, sequence.Documents):
+            ends = np.cumsum(leaf.lengths)
+            def doc(t):
+                return np.searchsorted(ends, t, side="right")
+            dq0, dq1, dk0, dk1 = doc(qmin), doc(qmax), doc(kmin), doc(kmax)
+            return _classes((dq0 == dq1) & (dk0 == dk1) & (dq0 == dk0), (dk1 < dq0) | (dk0 > dq1))
+        if isinstance(leaf, sequence.GlobalTokens):
+            g = np.array(leaf.indices)
+            qg = (np.isin(q, g) & (q >= 0)).sum(1)[:, None]
+            kg = (np.isin(k, g) & (k >= 0)).sum(1)[None, :]
+            return _classes((qg == (q >= 0).sum(1)[:, None]) | (kg == (k >= 0).sum(1)[None, :]),
+                            (qg == 0) & (kg == 0))
+        if isinstance(leaf, sequence.StridedShards):
+            return self.strided_shards(leaf, head)
+        raise ValueError(f"{type(leaf).__name__} has no static tile schedule")
+
+    def strided_shards(self, leaf: sequence.StridedShards, head: int) -> np.ndarray:
+        geom = self.geom
+        if len(geom.dims) != 1 or geom.dims[0].fold != 1:
+            raise ValueError("StridedShards is scheduled on 1-D grids only; give Problem(grid=N)")
+        dim = geom.dims[0]
+        cell = math.gcd(dim.tq, dim.tk, leaf.block_size)
+        n_cells = dim.extent // cell
+        blocks = np.arange(n_cells) * cell // leaf.block_size
+        one_head = dataclasses.replace(self.problem, heads=self.problem.heads)
+        layout = leaf.block_mask(one_head, torch.from_numpy(np.unique(blocks)),
+                                 torch.from_numpy(np.unique(blocks)))[head].numpy()
+        visible = layout[np.ix_(blocks - blocks[0], blocks - blocks[0])]
+        if leaf.causal:
+            i = np.arange(n_cells)
+            below = i[:, None] > i[None, :]
+            diag = i[:, None] == i[None, :]
+            cells = np.where(visible & below, FULL, np.where(visible & diag, PARTIAL if cell > 1 else FULL, EMPTY))
+        else:
+            cells = np.where(visible, FULL, EMPTY)
+        cells = cells.astype(np.int8).reshape(dim.q_tiles, dim.tq // cell, dim.k_tiles, dim.tk // cell)
+        lo, hi = cells.min(axis=(1, 3)), cells.max(axis=(1, 3))
+        return np.where(lo == FULL, FULL, np.where(hi == EMPTY, EMPTY, PARTIAL)).astype(np.int8)
+
+
+def _classes(full, empty) -> np.ndarray:
+    return np.where(full, FULL, np.where(empty, EMPTY, PARTIAL)).astype(np.int8)
+
+
+def _classes_1d(leaf, dim: DimTiling, p: dict) -> np.ndarray:
+    """int8 [q_tiles_d, k_tiles_d]: tile classes of a separable leaf along one dimension."""
+    x, valid = dim.coords()
+    lo, hi, step = span_1d(leaf, dim.length, x, p)
+    if _contiguous_in_fold(step, dim.fold, lo[valid], hi[valid]):
+        return _classes_by_interval(dim, x, valid, lo, hi)
+    if dim.extent > DENSE_1D_LIMIT:
+        raise ValueError(
+            f"{leaf!r}: keys along a dimension of {dim.length} are not contiguous under fold {dim.fold}, "
+            f"and the dimension is too long ({dim.extent} > {DENSE_1D_LIMIT}) for a dense 1-D classification")
+    xt = torch.from_numpy(x)
+    m = leaf.allowed_1d(dim.length, xt[:, None], xt[None, :], **p).numpy()
+    m &= valid[:, None] & valid[None, :]
+    m = m.reshape(dim.q_tiles, dim.tq, dim.k_tiles, dim.tk)
+    return _classes(m.all(axis=(1, 3)), ~m.any(axis=(1, 3)))
+
+
+def _classes_by_interval(dim: DimTiling, x, valid, lo, hi) -> np.ndarray:
+    """Classes when every query's keys are one contiguous folded run [lo_f, hi_f]."""
+    lp, f = dim.padded_group, dim.fold
+    g = x % f
+    lo_f = np.where(valid & (hi >= lo), g * lp + (lo - g) // f, np.iinfo(np.int64).max // 4)
+    hi_f = np.where(valid & (hi >= lo), g * lp + (hi - g) // f, -1)
+    lo_t, hi_t = lo_f.reshape(dim.q_tiles, dim.tq), hi_f.reshape(dim.q_tiles, dim.tq)
+    all_valid = valid.reshape(dim.q_tiles, dim.tq).all(1)
+    first = lo_t.min(1) // dim.tk
+    last = hi_t.max(1) // dim.tk
+    span = np.maximum(last - first + 1, 0)
+    out = np.zeros((dim.q_tiles, dim.k_tiles), np.int8)
+    if span.max(initial=0) == 0:
+        return out
+    kt = first[:, None] + np.arange(span.max())[None, :]           # [qt, cand]
+    in_range = np.arange(span.max())[None, :] < span[:, None]
+    c, e = kt * dim.tk, kt * dim.tk + dim.tk - 1
+    hit = ((lo_t[:, None, :] <= e[..., None]) & (hi_t[:, None, :] >= c[..., None])).any(-1)
+    full = all_valid[:, None] & (lo_t.max(1)[:, None] <= c) & (hi_t.min(1)[:, None] >= e)
+    cls = np.where(full, FULL, np.where(hit, PARTIAL, EMPTY)).astype(np.int8)
+    rows = np.broadcast_to(np.arange(dim.q_tiles)[:, None], kt.shape)
+    keep = in_range & (kt >= 0) & (kt < dim.k_tiles)
+    out[rows[keep], kt[keep]] = cls[keep]
+    return out
