@@ -27,6 +27,9 @@ def _check_pattern(pattern, problem):
 def make_context(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=None, routes=None) -> MaskContext:
     """Check ``pattern`` against ``problem`` and the run-time inputs; build the mask context."""
     _check_pattern(pattern, problem)
+    for name, t in (("q", q), ("k", k)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     needs = pattern.inputs_needed()
     grid_free = all(not p.needs_grid for p in pattern.walk() if not p.children())
     if problem.grid is None and not grid_free:
@@ -46,12 +49,29 @@ def make_context(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=N
     if "qk" in needs and routes is None:
         if q is None or k is None:
             raise ValueError(f"{pattern!r} routes on content: pass q= and k= ([B, H, N, D]) or routes=")
+        _check_routing_qk(q, k, problem, tokens)
         q64, k64 = q.detach().double().cpu(), k.detach().double().cpu()
         if k64.shape[1] != q64.shape[1]:
             k64 = k64.repeat_interleave(q64.shape[1] // k64.shape[1], dim=1)
     elif q is not None:
         q64 = q.detach()
     return MaskContext(problem=problem, tokens=tokens, q=q64, k=k64, coords=coords, routes=routes)
+
+
+def _check_routing_qk(q: torch.Tensor, k: torch.Tensor, problem: Problem, tokens: int) -> None:
+    """q [B, H, N, D] and k [B, kv_heads or H, N, D], floating, for routing on content."""
+    for name, t in (("q", q), ("k", k)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape [B, H, N, D], got {tuple(t.shape)}")
+    b, h, n, d = q.shape
+    if (h, n) != (problem.heads, tokens):
+        raise ValueError(f"q has shape {tuple(q.shape)}, expected [B, H={problem.heads}, N={tokens}, D] "
+                         f"for {problem!r}")
+    if k.shape[0] != b or k.shape[1] not in (problem.kv_heads, problem.heads) or k.shape[2:] != (n, d):
+        raise ValueError(f"k has shape {tuple(k.shape)}, expected [B={b}, kv_heads={problem.kv_heads}, "
+                         f"N={tokens}, D={d}] to match q {tuple(q.shape)} for {problem!r}")
 
 
 def mask_rows(pattern: Pattern, ctx: MaskContext, rows: torch.Tensor) -> torch.Tensor:

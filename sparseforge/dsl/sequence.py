@@ -110,7 +110,8 @@ class StridedShards(Pattern):
     - causal (absolute positions): ``kb`` is also visible when
       ``(kb + h * step) % vertical_stride == 0``, where ``h`` is the key/value head and
       ``step = max(1, vertical_stride // heads)`` with ``heterogeneous`` heads (0 otherwise),
-      so heads take different shards and together cover the context; then ``k <= q`` is
+      so heads take different shards (their union covers the context when ``heads >=
+      vertical_stride``); then ``k <= q`` is
       applied per token.
     - bidirectional (relative positions): ``kb`` is visible iff ``(lm + rm) % vertical_stride
       == 0`` with ``lm = max(qb - kb - left + 1, 0)`` and ``rm = max(kb - qb - right + 1, 0)``

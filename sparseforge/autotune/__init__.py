@@ -1,0 +1,1 @@
+"""Stage 4 — tune: config spaces, static pruning and the tuning database (a later issue)."""
