@@ -63,7 +63,7 @@ class TritonKernels:
     backward(q, k, v, out, lse, dout, scale)     -> dq, dk, dv
     """
 
-    def __init__(self, schedule: TileSchedule, interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
+    def __init__(self, schedule: TileSchedule, interpret: bool = False, num_warps: int = 8, num_stages: int = 2):
         self.schedule = schedule
         self.interpret = interpret
         self.num_warps, self.num_stages = num_warps, num_stages
@@ -154,3 +154,42 @@ class TritonKernels:
             tb["q_ptr"], tb["q_idx"], tb["q_full"], tb["head_group"],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, qk_scale)
         return dq, dk, dv
+
+    # -- ahead-of-time compile (no GPU needed) -----------------------------------------------
+    KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
+
+    def signature(self, name: str) -> dict[str, str]:
+        """Triton type string of every runtime argument of kernel ``name``."""
+        dt = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[_dtype_name(self.schedule.problem.dtype)]
+        tables = ["KV_PTR", "KV_IDX", "KV_FULL"] if name != "bwd_dkdv" else ["Q_PTR", "Q_IDX", "Q_FULL"]
+        sig: dict[str, str] = {}
+        if name == "fwd":
+            sig.update(Q=dt, K=dt, V=dt, O=dt, LSE="*fp32")
+        else:
+            sig.update(Q=dt, K=dt, V=dt, DO=dt, LSE="*fp32", DELTA="*fp32")
+            sig.update(DQ=dt) if name == "bwd_dq" else sig.update(DK=dt, DV=dt)
+        sig.update({t: "*i32" for t in tables}, HEAD_GROUP="*i32")
+        strides = ["stride_qb", "stride_qh", "stride_kb", "stride_kh"]
+        if name == "fwd":
+            strides += ["stride_ob", "stride_oh"]
+        sig.update({s: "i32:16" for s in strides})  # what the JIT infers for contiguous tensors
+        if name == "fwd":
+            sig["qk_scale"] = "fp32"
+        else:
+            sig.update(sm_scale="fp32", qk_scale="fp32")
+        return sig
+
+    def aot(self, name: str, target="sm_90"):
+        """Compile kernel ``name`` for ``target`` on the CPU; returns its ResourceReport."""
+        from .aot import aot_compile
+        if self.interpret:
+            raise ValueError("ahead-of-time compile needs TritonKernels(interpret=False)")
+        g = self.schedule.geometry
+        meta = dict(BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_D=block_d(self.schedule.problem.head_dim))
+        return aot_compile(self.kernel(name), self.signature(name), meta, target=target,
+                           num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    from ..dsl.problem import DTYPE_NAMES
+    return DTYPE_NAMES[dtype]

@@ -173,7 +173,10 @@ def build_schedule(pattern: Pattern, problem: Problem, *, q_tile=None, k_tile=No
     if not pattern.is_static:
         raise ValueError(f"{pattern!r} depends on run-time content; static schedules need a static pattern")
     make_context(pattern, problem)  # validates pattern against problem
-    q_tile = tuple(q_tile) if q_tile is not None else default_tile(problem)
+    q_tile = tuple(q_tile) if q_tile is not None else default_tile(problem, 128)
+    if k_tile is None:
+        # 64-token key tiles keep the backward kernels free of register spills (see tests/codegen/test_aot_kernels.py)
+        k_tile = default_tile(problem, 64) if q_tile == default_tile(problem, 128) else q_tile
     fold = tuple(fold) if fold is not None else choose_fold(pattern, problem)
     geom = TileGeometry.make(problem.grid, q_tile, k_tile, fold)
 
