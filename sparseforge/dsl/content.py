@@ -150,6 +150,12 @@ class Scattered(Pattern):
         object.__setattr__(self, "window_size", per_dim("window_size", self.window_size))
         object.__setattr__(self, "shift", per_dim("shift", self.shift, minimum=0))
 
+    def check_rank(self, coords: torch.Tensor) -> None:
+        """window_size and shift must have one entry per coordinate dimension."""
+        nd = coords.shape[1] - 1
+        expand("window_size", self.window_size, nd)
+        expand("shift", self.shift, nd)
+
     def window_ids(self, coords: torch.Tensor) -> torch.Tensor:
         """int64 [N, 1 + n]: batch then window index per dimension."""
         coords = check_coords(coords)

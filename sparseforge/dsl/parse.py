@@ -96,7 +96,7 @@ class _Evaluator(ast.NodeVisitor):
         kwargs = {k.arg: self.visit(k.value) for k in node.keywords}
         try:
             return cls(*args, **kwargs)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise PatternSyntaxError(f"in pattern expression {self.text!r}: {e}") from None
 
     def visit_Name(self, node):

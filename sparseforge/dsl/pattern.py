@@ -243,7 +243,8 @@ def registry() -> Mapping[str, type[Pattern]]:
     stack = list(Pattern.__subclasses__())
     while stack:
         cls = stack.pop()
-        if not cls.__name__.startswith("_") and cls not in (Union, Intersection):
+        public = cls.__module__.startswith("sparseforge.dsl.") and not cls.__name__.startswith("_")
+        if public and cls not in (Union, Intersection):
             out[cls.__name__] = cls
         stack.extend(cls.__subclasses__())
     return out

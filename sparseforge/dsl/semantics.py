@@ -39,6 +39,9 @@ def make_context(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=N
             raise ValueError(f"{pattern!r} needs voxel coordinates: pass coords= (int [N, 1 + ndim], batch first)")
         from .content import check_coords
         coords = check_coords(coords)
+        for leaf in pattern.walk():
+            if hasattr(leaf, "check_rank"):
+                leaf.check_rank(coords)
         tokens = coords.shape[0]
         if problem.grid is not None and tokens != problem.tokens:
             raise ValueError(f"coords has {tokens} voxels but the problem grid has {problem.tokens} tokens")
