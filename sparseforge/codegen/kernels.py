@@ -42,6 +42,31 @@ def _interpreter(enabled: bool):
             os.environ["TRITON_INTERPRET"] = old
 
 
+@contextlib.contextmanager
+def _interpretable_library_functions():
+    """Let interpreted kernels call ``triton.language``'s own ``@jit`` helpers (``tl.max``,
+    ``tl.sum``, ...). Those are fixed as compiled functions when ``triton.language`` is first
+    imported without ``TRITON_INTERPRET`` (torch imports it early), and a compiled function
+    refuses to be called from Python. While an interpreted launch runs, such calls go
+    through an interpreted wrapper of the same function instead."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction.__call__
+    wrappers: dict[int, InterpretedFunction] = {}
+
+    def call(self, *args, **kwargs):
+        if id(self) not in wrappers:
+            wrappers[id(self)] = InterpretedFunction(self.fn)
+        return wrappers[id(self)](*args, **kwargs)
+
+    JITFunction.__call__ = call
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = original
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +127,10 @@ class TritonKernels:
 
     def _launch(self, name: str, grid, *args):
         # The interpreter also reads TRITON_INTERPRET while running (lazy imports assert it).
-        with _interpreter(True) if self.interpret else contextlib.nullcontext():
+        if not self.interpret:
+            self.kernel(name)[grid](*args, **self._meta())
+            return
+        with _interpreter(True), _interpretable_library_functions():
             self.kernel(name)[grid](*args, **self._meta())
 
     def tables(self, device: torch.device) -> dict[str, torch.Tensor]:

@@ -56,7 +56,9 @@ class TileSchedule:
     head_group: int32 [H], the schedule group of each query head.
     forward:    CSR over query tiles (key tiles per query tile).
     inverse:    CSR over key tiles (query tiles per key tile).
-    closed_form: why the forward loop bounds are (or are not) emitted in closed form.
+    closed_form: whether the pattern's key-tile ranges have a closed form (affine, separable,
+                 contiguous under the fold). Kernels read the index tables either way today;
+                 emitting the closed-form bounds into the loops is the next step.
     """
 
     pattern: Pattern
@@ -148,7 +150,8 @@ class TileSchedule:
             f"  visited tile pairs: {self.visited_tiles} ({self.full_tiles} full, "
             f"{self.visited_tiles - self.full_tiles} partial) of {g.n_q_tiles * g.n_k_tiles * self.problem.heads}",
             f"  tile efficiency: {self.tile_efficiency:.4f}",
-            f"  loop bounds: {'closed form' if self.closed_form else 'index tables'} ({self.closed_form_reason})",
+            f"  loop bounds: index tables; closed form {'available' if self.closed_form else 'not available'} "
+            f"({self.closed_form_reason})",
             f"  built in {self.build_seconds * 1e3:.1f} ms",
         ]
         return "\n".join(lines)

@@ -2,6 +2,7 @@
 forward, LSE and dQ/dK/dV, for every static family, a union and a PerHead mix."""
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  (imports triton.language before any kernel loads, as torch users do)
 
 import sparseforge as sf
 from sparseforge.codegen import build_schedule

@@ -1,0 +1,223 @@
+"""The CPU executor: attention driven by a ``TileSchedule``, in plain torch.
+
+It visits exactly the (query tile, key tile) pairs the schedule lists, like the generated
+kernels do, so running it against the float64 reference tests the schedule itself:
+
+- per schedule group (heads with one tile schedule) and query tile, the tokens of every
+  visited key tile are gathered in one ``index_select`` from the geometry's token table
+  (padding rows dropped);
+- FULL key tiles are used unmasked; PARTIAL ones are masked with the pattern's exact mask
+  (``pattern.mask``), evaluated once per (group, query tile) and cached;
+- softmax in float32 (float64 for float64 inputs); a query row with nothing visible gives
+  zeros and LSE = -inf, never NaN;
+- the backward uses the explicit FlashAttention formulas (``delta = rowsum(dO * O)``,
+  ``P = exp(S - lse)``, ``dS = P * (dP - delta)``) and accumulates dK/dV into the key/value
+  heads (GQA) with ``index_add_``.
+
+It runs on whatever device the tensors are on (it is torch ops only), which is how the
+runtime computes the rarely needed LSE-gradient correction for the Triton backends too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import weakref
+
+import torch
+
+from ..dsl.pattern import as_4d
+from ..dsl.semantics import make_context
+
+__all__ = ["forward", "backward", "compute_dtype", "plan_for"]
+
+# Total bytes of cached PARTIAL-tile masks per schedule; beyond it masks are recomputed.
+MASK_CACHE_BYTES = 256 << 20
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for inputs of ``dtype``: float64 stays float64, the rest float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclasses.dataclass
+class _Step:
+    """One (schedule group, query tile) with something to visit."""
+
+    group: int
+    heads: torch.Tensor      # int64 [Hg] query heads of the group
+    kv_heads: torch.Tensor   # int64 [Hg] their key/value heads
+    q_tokens: torch.Tensor   # int64 [nq] query tokens of the tile (padding dropped)
+    k_tokens: torch.Tensor   # int64 [nk] tokens of every visited key tile (padding dropped)
+    n_full: int              # the first n_full of k_tokens come from FULL tiles
+    partial_tiles: torch.Tensor  # int64 [p] PARTIAL key tiles (for recomputing the mask)
+    mask: torch.Tensor | None = None  # bool [1 or Hg, nq, nk]; None: every pair allowed
+
+
+class Plan:
+    """Everything the executor derives from a schedule once: the visiting steps and masks."""
+
+    def __init__(self, schedule):
+        self.schedule = schedule
+        problem = schedule.problem
+        geom = schedule.geometry
+        self.ctx = make_context(schedule.pattern, problem)
+        self.q_table = torch.from_numpy(geom.token_table("q"))
+        self.k_table = torch.from_numpy(geom.token_table("k"))
+        rep = problem.heads // problem.kv_heads
+        head_group = torch.from_numpy(schedule.head_group.astype("int64"))
+        fwd = schedule.forward
+        ptr = torch.from_numpy(fwd.ptr.astype("int64"))
+        idx = torch.from_numpy(fwd.idx.astype("int64"))
+        full = torch.from_numpy(fwd.full.astype("int64"))
+        self.steps: list[_Step] = []
+        cached = 0
+        for g in range(schedule.groups):
+            heads = torch.nonzero(head_group == g).flatten()
+            if len(heads) == 0:
+                continue
+            kv_heads = heads // rep
+            for r in range(geom.n_q_tiles):
+                a, b, f = int(ptr[g, r]), int(ptr[g, r + 1]), int(full[g, r])
+                if a == b:
+                    continue
+                qt = self.q_table[r]
+                q_tokens = qt[qt >= 0]
+                if len(q_tokens) == 0:
+                    continue
+                tiles = idx[a:b]
+                kt = self.k_table.index_select(0, tiles)  # [n_tiles, tk]
+                valid = kt >= 0
+                n_full = int(valid[:f].sum())
+                k_tokens = kt[valid]  # row-major: FULL tiles' tokens first
+                step = _Step(g, heads, kv_heads, q_tokens, k_tokens, n_full, tiles[f:])
+                if n_full < len(k_tokens) and cached < MASK_CACHE_BYTES:
+                    step.mask = self.mask(step)
+                    cached += step.mask.numel()
+                self.steps.append(step)
+
+    def mask(self, step: _Step) -> torch.Tensor | None:
+        """bool [1 or Hg, nq, nk] for ``step``: True on FULL-tile keys, the pattern's exact
+        mask on PARTIAL-tile keys. None when every visited tile is FULL."""
+        if step.mask is not None:
+            return step.mask
+        nq, nk = len(step.q_tokens), len(step.k_tokens)
+        if step.n_full == nk:
+            return None
+        part = step.k_tokens[step.n_full:]
+        m = as_4d(self.schedule.pattern.mask(self.ctx, step.q_tokens, part))
+        if m.shape[0] != 1:
+            raise ValueError(f"{self.schedule.pattern!r} has a per-batch mask; the CPU executor "
+                             "handles static patterns only")
+        m = m[0]  # [1 or H, nq, p]
+        if m.shape[0] > 1:
+            m = m.index_select(0, step.heads)
+            if bool((m == m[:1]).all()):
+                m = m[:1]
+        m = m.expand(m.shape[0], nq, len(part))
+        if step.n_full == 0:
+            return m.contiguous()
+        ones = torch.ones(m.shape[0], nq, step.n_full, dtype=torch.bool)
+        return torch.cat([ones, m], dim=-1)
+
+
+_plans: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_plans_lock = threading.Lock()
+
+
+def plan_for(schedule) -> Plan:
+    """The (cached) executor plan of ``schedule``."""
+    with _plans_lock:
+        plan = _plans.get(schedule)
+    if plan is None:
+        plan = Plan(schedule)
+        with _plans_lock:
+            plan = _plans.setdefault(schedule, plan)
+    return plan
+
+
+def _gather(x: torch.Tensor, heads: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """x [B, H, N, D] -> [B, len(heads), len(tokens), D]."""
+    return x.index_select(1, heads).index_select(2, tokens)
+
+
+def _scores(plan: Plan, step: _Step, q, k, scale):
+    """Masked scores [B, Hg, nq, nk] (-inf where masked) and the mask (or None)."""
+    dev = q.device
+    qg = _gather(q, step.heads.to(dev), step.q_tokens.to(dev))
+    kg = _gather(k, step.kv_heads.to(dev), step.k_tokens.to(dev))
+    s = torch.matmul(qg, kg.transpose(-1, -2)) * scale
+    mask = plan.mask(step)
+    if mask is not None:
+        mask = mask.to(dev)
+        s = s.masked_fill(~mask, -math.inf)
+    return qg, kg, s, mask
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule, scale: float):
+    """Attention under ``schedule``: q [B, H, N, D], k/v [B, kv_heads, N, D].
+
+    Returns ``(out, lse)``: out [B, H, N, D] in q's dtype, lse [B, H, N] natural log,
+    float32 (float64 for float64 inputs), -inf for rows with nothing visible.
+    """
+    plan = plan_for(schedule)
+    ct = compute_dtype(q.dtype)
+    b, h, n, d = q.shape
+    with torch.no_grad():
+        qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+        out = torch.zeros(b, h, n, v.shape[-1], dtype=ct, device=q.device)
+        lse = torch.full((b, h, n), -math.inf, dtype=ct, device=q.device)
+        for step in plan.steps:
+            _, _, s, _ = _scores(plan, step, qc, kc, scale)
+            m = s.amax(-1, keepdim=True)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            p = torch.exp(s - m)
+            den = p.sum(-1, keepdim=True)
+            vg = _gather(vc, step.kv_heads.to(q.device), step.k_tokens.to(q.device))
+            o = torch.matmul(p, vg) / den.clamp_min(torch.finfo(ct).tiny)
+            hi = step.heads.to(q.device)[:, None]
+            qi = step.q_tokens.to(q.device)[None, :]
+            out[:, hi, qi] = o
+            lse[:, hi, qi] = (m + torch.log(den)).squeeze(-1)
+    return out.to(q.dtype), lse
+
+
+def backward(q, k, v, out, lse, dout, schedule, scale: float, dlse: torch.Tensor | None = None):
+    """Gradients (dq, dk, dv) of ``forward`` given dout (and optionally the gradient of the
+    LSE output, ``dlse`` [B, H, N]); each in its input's dtype. ``dout`` may be None (only
+    ``dlse`` flows back)."""
+    plan = plan_for(schedule)
+    ct = compute_dtype(q.dtype)
+    b, h, n, d = q.shape
+    kvh = k.shape[1]
+    dev = q.device
+    with torch.no_grad():
+        qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+        if dout is None:
+            dout = torch.zeros_like(out)
+        doc = dout.to(ct)
+        delta = (doc * out.to(ct)).sum(-1)  # [B, H, N]
+        if dlse is not None:
+            delta = delta - dlse.to(ct)
+        # Rows with nothing visible have lse = -inf; +inf makes exp(S - lse) = 0 there.
+        lse_c = lse.to(ct)
+        lse_c = torch.where(lse_c == -math.inf, torch.full_like(lse_c, math.inf), lse_c)
+        dq = torch.zeros(b, h, n, d, dtype=ct, device=dev)
+        dk = torch.zeros(b, kvh * n, d, dtype=ct, device=dev)
+        dv = torch.zeros(b, kvh * n, v.shape[-1], dtype=ct, device=dev)
+        for step in plan.steps:
+            heads, qt = step.heads.to(dev), step.q_tokens.to(dev)
+            kv_heads, kt = step.kv_heads.to(dev), step.k_tokens.to(dev)
+            qg, kg, s, mask = _scores(plan, step, qc, kc, scale)
+            vg = _gather(vc, kv_heads, kt)
+            dog = _gather(doc, heads, qt)
+            lse_g = lse_c.index_select(1, heads).index_select(2, qt)[..., None]
+            delta_g = delta.index_select(1, heads).index_select(2, qt)[..., None]
+            p = torch.exp(s - lse_g)  # masked entries: exp(-inf) = 0
+            dp = torch.matmul(dog, vg.transpose(-1, -2))
+            ds = p * (dp - delta_g)
+            dq[:, heads[:, None], qt[None, :]] = torch.matmul(ds, kg) * scale
+            flat = (kv_heads[:, None] * n + kt[None, :]).reshape(-1)
+            dk.index_add_(1, flat, (torch.matmul(ds.transpose(-1, -2), qg) * scale).reshape(b, -1, d))
+            dv.index_add_(1, flat, torch.matmul(p.transpose(-1, -2), dog).reshape(b, -1, v.shape[-1]))
+    return (dq.to(q.dtype), dk.view(b, kvh, n, d).to(k.dtype), dv.view(b, kvh, n, v.shape[-1]).to(v.dtype))

@@ -1,0 +1,300 @@
+"""One compiled attention as a pair of ``torch.library`` custom ops.
+
+``register(schedule)`` defines, once per schedule fingerprint:
+
+- ``sparseforge::<name>``      (q, k, v, scale, backend) -> (out, lse)
+- ``sparseforge::<name>_bwd``  (q, k, v, out, lse, dout?, dlse?, scale, backend) -> (dq, dk, dv)
+
+each with a fake (meta) function, and an autograd formula on the forward op that calls the
+backward op. They are plain ``custom_op``s with explicit fakes (not ``triton_op``), so
+``opcheck`` and fake-tensor tracing work on CPU (see DESIGN.md, known pitfalls).
+
+``backend`` picks the executor per call: ``"auto"`` (CUDA tensors -> generated Triton
+kernels, anything else -> the CPU executor), ``"triton"``, ``"cpu"`` (the schedule-driven
+torch executor, any device) or ``"interpret"`` (the generated Triton kernels under the
+Triton interpreter, on CPU tensors).
+
+The LSE output is float32 (float64 when the inputs are float64, which only the CPU
+executor accepts: gradcheck needs it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import threading
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..dsl import local, sequence
+from ..dsl.pattern import Intersection, Pattern, PerHead, Union
+from ..dsl.problem import Problem
+from . import cpu
+
+__all__ = ["AttentionOp", "BACKENDS", "op_name", "pattern_tag", "register", "registered", "schedule_fingerprint"]
+
+NAMESPACE = "sparseforge"
+BACKENDS = ("auto", "triton", "cpu", "interpret")
+# Longest readable part of an op name (the fingerprint keeps names unique anyway).
+MAX_TAG = 80
+
+
+# ------------------------------------------------------------------------------------
+# Names
+# ------------------------------------------------------------------------------------
+def _v(value) -> str:
+    if isinstance(value, (tuple, list)):
+        if len(set(value)) == 1:
+            return _v(value[0])
+        return "x".join(_v(x) for x in value)
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def _is_default(value, default) -> bool:
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    return all(x == default for x in values)
+
+
+def pattern_tag(pattern: Pattern, ndim: int = 1) -> str:
+    """A short readable tag of a pattern: ``Neighborhood(7, dilation=2)`` on a 2-D grid ->
+    ``na2d_k7_d2``; unions join with ``_or_``, intersections with ``_and_``."""
+    p = pattern
+    if isinstance(p, Union):
+        return "_or_".join(pattern_tag(c, ndim) for c in p.parts)
+    if isinstance(p, Intersection):
+        return "_and_".join(pattern_tag(c, ndim) for c in p.parts)
+    if isinstance(p, PerHead):
+        seen: list[str] = []
+        for c in p.patterns:
+            t = pattern_tag(c, ndim)
+            if t not in seen:
+                seen.append(t)
+        return f"perhead{len(p.patterns)}_" + "_".join(seen)
+    if isinstance(p, local.Neighborhood):
+        s = f"na{ndim}d_k{_v(p.kernel_size)}"
+        if not _is_default(p.dilation, 1):
+            s += f"_d{_v(p.dilation)}"
+        if not _is_default(p.stride, 1):
+            s += f"_s{_v(p.stride)}"
+        if not _is_default(p.causal, False):
+            s += f"_c{_v(p.causal)}"
+        return s
+    if isinstance(p, local.SlidingWindow):
+        return f"sw_l{_v(p.left)}_r{_v(p.right)}"
+    if isinstance(p, local.Halo):
+        return f"halo_b{_v(p.block_size)}_h{_v(p.halo)}"
+    if isinstance(p, local.Blocks):
+        return f"blocks{_v(p.size)}"
+    if isinstance(p, local.Grid):
+        return f"grid{_v(p.size)}"
+    if isinstance(p, sequence.Full):
+        return "full"
+    if isinstance(p, sequence.Causal):
+        return "causal"
+    if isinstance(p, sequence.Sink):
+        return f"sink{p.n}"
+    if isinstance(p, sequence.GlobalTokens):
+        return f"global{len(p.indices)}"
+    if isinstance(p, sequence.Documents):
+        return f"docs{len(p.lengths)}"
+    if isinstance(p, sequence.StridedShards):
+        s = f"s2_b{p.block_size}_l{_v(p.local_blocks)}_v{p.vertical_stride}"
+        if p.dense_heads:
+            s += f"_dh{p.dense_heads}"
+        if not p.heterogeneous:
+            s += "_hom"
+        if not p.causal:
+            s += "_bi"
+        return s
+    return type(p).__name__.lower()
+
+
+def _sanitize(text: str) -> str:
+    text = re.sub(r"[^a-z0-9_]+", "_", text.lower())
+    return re.sub(r"_+", "_", text).strip("_")
+
+
+def schedule_fingerprint(schedule) -> str:
+    """Content hash of a TileSchedule: pattern, problem, tiling and the tables themselves.
+
+    (TileSchedule has no ``fingerprint()`` of its own yet; equal fingerprints here mean
+    equal visiting order and classes, so one op can serve both.)"""
+    h = hashlib.sha256()
+    h.update(f"sparseforge-op/1/{schedule.pattern.fingerprint()}/{schedule.problem!r}/".encode())
+    g = schedule.geometry
+    h.update(f"{g.q_tile}/{g.k_tile}/{g.fold}/".encode())
+    for arr in (schedule.head_group, schedule.forward.ptr, schedule.forward.idx, schedule.forward.full,
+                schedule.inverse.ptr, schedule.inverse.idx, schedule.inverse.full):
+        a = np.ascontiguousarray(arr)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def op_name(pattern: Pattern, problem: Problem, schedule=None, *, fingerprint: str | None = None) -> str:
+    """A readable, unique op name, e.g. ``na2d_k7_d2_g56x56_h8_d64_bf16_1a2b3c4d``: pattern
+    tag, problem, and the first 8 hex digits of the schedule fingerprint; [a-z0-9_] only."""
+    if fingerprint is None:
+        if schedule is None:
+            raise ValueError("op_name needs a schedule or a fingerprint")
+        fingerprint = schedule_fingerprint(schedule)
+    tag = _sanitize(pattern_tag(pattern, problem.ndim))[:MAX_TAG].rstrip("_") or "pattern"
+    prob = problem.name()
+    if problem.kv_heads != problem.heads:
+        prob += f"_kv{problem.kv_heads}"
+    name = _sanitize(f"{tag}_{prob}_{fingerprint[:8]}")
+    return name if name[0].isalpha() else "p_" + name
+
+
+# ------------------------------------------------------------------------------------
+# Executors
+# ------------------------------------------------------------------------------------
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The executor a call runs on: ``auto`` -> ``triton`` for CUDA tensors, ``cpu`` otherwise."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "cpu"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "triton" and device.type != "cuda":
+        raise ValueError(f"backend='triton' runs on CUDA tensors, got tensors on {device}; "
+                         "use backend='interpret' (Triton interpreter) or 'cpu' on CPU")
+    if backend == "interpret" and device.type != "cpu":
+        raise ValueError(f"backend='interpret' runs on CPU tensors, got tensors on {device}")
+    return backend
+
+
+@dataclasses.dataclass(eq=False)
+class AttentionOp:
+    """The ops of one schedule and the executors behind them."""
+
+    name: str
+    schedule: Any
+    fingerprint: str
+    fwd: Any = None  # CustomOpDef of the forward op
+    bwd: Any = None  # CustomOpDef of the backward op
+    _kernels: dict = dataclasses.field(default_factory=dict)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    @property
+    def op(self):
+        """``torch.ops.sparseforge.<name>`` (the forward op's packet)."""
+        return getattr(getattr(torch.ops, NAMESPACE), self.name)
+
+    @property
+    def backward_op(self):
+        return getattr(getattr(torch.ops, NAMESPACE), self.name + "_bwd")
+
+    def kernels(self, interpret: bool):
+        """The (cached) ``TritonKernels`` of this schedule."""
+        with self._lock:
+            if interpret not in self._kernels:
+                from ..codegen.kernels import TritonKernels
+
+                self._kernels[interpret] = TritonKernels(self.schedule, interpret=interpret)
+            return self._kernels[interpret]
+
+    # -- real implementations ---------------------------------------------------------
+    def run_forward(self, q, k, v, scale: float, backend: str):
+        which = resolve_backend(backend, q.device)
+        if which == "cpu":
+            return cpu.forward(q, k, v, self.schedule, scale)
+        out, lse = self.kernels(which == "interpret").forward(q, k, v, scale)
+        return out, lse.float()
+
+    def run_backward(self, q, k, v, out, lse, dout, dlse, scale: float, backend: str):
+        which = resolve_backend(backend, q.device)
+        if which == "cpu":
+            return cpu.backward(q, k, v, out, lse, dout, self.schedule, scale, dlse=dlse)
+        if dout is None:
+            dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        else:
+            dq, dk, dv = self.kernels(which == "interpret").backward(q, k, v, out, lse, dout, scale)
+        if dlse is not None:
+            # The kernels take no LSE gradient; its contribution, dS += P * dlse, comes from
+            # the schedule-driven torch executor on the same device (only when lse is used).
+            cq, ck, _ = cpu.backward(q, k, v, out, lse, None, self.schedule, scale, dlse=dlse)
+            dq, dk = (dq.float() + cq.float()).to(q.dtype), (dk.float() + ck.float()).to(k.dtype)
+        return dq, dk, dv
+
+
+_REGISTRY: dict[str, AttentionOp] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def registered() -> dict[str, AttentionOp]:
+    """A copy of the registry: op name -> AttentionOp."""
+    with _REGISTRY_LOCK:
+        return dict(_REGISTRY)
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def register(schedule, name: str | None = None) -> AttentionOp:
+    """The ops of ``schedule``, defined on first use; the same name again returns the
+    existing ops (an op name can be registered with torch only once per process)."""
+    fingerprint = schedule_fingerprint(schedule)
+    if name is None:
+        name = op_name(schedule.pattern, schedule.problem, fingerprint=fingerprint)
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"name must match [a-z][a-z0-9_]*, got {name!r}")
+    with _REGISTRY_LOCK:
+        entry = _REGISTRY.get(name)
+        if entry is None:
+            entry = AttentionOp(name, schedule, fingerprint)
+            _define(entry)
+            _REGISTRY[name] = entry
+        elif entry.fingerprint != fingerprint:
+            raise ValueError(f"name={name!r} is already the op of another schedule ({entry.schedule.pattern!r} on "
+                             f"{entry.schedule.problem!r}); give a different name")
+    return entry
+
+
+def _define(entry: AttentionOp) -> None:
+    qual = f"{NAMESPACE}::{entry.name}"
+
+    @torch.library.custom_op(qual, mutates_args=())
+    def fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+        return entry.run_forward(q, k, v, scale, backend)
+
+    @fwd.register_fake
+    def _fwd_fake(q, k, v, scale, backend):
+        b, h, n, _ = q.shape
+        return (q.new_empty((b, h, n, v.shape[-1])), q.new_empty((b, h, n), dtype=_lse_dtype(q.dtype)))
+
+    @torch.library.custom_op(qual + "_bwd", mutates_args=())
+    def bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Optional[Tensor],
+            dlse: Optional[Tensor], scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(t.contiguous() for t in entry.run_backward(q, k, v, out, lse, dout, dlse, scale, backend))
+
+    @bwd.register_fake
+    def _bwd_fake(q, k, v, out, lse, dout, dlse, scale, backend):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale, backend = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        ctx.backend = backend
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, dout, dlse):
+        if dout is None and dlse is None:
+            return None, None, None, None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is not None:
+            dout = dout.contiguous()
+        if dlse is not None:
+            dlse = dlse.contiguous()
+        dq, dk, dv = bwd(q, k, v, out, lse, dout, dlse, ctx.scale, ctx.backend)
+        return dq, dk, dv, None, None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    entry.fwd, entry.bwd = fwd, bwd

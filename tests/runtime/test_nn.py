@@ -1,0 +1,132 @@
+"""SparseAttention: projections around a compiled attention, for grids and sequences."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparseforge as sf
+from sparseforge.runtime import SparseAttention
+
+from ._common import TOL, rel_err
+
+
+def manual(module: SparseAttention, x: torch.Tensor, grid) -> torch.Tensor:
+    """The module's computation written out with the float64 reference attention."""
+    b, c = x.shape[0], x.shape[-1]
+    n = x[0, ..., 0].numel()
+    h, kvh, d = module.heads, module.kv_heads, module.head_dim
+    qkv = module.qkv(x.reshape(b, n, c)).double()
+    q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+    q = q.reshape(b, n, h, d).transpose(1, 2)
+    k = k.reshape(b, n, kvh, d).transpose(1, 2)
+    v = v.reshape(b, n, kvh, d).transpose(1, 2)
+    problem = sf.Problem(grid=grid, heads=h, head_dim=d, dtype=torch.float32, kv_heads=kvh)
+    out = sf.reference_attention(q, k, v, module.pattern, problem)
+    out = out.transpose(1, 2).reshape(b, n, c).float()
+    return module.proj(out).reshape(x.shape)
+
+
+def _x(*shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+
+
+def test_image_input_grid_inferred():
+    torch.manual_seed(0)
+    m = SparseAttention(sf.Neighborhood(3, dilation=2), dim=32, heads=4)
+    x = _x(2, 7, 9, 32)
+    y = m(x)
+    assert y.shape == x.shape
+    assert rel_err(y, manual(m, x, (7, 9))) < TOL[torch.float32]
+    y.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert m.qkv.weight.grad is not None and m.proj.weight.grad is not None
+    assert list(m._compiled) == [((7, 9), torch.float32)]
+    m(_x(1, 7, 9, 32))  # same grid: no new compile
+    m(_x(1, 6, 6, 32))  # new grid: compiled and cached
+    assert len(m._compiled) == 2
+
+
+def test_video_input_gqa():
+    torch.manual_seed(1)
+    m = SparseAttention(sf.Neighborhood((2, 3, 3)), dim=32, heads=4, kv_heads=2, qkv_bias=False)
+    x = _x(1, 3, 4, 5, 32)
+    assert m.qkv.bias is None
+    assert rel_err(m(x), manual(m, x, (3, 4, 5))) < TOL[torch.float32]
+
+
+def test_sequence_input():
+    torch.manual_seed(2)
+    m = SparseAttention(sf.SlidingWindow(3) | sf.Sink(1), dim=16, heads=2)
+    x = _x(2, 21, 16)
+    y = m(x)
+    assert y.shape == x.shape
+    assert rel_err(y, manual(m, x, (21,))) < TOL[torch.float32]
+
+
+def test_sequence_input_with_given_grid():
+    torch.manual_seed(3)
+    m = SparseAttention(sf.Blocks(2), dim=16, heads=2, grid=(4, 6))
+    assert list(m._compiled) == [((4, 6), torch.float32)]  # compiled at construction
+    x = _x(2, 24, 16)
+    assert rel_err(m(x), manual(m, x, (4, 6))) < TOL[torch.float32]
+    x2 = _x(2, 4, 6, 16)
+    assert m(x2).shape == x2.shape
+
+
+def test_dtype_argument_and_float64_on_cpu():
+    m = SparseAttention(sf.Causal(), dim=8, heads=2, dtype=torch.float64)
+    assert m.qkv.weight.dtype == torch.float64
+    y = m(torch.randn(1, 5, 8, dtype=torch.float64))
+    assert y.dtype == torch.float64
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="dim must be divisible by heads"):
+        SparseAttention(sf.Full(), dim=10, heads=4)
+    with pytest.raises(ValueError, match="kv_heads must divide heads"):
+        SparseAttention(sf.Full(), dim=12, heads=4, kv_heads=3)
+    with pytest.raises(TypeError, match="pattern"):
+        SparseAttention("Full()", dim=8, heads=2)
+    with pytest.raises(ValueError, match="backend"):
+        SparseAttention(sf.Full(), dim=8, heads=2, backend="gpu")
+    with pytest.raises(ValueError, match="head_dim=4"):
+        SparseAttention(sf.Full(), dim=8, heads=2, grid=(4,), backend="interpret")
+    m = SparseAttention(sf.Full(), dim=8, heads=2, grid=(3, 4))
+    with pytest.raises(ValueError, match=r"x has 6 channels"):
+        m(torch.randn(1, 3, 4, 6))
+    with pytest.raises(ValueError, match=r"x has shape \(1, 4, 3, 8\).*grid=\(3, 4\)"):
+        m(torch.randn(1, 4, 3, 8))
+    with pytest.raises(ValueError, match=r"x must be \[B, N, C\]"):
+        m(torch.randn(12, 8))
+
+
+def test_torch_compile_module_fullgraph():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    m = SparseAttention(sf.Neighborhood(3), dim=16, heads=2, grid=(5, 6))
+    x = _x(2, 5, 6, 16)
+    want = m(x)
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
+    got = cm(x)
+    assert rel_err(got, want) < 1e-6
+    g = torch.autograd.grad(got.sum(), x)[0]
+    w = torch.autograd.grad(want.sum(), x)[0]
+    assert rel_err(g, w) < 1e-6
+    torch._dynamo.reset()
+
+
+def test_torch_compile_fullgraph_unseen_grid_is_a_clear_error():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    m = SparseAttention(sf.Neighborhood(3), dim=16, heads=2)
+    with pytest.raises(Exception) as info:
+        torch.compile(m, fullgraph=True, backend="aot_eager")(_x(1, 5, 6, 16))
+    chain, e = [], info.value
+    while e is not None and len(chain) < 10:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert any("give SparseAttention(grid=...) or run the module once eagerly" in c for c in chain), chain
+    torch._dynamo.reset()
