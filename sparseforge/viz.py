@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+
+from .atomic import write_atomic
 
 KEY, EMPTY, QUERY_SEEN, QUERY_UNSEEN = "#", ".", "@", "O"
 LEGEND = f"{KEY} key the query sees   {EMPTY} key it does not   {QUERY_SEEN} the query (sees itself)   " \
@@ -302,18 +302,7 @@ def render_png(path: str | os.PathLike, *, title: str, grid: Sequence[int], quer
         ax.set_xlabel(view.axes[1], fontsize=7)
         ax.set_ylabel(view.axes[0], fontsize=7)
         _panel_title(ax, f"query {format_query(query)}, {panel.label}" + (f"\n{view.caption}" if view.caption else ""))
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=PNG_DPI)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=PNG_DPI))
     return round(width_in * PNG_DPI), round(height_in * PNG_DPI)
 
 

@@ -13,13 +13,13 @@ import importlib.util
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import envvars
+from ..atomic import write_atomic
 from .render import block_d, kernel_name, render
 from .schedule import TileSchedule
 
@@ -65,20 +65,6 @@ def _interpretable_library_functions():
         yield
     finally:
         JITFunction.__call__ = original
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 class TritonKernels:
