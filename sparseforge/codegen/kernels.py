@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .. import envvars
+from ..dsl.problem import DTYPE_NAMES
 from ..atomic import write_atomic
 from .render import block_d, kernel_name, render
 from .schedule import TileSchedule
@@ -174,7 +175,7 @@ class TritonKernels:
 
     def signature(self, name: str) -> dict[str, str]:
         """Triton type string of every runtime argument of kernel ``name``."""
-        dt = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[_dtype_name(self.schedule.problem.dtype)]
+        dt = "*" + DTYPE_NAMES[self.schedule.problem.dtype]
         tables = ["KV_PTR", "KV_IDX", "KV_FULL"] if name != "bwd_dkdv" else ["Q_PTR", "Q_IDX", "Q_FULL"]
         sig: dict[str, str] = {}
         if name == "fwd":
@@ -203,7 +204,3 @@ class TritonKernels:
         return aot_compile(self.kernel(name), self.signature(name), meta, target=target,
                            num_warps=self.num_warps, num_stages=self.num_stages)
 
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    from ..dsl.problem import DTYPE_NAMES
-    return DTYPE_NAMES[dtype]

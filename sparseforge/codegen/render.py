@@ -1,9 +1,7 @@
 """Render: TileSchedule -> readable Triton source (Jinja2 templates, StrictUndefined)."""
 from __future__ import annotations
 
-import hashlib
 import math
-import re
 
 import jinja2
 import torch
@@ -26,12 +24,8 @@ _env = jinja2.Environment(
 
 
 def kernel_name(schedule: TileSchedule) -> str:
-    """A readable, filesystem- and identifier-safe name: family, grid, tiles, dtype, hash."""
-    p = schedule.pattern
-    family = re.sub(r"[^a-z0-9]+", "_", type(p).__name__.lower()).strip("_")
-    prob = schedule.problem
-    digest = hashlib.sha256(f"{p.fingerprint()}|{prob!r}|{schedule.geometry}".encode()).hexdigest()[:8]
-    return f"sf_{family}_{prob.name()}_{schedule.geometry.name()}_{digest}"
+    """Prefix of the generated kernel functions: the schedule's readable name."""
+    return f"sf_{schedule.name}"
 
 
 def _side(schedule: TileSchedule, name: str) -> dict:
@@ -64,12 +58,11 @@ def render(schedule: TileSchedule, kind: str) -> str:
             out[sym.kx[d]] = f"kx{d}{k_axis}"
         return out
 
-    block_d = max(16, 1 << (prob.head_dim - 1).bit_length())
     context = dict(
         version=_version(), pattern=repr(schedule.pattern), problem=repr(prob),
         q_tile=geom.q_tile, k_tile=geom.k_tile, fold=geom.fold,
         n_q_tiles=geom.n_q_tiles, n_k_tiles=geom.n_k_tiles, groups=schedule.groups,
-        dtype=DTYPE_NAMES[prob.dtype], head_dim=prob.head_dim, block_d=block_d,
+        dtype=DTYPE_NAMES[prob.dtype], head_dim=prob.head_dim, block_d=block_d(prob.head_dim),
         heads=prob.heads, kv_group=prob.heads // prob.kv_heads, tokens=prob.tokens,
         sides=[_side(schedule, "q"), _side(schedule, "k")],
         q_coords=", ".join(f"qx{d}" for d in range(nd)), k_coords=", ".join(f"kx{d}" for d in range(nd)),
@@ -91,6 +84,7 @@ def _bool_tensor(text: str, full_shape_expr: str) -> str:
 
 
 def block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two >= 16 (the kernels' BLOCK_D; pad lanes are masked)."""
     return max(16, 1 << (head_dim - 1).bit_length())
 
 

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import time
 
 import numpy as np
 import torch
 
-from ..dsl import local, sequence
+from ..dsl import sequence
 from ..dsl.pattern import Intersection, Pattern, PerHead, Union
 from ..dsl.problem import Problem
 from ..dsl.semantics import make_context
-from .lowering import EMPTY, FULL, PARTIAL, SEPARABLE, choose_fold, fold_1d, head_signature, leaf_for_head, span_1d
+from .naming import readable_name
+from .lowering import EMPTY, FULL, PARTIAL, SEPARABLE, choose_fold, head_signature, leaf_for_head, span_1d
 from .tiling import DimTiling, TileGeometry
 
 # Largest folded extent for which a 1-D rule is classified through its dense 1-D mask.
@@ -71,6 +73,29 @@ class TileSchedule:
     closed_form: bool
     closed_form_reason: str
     build_seconds: float
+
+    def fingerprint(self) -> str:
+        """Content hash: pattern, problem, tiling and the tables themselves (equal
+        fingerprints mean equal visiting order and classes)."""
+        return self._fingerprint
+
+    @functools.cached_property
+    def _fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(f"sparseforge-schedule/1/{self.pattern.fingerprint()}/{self.problem!r}/".encode())
+        g = self.geometry
+        h.update(f"{g.q_tile}/{g.k_tile}/{g.fold}/".encode())
+        for arr in (self.head_group, self.forward.ptr, self.forward.idx, self.forward.full,
+                    self.inverse.ptr, self.inverse.idx, self.inverse.full):
+            a = np.ascontiguousarray(arr)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
+
+    @property
+    def name(self) -> str:
+        """Readable unique name for kernels, ops and directories (``codegen.naming``)."""
+        return readable_name(self.pattern, self.problem, self.fingerprint())
 
     @property
     def groups(self) -> int:

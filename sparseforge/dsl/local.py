@@ -12,7 +12,7 @@ import numpy as np
 import sympy
 import torch
 
-from .args import expand, pairwise_le, per_dim, per_dim_bool, positive_int
+from .args import expand, pairwise_le, per_dim, per_dim_bool
 from .pattern import MaskContext, Pattern
 from .problem import Problem
 

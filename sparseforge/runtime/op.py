@@ -20,135 +20,35 @@ executor accepts: gradcheck needs it).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 import threading
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from ..dsl import local, sequence
-from ..dsl.pattern import Intersection, Pattern, PerHead, Union
+from ..codegen.naming import readable_name
+from ..dsl.pattern import Pattern
 from ..dsl.problem import Problem
 from . import cpu
 
-__all__ = ["AttentionOp", "BACKENDS", "op_name", "pattern_tag", "register", "registered", "schedule_fingerprint"]
+__all__ = ["AttentionOp", "BACKENDS", "op_name", "register", "registered"]
 
 NAMESPACE = "sparseforge"
 BACKENDS = ("auto", "triton", "cpu", "interpret")
-# Longest readable part of an op name (the fingerprint keeps names unique anyway).
-MAX_TAG = 80
 
 
 # ------------------------------------------------------------------------------------
 # Names
 # ------------------------------------------------------------------------------------
-def _v(value) -> str:
-    if isinstance(value, (tuple, list)):
-        if len(set(value)) == 1:
-            return _v(value[0])
-        return "x".join(_v(x) for x in value)
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    return str(value)
-
-
-def _is_default(value, default) -> bool:
-    values = value if isinstance(value, (tuple, list)) else (value,)
-    return all(x == default for x in values)
-
-
-def pattern_tag(pattern: Pattern, ndim: int = 1) -> str:
-    """A short readable tag of a pattern: ``Neighborhood(7, dilation=2)`` on a 2-D grid ->
-    ``na2d_k7_d2``; unions join with ``_or_``, intersections with ``_and_``."""
-    p = pattern
-    if isinstance(p, Union):
-        return "_or_".join(pattern_tag(c, ndim) for c in p.parts)
-    if isinstance(p, Intersection):
-        return "_and_".join(pattern_tag(c, ndim) for c in p.parts)
-    if isinstance(p, PerHead):
-        seen: list[str] = []
-        for c in p.patterns:
-            t = pattern_tag(c, ndim)
-            if t not in seen:
-                seen.append(t)
-        return f"perhead{len(p.patterns)}_" + "_".join(seen)
-    if isinstance(p, local.Neighborhood):
-        s = f"na{ndim}d_k{_v(p.kernel_size)}"
-        if not _is_default(p.dilation, 1):
-            s += f"_d{_v(p.dilation)}"
-        if not _is_default(p.stride, 1):
-            s += f"_s{_v(p.stride)}"
-        if not _is_default(p.causal, False):
-            s += f"_c{_v(p.causal)}"
-        return s
-    if isinstance(p, local.SlidingWindow):
-        return f"sw_l{_v(p.left)}_r{_v(p.right)}"
-    if isinstance(p, local.Halo):
-        return f"halo_b{_v(p.block_size)}_h{_v(p.halo)}"
-    if isinstance(p, local.Blocks):
-        return f"blocks{_v(p.size)}"
-    if isinstance(p, local.Grid):
-        return f"grid{_v(p.size)}"
-    if isinstance(p, sequence.Full):
-        return "full"
-    if isinstance(p, sequence.Causal):
-        return "causal"
-    if isinstance(p, sequence.Sink):
-        return f"sink{p.n}"
-    if isinstance(p, sequence.GlobalTokens):
-        return f"global{len(p.indices)}"
-    if isinstance(p, sequence.Documents):
-        return f"docs{len(p.lengths)}"
-    if isinstance(p, sequence.StridedShards):
-        s = f"s2_b{p.block_size}_l{_v(p.local_blocks)}_v{p.vertical_stride}"
-        if p.dense_heads:
-            s += f"_dh{p.dense_heads}"
-        if not p.heterogeneous:
-            s += "_hom"
-        if not p.causal:
-            s += "_bi"
-        return s
-    return type(p).__name__.lower()
-
-
-def _sanitize(text: str) -> str:
-    text = re.sub(r"[^a-z0-9_]+", "_", text.lower())
-    return re.sub(r"_+", "_", text).strip("_")
-
-
-def schedule_fingerprint(schedule) -> str:
-    """Content hash of a TileSchedule: pattern, problem, tiling and the tables themselves.
-
-    (TileSchedule has no ``fingerprint()`` of its own yet; equal fingerprints here mean
-    equal visiting order and classes, so one op can serve both.)"""
-    h = hashlib.sha256()
-    h.update(f"sparseforge-op/1/{schedule.pattern.fingerprint()}/{schedule.problem!r}/".encode())
-    g = schedule.geometry
-    h.update(f"{g.q_tile}/{g.k_tile}/{g.fold}/".encode())
-    for arr in (schedule.head_group, schedule.forward.ptr, schedule.forward.idx, schedule.forward.full,
-                schedule.inverse.ptr, schedule.inverse.idx, schedule.inverse.full):
-        a = np.ascontiguousarray(arr)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
 def op_name(pattern: Pattern, problem: Problem, schedule=None, *, fingerprint: str | None = None) -> str:
-    """A readable, unique op name, e.g. ``na2d_k7_d2_g56x56_h8_d64_bf16_1a2b3c4d``: pattern
-    tag, problem, and the first 8 hex digits of the schedule fingerprint; [a-z0-9_] only."""
+    """The op name of a schedule (``TileSchedule.name``), or of a pattern and problem with a
+    given fingerprint: e.g. ``na2d_k7_d2_g56x56_h8_d64_bf16_1a2b3c4d``."""
     if fingerprint is None:
         if schedule is None:
             raise ValueError("op_name needs a schedule or a fingerprint")
-        fingerprint = schedule_fingerprint(schedule)
-    tag = _sanitize(pattern_tag(pattern, problem.ndim))[:MAX_TAG].rstrip("_") or "pattern"
-    prob = problem.name()
-    if problem.kv_heads != problem.heads:
-        prob += f"_kv{problem.kv_heads}"
-    name = _sanitize(f"{tag}_{prob}_{fingerprint[:8]}")
-    return name if name[0].isalpha() else "p_" + name
+        fingerprint = schedule.fingerprint()
+    return readable_name(pattern, problem, fingerprint)
 
 
 # ------------------------------------------------------------------------------------
@@ -239,9 +139,9 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 def register(schedule, name: str | None = None) -> AttentionOp:
     """The ops of ``schedule``, defined on first use; the same name again returns the
     existing ops (an op name can be registered with torch only once per process)."""
-    fingerprint = schedule_fingerprint(schedule)
+    fingerprint = schedule.fingerprint()
     if name is None:
-        name = op_name(schedule.pattern, schedule.problem, fingerprint=fingerprint)
+        name = schedule.name
     if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ValueError(f"name must match [a-z][a-z0-9_]*, got {name!r}")
     with _REGISTRY_LOCK:

@@ -2,7 +2,6 @@
 tile, FULL tiles are all-allowed (and hold no padding), EMPTY tiles are all-masked."""
 import numpy as np
 import pytest
-import torch
 
 import sparseforge as sf
 from sparseforge.codegen import build_schedule, default_tile

@@ -69,9 +69,9 @@ def test_fingerprint_is_stable_across_builds():
     from sparseforge.codegen.schedule import build_schedule
 
     pattern, problem = sf.Neighborhood(3, dilation=2), P((9, 9))
-    f1 = op_mod.schedule_fingerprint(build_schedule(pattern, problem))
-    f2 = op_mod.schedule_fingerprint(build_schedule(pattern, problem))
-    f3 = op_mod.schedule_fingerprint(build_schedule(pattern, P((9, 9), heads=4)))
+    f1 = build_schedule(pattern, problem).fingerprint()
+    f2 = build_schedule(pattern, problem).fingerprint()
+    f3 = build_schedule(pattern, P((9, 9), heads=4)).fingerprint()
     assert f1 == f2 != f3
 
 
