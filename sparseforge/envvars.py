@@ -6,6 +6,7 @@ Values are read when a function is called, not at import, so tests may set them.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,3 +57,33 @@ def debug() -> bool:
 def current() -> dict[str, str | None]:
     """Every sparseforge variable and its raw value (None where unset)."""
     return {v.name: os.environ.get(v.name) for v in ALL}
+
+
+# -- Triton's own switches that sparseforge sets ---------------------------------------
+TRITON_FP_FUSION = "TRITON_DEFAULT_FP_FUSION"
+TRITON_INTERPRET = "TRITON_INTERPRET"
+
+
+def pin_triton_fp_fusion() -> str:
+    """Make Triton's FP fusion explicit (``1`` unless the user chose): Triton 3.9 warns that
+    its default changes in 3.10. The value is part of Triton's cache key and must be part
+    of ours wherever compiled artifacts are cached. Returns the value in force."""
+    return os.environ.setdefault(TRITON_FP_FUSION, "1")
+
+
+@contextlib.contextmanager
+def triton_interpreter(enabled: bool):
+    """Set (or clear) ``TRITON_INTERPRET`` for the duration of the block, then restore it.
+    Triton reads it when ``@triton.jit`` decorates and while the interpreter runs."""
+    old = os.environ.get(TRITON_INTERPRET)
+    if enabled:
+        os.environ[TRITON_INTERPRET] = "1"
+    else:
+        os.environ.pop(TRITON_INTERPRET, None)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(TRITON_INTERPRET, None)
+        else:
+            os.environ[TRITON_INTERPRET] = old

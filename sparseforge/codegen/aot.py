@@ -14,20 +14,19 @@ ordinary kernels).
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import tempfile
+import threading
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-# Triton 3.9 warns that its default FP fusion changes in 3.10 unless this is set. Fixing it
-# here makes the generated code independent of that default; the value is part of Triton's
-# cache key (and must be part of ours wherever compiled artifacts are cached).
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+from .. import envvars
 
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import types  # noqa: E402
-from collections.abc import Mapping  # noqa: E402
-from dataclasses import dataclass, field, fields  # noqa: E402
-from typing import Any  # noqa: E402
+# Before Triton reads it: the generated code must not depend on Triton's changing default.
+envvars.pin_triton_fp_fusion()
 
 __all__ = ["ResourceReport", "SUPPORTED_TARGETS", "aot_compile", "parse_target", "tensor_core_kind"]
 

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import importlib.util
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -24,23 +23,7 @@ from ..atomic import write_atomic
 from .render import block_d, kernel_name, render
 from .schedule import TileSchedule
 
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # explicit; part of every cache key
-
-
-@contextlib.contextmanager
-def _interpreter(enabled: bool):
-    old = os.environ.get("TRITON_INTERPRET")
-    if enabled:
-        os.environ["TRITON_INTERPRET"] = "1"
-    else:
-        os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+envvars.pin_triton_fp_fusion()
 
 
 @contextlib.contextmanager
@@ -102,7 +85,7 @@ class TritonKernels:
             mod_name = f"sparseforge_generated.{self.name}.{kind}{'_interp' if self.interpret else ''}"
             spec = importlib.util.spec_from_file_location(mod_name, path)
             mod = importlib.util.module_from_spec(spec)
-            with _interpreter(self.interpret):
+            with envvars.triton_interpreter(self.interpret):
                 spec.loader.exec_module(mod)
             sys.modules[mod_name] = mod
             self._modules[kind] = mod
@@ -117,7 +100,7 @@ class TritonKernels:
         if not self.interpret:
             self.kernel(name)[grid](*args, **self._meta())
             return
-        with _interpreter(True), _interpretable_library_functions():
+        with envvars.triton_interpreter(True), _interpretable_library_functions():
             self.kernel(name)[grid](*args, **self._meta())
 
     def tables(self, device: torch.device) -> dict[str, torch.Tensor]:
