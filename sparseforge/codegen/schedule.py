@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..dsl import sequence
-from ..dsl.pattern import Intersection, Pattern, PerHead, Union
+from ..dsl.pattern import Intersection, Pattern, PerHead, Union, as_4d
 from ..dsl.problem import Problem
 from ..dsl.semantics import make_context
 from .naming import readable_name
@@ -49,6 +49,16 @@ class CSR:
     @property
     def visited_full(self) -> int:
         return int(self.full.sum())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Visit:
+    """One query tile of one head group and the keys its kernel program visits."""
+
+    q_tile: int
+    q_tokens: torch.Tensor       # int64 [nq] query tokens (padding dropped)
+    k_tokens: torch.Tensor       # int64 [nk] tokens of every visited key tile, FULL tiles' first
+    n_full: int                  # the first n_full of k_tokens come from FULL tiles
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -123,26 +133,31 @@ class TileSchedule:
         visited_pairs = self.visited_tiles * self.geometry.block_m * self.geometry.block_n
         return self.allowed_pairs / visited_pairs if visited_pairs else 1.0
 
-    def _allowed_in_group(self, g: int) -> int:
-        geom, head = self.geometry, self.group_heads[g]
-        ctx = make_context(self.pattern, self.problem)
-        q_tok = torch.from_numpy(geom.token_table("q"))
-        k_tok = torch.from_numpy(geom.token_table("k"))
-        ptr, idx, full = self.forward.ptr[g], self.forward.idx, self.forward.full[g]
-        k_valid = (k_tok >= 0).sum(1)
-        total = 0
-        for qt in range(geom.n_q_tiles):
+    def visits(self, group: int):
+        """The work of head group ``group``, one ``Visit`` per query tile with key tiles to
+        visit (tokens as int64 tensors, padding dropped, FULL tiles' keys first)."""
+        q_table = torch.from_numpy(self.geometry.token_table("q"))
+        k_table = torch.from_numpy(self.geometry.token_table("k"))
+        ptr, full = self.forward.ptr[group], self.forward.full[group]
+        idx = torch.from_numpy(self.forward.idx).long()
+        for qt in range(self.geometry.n_q_tiles):
             a, b, f = int(ptr[qt]), int(ptr[qt + 1]), int(full[qt])
-            if a == b:
+            q_tokens = q_table[qt][q_table[qt] >= 0]
+            if a == b or len(q_tokens) == 0:
                 continue
-            qi = q_tok[qt][q_tok[qt] >= 0]
-            total += len(qi) * int(k_valid[torch.from_numpy(idx[a:a + f]).long()].sum())
-            if b > a + f:
-                ki = k_tok[torch.from_numpy(idx[a + f:b]).long()].reshape(-1)
-                ki = ki[ki >= 0]
-                m = self.pattern.mask(ctx, qi, ki)
-                m = m.expand(*m.shape[:-3], self.problem.heads, len(qi), len(ki)) if m.dim() >= 3 else m
-                total += int((m[..., head, :, :] if m.dim() >= 3 else m).sum())
+            k = k_table.index_select(0, idx[a:b])  # [tiles, tk]; FULL tiles hold no padding
+            valid = k >= 0
+            yield Visit(qt, q_tokens, k[valid], int(valid[:f].sum()))
+
+    def _allowed_in_group(self, g: int) -> int:
+        head = self.group_heads[g]
+        ctx = make_context(self.pattern, self.problem)
+        total = 0
+        for visit in self.visits(g):
+            total += len(visit.q_tokens) * visit.n_full
+            if visit.n_full < len(visit.k_tokens):
+                m = as_4d(self.pattern.mask(ctx, visit.q_tokens, visit.k_tokens[visit.n_full:]))
+                total += int(m[0, head if m.shape[1] > 1 else 0].sum())
         return total
 
     def one_d_efficiency(self, tile: int = 128) -> float:

@@ -50,7 +50,6 @@ class _Step:
     q_tokens: torch.Tensor   # int64 [nq] query tokens of the tile (padding dropped)
     k_tokens: torch.Tensor   # int64 [nk] tokens of every visited key tile (padding dropped)
     n_full: int              # the first n_full of k_tokens come from FULL tiles
-    partial_tiles: torch.Tensor  # int64 [p] PARTIAL key tiles (for recomputing the mask)
     mask: torch.Tensor | None = None  # bool [1 or Hg, nq, nk]; None: every pair allowed
 
 
@@ -60,38 +59,18 @@ class Plan:
     def __init__(self, schedule):
         self.schedule = schedule
         problem = schedule.problem
-        geom = schedule.geometry
         self.ctx = make_context(schedule.pattern, problem)
-        self.q_table = torch.from_numpy(geom.token_table("q"))
-        self.k_table = torch.from_numpy(geom.token_table("k"))
         rep = problem.heads // problem.kv_heads
         head_group = torch.from_numpy(schedule.head_group.astype("int64"))
-        fwd = schedule.forward
-        ptr = torch.from_numpy(fwd.ptr.astype("int64"))
-        idx = torch.from_numpy(fwd.idx.astype("int64"))
-        full = torch.from_numpy(fwd.full.astype("int64"))
         self.steps: list[_Step] = []
         cached = 0
         for g in range(schedule.groups):
             heads = torch.nonzero(head_group == g).flatten()
             if len(heads) == 0:
                 continue
-            kv_heads = heads // rep
-            for r in range(geom.n_q_tiles):
-                a, b, f = int(ptr[g, r]), int(ptr[g, r + 1]), int(full[g, r])
-                if a == b:
-                    continue
-                qt = self.q_table[r]
-                q_tokens = qt[qt >= 0]
-                if len(q_tokens) == 0:
-                    continue
-                tiles = idx[a:b]
-                kt = self.k_table.index_select(0, tiles)  # [n_tiles, tk]
-                valid = kt >= 0
-                n_full = int(valid[:f].sum())
-                k_tokens = kt[valid]  # row-major: FULL tiles' tokens first
-                step = _Step(g, heads, kv_heads, q_tokens, k_tokens, n_full, tiles[f:])
-                if n_full < len(k_tokens) and cached < MASK_CACHE_BYTES:
+            for visit in schedule.visits(g):
+                step = _Step(g, heads, heads // rep, visit.q_tokens, visit.k_tokens, visit.n_full)
+                if step.n_full < len(step.k_tokens) and cached < MASK_CACHE_BYTES:
                     step.mask = self.mask(step)
                     cached += step.mask.numel()
                 self.steps.append(step)
