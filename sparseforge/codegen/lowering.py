@@ -13,7 +13,6 @@ templates need, each tested against the DSL's exact ``mask``:
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import sympy as sp
@@ -26,15 +25,6 @@ from ..dsl.problem import Problem
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 SEPARABLE = (local.Neighborhood, local.SlidingWindow, local.Halo, local.Blocks, local.Grid)
-FLAT = (sequence.Full, sequence.Causal, sequence.Sink, sequence.GlobalTokens, sequence.Documents,
-        sequence.StridedShards)
-
-
-def is_lowerable(pattern: Pattern) -> bool:
-    """True when every leaf has a static lowering (content-dependent families do not)."""
-    return all(isinstance(p, SEPARABLE + FLAT + (Union, Intersection, PerHead)) for p in pattern.walk())
-
-
 # ------------------------------------------------------------------------------------
 # Separable families along one dimension
 # ------------------------------------------------------------------------------------
@@ -243,6 +233,3 @@ def leaf_for_head(pattern: Pattern, head: int) -> Pattern:
         return Intersection(tuple(leaf_for_head(p, head) for p in pattern.parts))
     return pattern
 
-
-def grid_strides(grid) -> list[int]:
-    return [math.prod(grid[i + 1:]) for i in range(len(grid))]

@@ -32,12 +32,11 @@ def _side(schedule: TileSchedule, name: str) -> dict:
     geom = schedule.geometry
     tiles = [d.q_tiles if name == "q" else d.k_tiles for d in geom.dims]
     extents = [d.tq if name == "q" else d.tk for d in geom.dims]
-    strides = [math.prod(geom.grid[i + 1:]) for i in range(len(geom.dims))]
     dims = []
     for i, d in enumerate(geom.dims):
         dims.append(dict(length=d.length, fold=d.fold, padded_group=d.padded_group, tile=extents[i],
                          tiles=tiles[i], tiles_after=math.prod(tiles[i + 1:]), rows_after=math.prod(extents[i + 1:]),
-                         stride=strides[i]))
+                         stride=geom.strides[i]))
     return dict(name=name, block=math.prod(extents), dims=dims,
                 coords=", ".join(f"x{i}" for i in range(len(geom.dims))))
 

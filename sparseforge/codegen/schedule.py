@@ -358,10 +358,9 @@ class _Classifier:
         cell = math.gcd(dim.tq, dim.tk, leaf.block_size)
         n_cells = dim.extent // cell
         blocks = np.arange(n_cells) * cell // leaf.block_size
-        one_head = dataclasses.replace(self.problem, heads=self.problem.heads)
-        layout = leaf.block_mask(one_head, torch.from_numpy(np.unique(blocks)),
-                                 torch.from_numpy(np.unique(blocks)))[head].numpy()
-        visible = layout[np.ix_(blocks - blocks[0], blocks - blocks[0])]
+        block_ids = torch.arange(int(blocks[-1]) + 1)
+        layout = leaf.block_mask(self.problem, block_ids, block_ids)[head].numpy()
+        visible = layout[np.ix_(blocks, blocks)]
         if leaf.causal:
             i = np.arange(n_cells)
             below = i[:, None] > i[None, :]

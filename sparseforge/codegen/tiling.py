@@ -83,6 +83,11 @@ class TileGeometry:
         return tuple(d.length for d in self.dims)
 
     @property
+    def strides(self) -> tuple[int, ...]:
+        """Row-major token strides of the grid: flat index = sum(x_d * strides[d])."""
+        return tuple(math.prod(self.grid[i + 1:]) for i in range(len(self.dims)))
+
+    @property
     def q_tile(self) -> tuple[int, ...]:
         return tuple(d.tq for d in self.dims)
 
@@ -117,10 +122,9 @@ class TileGeometry:
             t = d.tq if side == "q" else d.tk
             x, valid = d.coords()
             per_dim.append(np.where(valid, x, -1).reshape(-1, t))  # [tiles_d, t_d]
-        strides = [math.prod(self.grid[i + 1:]) for i in range(len(self.dims))]
         table = np.zeros((1, 1), dtype=np.int64)
         invalid = np.zeros((1, 1), dtype=bool)
-        for xs, s in zip(per_dim, strides):
+        for xs, s in zip(per_dim, self.strides):
             n, t = xs.shape
             table = (table[:, None, :, None] + np.maximum(xs, 0)[None, :, None, :] * s).reshape(
                 table.shape[0] * n, table.shape[1] * t)
