@@ -35,6 +35,14 @@ PROBLEMS = [
 ]
 
 
+# Schedule build time at scale (default kernel tiles: 128-token query, 64-token key tiles).
+BUILD_TIME = [
+    ("1-D 1M tokens, window 2049 (Neighborhood)", sf.Neighborhood(2049), (1 << 20,)),
+    ("1-D 1M tokens, SlidingWindow(1024, 1024)", sf.SlidingWindow(1024, 1024), (1 << 20,)),
+    ("3-D 30x48x80 kernel 18x24x24", sf.Neighborhood((18, 24, 24)), (30, 48, 80)),
+]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -55,12 +63,18 @@ def main(argv=None):
         rows.append(row)
         print(f"{label:36s} ours {ours:.3f}  1-D {one_d if one_d is None else round(one_d, 3)}  "
               f"gain {row['gain']}  build {build * 1e3:.1f} ms", flush=True)
+    builds = []
+    for label, pattern, grid in BUILD_TIME:
+        s = build_schedule(pattern, sf.Problem(grid=grid, heads=1))
+        builds.append(dict(problem=label, tiles=[list(s.geometry.q_tile), list(s.geometry.k_tile)],
+                           visited_tiles=s.visited_tiles, schedule_build_s=round(s.build_seconds, 4)))
+        print(f"build {label:44s} {s.build_seconds * 1e3:.0f} ms ({s.visited_tiles} visited tiles)", flush=True)
     if args.out:
         meta = dict(device="cpu (exact, no GPU needed)", sparseforge=sf.__version__, torch=torch.__version__,
                     python=platform.python_version(), date=datetime.date.today().isoformat(),
                     command="python " + " ".join(sys.argv))
         with open(args.out, "w") as f:
-            json.dump(dict(meta=meta, results=rows), f, indent=1)
+            json.dump(dict(meta=meta, results=rows, schedule_build=builds), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -232,32 +232,49 @@ def build_schedule(pattern: Pattern, problem: Problem, *, q_tile=None, k_tile=No
     classifier = _Classifier(problem, geom)
     classes = [classifier.pattern(leaf_for_head(pattern, h), h) for h in group_heads]
     classes = [classifier.apply_padding(c) for c in classes]
-    forward = _csr(classes)
-    inverse = _csr([c.T for c in classes])
+    forward, inverse = _csr_pair(classes)
     closed, reason = _closed_form(pattern, problem, geom)
     return TileSchedule(pattern, problem, geom, head_group, group_heads, forward, inverse, closed, reason,
                         time.perf_counter() - t0)
 
 
-def _csr(classes: list[np.ndarray]) -> CSR:
-    rows = classes[0].shape[0]
-    ptr = np.zeros((len(classes), rows + 1), dtype=np.int64)
-    full = np.zeros((len(classes), rows), dtype=np.int32)
+def _csr_pair(classes: list[np.ndarray]) -> tuple[CSR, CSR]:
+    """Forward CSR (rows = query tiles) and inverse CSR (rows = key tiles) of the per-group
+    class matrices, FULL entries first in each row, from one scan of each matrix."""
+    n_q, n_k = classes[0].shape
+    coo = []
+    for c in classes:
+        r, col = _nonzero_int8(c)
+        coo.append((r, col, c[r, col]))
+    forward = _csr([(r, col, kind) for r, col, kind in coo], n_q)
+    inverse = _csr([(col, r, kind) for r, col, kind in coo], n_k)
+    return forward, inverse
+
+
+def _nonzero_int8(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a sparse int8 matrix, scanning it 8 bytes at a time: the class
+    matrices of long sequences hold ~10^8 entries of which a few 10^5 are visited."""
+    rows, cols = c.shape
+    if cols % 8 or not c.flags.c_contiguous:
+        return np.nonzero(c)
+    wr, wc = np.nonzero(c.view(np.uint64))          # words holding a visited tile
+    octets = c.reshape(rows, cols // 8, 8)[wr, wc]  # [words, 8]
+    hit_word, hit_byte = np.nonzero(octets)
+    return wr[hit_word], wc[hit_word] * 8 + hit_byte
+
+
+def _csr(entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]], rows: int) -> CSR:
+    """CSR of per-group (row, column, class) triples; FULL before PARTIAL, then by column."""
+    ptr = np.zeros((len(entries), rows + 1), dtype=np.int64)
+    full = np.zeros((len(entries), rows), dtype=np.int32)
     idx_parts, offset = [], 0
-    for g, c in enumerate(classes):
-        is_full, is_part = c == FULL, c == PARTIAL
-        full[g] = is_full.sum(1)
-        counts = full[g] + is_part.sum(1)
-        fr, fc = np.nonzero(is_full)
-        pr, pc = np.nonzero(is_part)
-        r = np.concatenate([fr, pr])
-        col = np.concatenate([fc, pc])
-        kind = np.concatenate([np.zeros(len(fr), np.int8), np.ones(len(pr), np.int8)])
-        order = np.lexsort((col, kind, r))
+    for g, (r, col, kind) in enumerate(entries):
+        order = np.lexsort((col, kind != FULL, r))
         idx_parts.append(col[order])
-        ptr[g, 1:] = offset + np.cumsum(counts)
+        full[g] = np.bincount(r[kind == FULL], minlength=rows)
+        ptr[g, 1:] = offset + np.cumsum(np.bincount(r, minlength=rows))
         ptr[g, 0] = offset
-        offset += int(counts.sum())
+        offset += len(r)
     idx = np.concatenate(idx_parts) if idx_parts else np.zeros(0)
     if offset >= 2 ** 31:
         raise ValueError(f"schedule has {offset} visited tiles, more than int32 tables hold")
@@ -300,12 +317,19 @@ class _Classifier:
 
     def apply_padding(self, c: np.ndarray) -> np.ndarray:
         """No FULL tile may hold padding; a tile of padding only is EMPTY."""
-        q_pad = (self.q_tok < 0).any(1)
-        k_pad = (self.k_tok < 0).any(1)
-        c = np.where((q_pad[:, None] | k_pad[None, :]) & (c == FULL), PARTIAL, c)
-        q_none = (self.q_tok < 0).all(1)
-        k_none = (self.k_tok < 0).all(1)
-        return np.where(q_none[:, None] | k_none[None, :], EMPTY, c).astype(np.int8)
+        if not (c.flags.writeable and c.dtype == np.int8):
+            c = np.array(c, dtype=np.int8)  # shared or read-only (broadcast) results: copy first
+        q_pad = np.flatnonzero((self.q_tok < 0).any(1))
+        k_pad = np.flatnonzero((self.k_tok < 0).any(1))
+        rows = c[q_pad]
+        rows[rows == FULL] = PARTIAL
+        c[q_pad] = rows
+        cols = c[:, k_pad]
+        cols[cols == FULL] = PARTIAL
+        c[:, k_pad] = cols
+        c[(self.q_tok < 0).all(1)] = EMPTY
+        c[:, (self.k_tok < 0).all(1)] = EMPTY
+        return c
 
     # -- separable families: per-dimension classes, combined with min ---------------
     def separable(self, leaf) -> np.ndarray:
