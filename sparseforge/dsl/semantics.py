@@ -17,7 +17,8 @@ from .problem import Problem
 CHUNK_ELEMENTS = 1 << 26
 
 
-def _check_pattern(pattern, problem):
+def check_pattern_problem(pattern, problem) -> None:
+    """TypeError unless ``pattern`` is a Pattern and ``problem`` a Problem."""
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a sparseforge Pattern, got {pattern!r} ({type(pattern).__name__})")
     if not isinstance(problem, Problem):
@@ -26,7 +27,7 @@ def _check_pattern(pattern, problem):
 
 def make_context(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=None, routes=None) -> MaskContext:
     """Check ``pattern`` against ``problem`` and the run-time inputs; build the mask context."""
-    _check_pattern(pattern, problem)
+    check_pattern_problem(pattern, problem)
     for name, t in (("q", q), ("k", k)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -155,7 +156,7 @@ def reference_attention(q, k, v, pattern: Pattern, problem: Problem, *, scale: f
     Voxel patterns also accept [N, H, D] tensors (one batch; ``coords`` carries the batch id).
     Differentiable with respect to q, k and v.
     """
-    _check_pattern(pattern, problem)
+    check_pattern_problem(pattern, problem)
     voxel_layout = isinstance(q, torch.Tensor) and q.dim() == 3
     if voxel_layout:
         q, k, v = (t.permute(1, 0, 2).unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in (q, k, v))

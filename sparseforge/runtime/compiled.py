@@ -13,7 +13,7 @@ import torch
 
 from ..dsl.pattern import Pattern
 from ..dsl.problem import DTYPE_NAMES, Problem
-from ..dsl.semantics import check_qkv
+from ..dsl.semantics import check_pattern_problem, check_qkv
 from . import op as _op
 
 __all__ = ["BACKENDS", "CompiledAttention", "TRITON_HEAD_DIMS", "UnsupportedPatternError", "compile"]
@@ -54,10 +54,7 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
              interpreter, on CPU tensors).
     q_tile, k_tile: tile shapes (one extent per grid dimension); default chosen per grid.
     """
-    if not isinstance(pattern, Pattern):
-        raise TypeError(f"pattern must be a sparseforge Pattern, got {pattern!r} ({type(pattern).__name__})")
-    if not isinstance(problem, Problem):
-        raise TypeError(f"problem must be a sparseforge Problem, got {problem!r} ({type(problem).__name__})")
+    check_pattern_problem(pattern, problem)
     _check_backend(backend)
     if not pattern.is_static:
         raise UnsupportedPatternError(
@@ -116,15 +113,7 @@ class CompiledAttention:
         problem, backend, dev = self.problem, self.backend, q.device
         if dev.type not in ("cpu", "cuda", "meta"):
             raise ValueError(f"q is on device {dev}; sparseforge runs on 'cuda' and 'cpu' tensors")
-        if backend is None:
-            which = "triton" if dev.type == "cuda" else "cpu"
-        else:
-            which = backend
-        if which == "triton" and dev.type not in ("cuda", "meta"):
-            raise ValueError(f"q is on {dev} but backend='triton' needs CUDA tensors; use backend='interpret' "
-                             "(Triton interpreter) or backend='cpu' for CPU tensors")
-        if which == "interpret" and dev.type not in ("cpu", "meta"):
-            raise ValueError(f"q is on {dev} but backend='interpret' runs on CPU tensors")
+        which = _op.resolve_backend("auto" if backend is None else backend, dev)
         if which == "cpu":
             allowed = (problem.dtype, torch.float64)
         else:

@@ -55,16 +55,17 @@ def op_name(pattern: Pattern, problem: Problem, schedule=None, *, fingerprint: s
 # Executors
 # ------------------------------------------------------------------------------------
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The executor a call runs on: ``auto`` -> ``triton`` for CUDA tensors, ``cpu`` otherwise."""
+    """The executor a call on ``device`` runs: ``auto`` -> ``triton`` for CUDA tensors, ``cpu``
+    otherwise. Meta tensors (shape propagation) pass for every backend."""
     if backend == "auto":
         return "triton" if device.type == "cuda" else "cpu"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if backend == "triton" and device.type != "cuda":
-        raise ValueError(f"backend='triton' runs on CUDA tensors, got tensors on {device}; "
-                         "use backend='interpret' (Triton interpreter) or 'cpu' on CPU")
-    if backend == "interpret" and device.type != "cpu":
-        raise ValueError(f"backend='interpret' runs on CPU tensors, got tensors on {device}")
+    if backend == "triton" and device.type not in ("cuda", "meta"):
+        raise ValueError(f"tensors are on {device} but backend='triton' needs CUDA tensors; use "
+                         "backend='interpret' (Triton interpreter) or backend='cpu' for CPU tensors")
+    if backend == "interpret" and device.type not in ("cpu", "meta"):
+        raise ValueError(f"tensors are on {device} but backend='interpret' runs on CPU tensors")
     return backend
 
 
