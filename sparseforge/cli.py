@@ -208,13 +208,7 @@ def display_repr(pattern) -> str:
 
     if not isinstance(pattern, PerHead):
         return repr(pattern)
-    runs: list[list] = []
-    for p in pattern.patterns:
-        if runs and runs[-1][0] == p:
-            runs[-1][1] += 1
-        else:
-            runs.append([p, 1])
-    return "PerHead(" + " + ".join(f"[{p!r}]" + (f" * {n}" if n > 1 else "") for p, n in runs) + ")"
+    return "PerHead(" + " + ".join(f"[{p!r}]" + (f" * {n}" if n > 1 else "") for p, n in pattern.runs()) + ")"
 
 
 def runtime_inputs(pattern, problem):

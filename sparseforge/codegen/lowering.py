@@ -98,7 +98,7 @@ def predicate(pattern: Pattern, problem: Problem, s: Symbols) -> sp.Basic:
         return sp.And(*(predicate(p, problem, s) for p in pattern.parts))
     if isinstance(pattern, PerHead):
         pieces, start = [], 0
-        runs = _runs(pattern.patterns)
+        runs = pattern.runs()
         for i, (p, n) in enumerate(runs):
             start += n
             cond = sp.true if i == len(runs) - 1 else s.head < start
@@ -108,16 +108,6 @@ def predicate(pattern: Pattern, problem: Problem, s: Symbols) -> sp.Basic:
         return sp.And(*(_separable_1d(pattern, problem.grid[d], s.qx[d], s.kx[d], p)
                         for d, p in enumerate(pattern.params(problem))))
     return _flat(pattern, problem, s)
-
-
-def _runs(items):
-    out = []
-    for it in items:
-        if out and out[-1][0] == it:
-            out[-1] = (it, out[-1][1] + 1)
-        else:
-            out.append((it, 1))
-    return out
 
 
 def _separable_1d(leaf, length: int, q, k, p: dict):

@@ -212,6 +212,16 @@ class PerHead(Pattern):
     def children(self):
         return self.patterns
 
+    def runs(self) -> list[tuple[Pattern, int]]:
+        """Consecutive equal patterns folded: ``[(pattern, heads it covers), ...]``."""
+        out: list[tuple[Pattern, int]] = []
+        for p in self.patterns:
+            if out and out[-1][0] == p:
+                out[-1] = (p, out[-1][1] + 1)
+            else:
+                out.append((p, 1))
+        return out
+
     def check(self, problem):
         if len(self.patterns) != problem.heads:
             raise ValueError(
