@@ -31,7 +31,7 @@ class UnsupportedPatternError(NotImplementedError, ValueError):
     """A pattern that has no compiled kernels yet (content-dependent families)."""
 
 
-def _check_backend(backend) -> None:
+def check_backend(backend) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
 
@@ -55,7 +55,7 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
     q_tile, k_tile: tile shapes (one extent per grid dimension); default chosen per grid.
     """
     check_pattern_problem(pattern, problem)
-    _check_backend(backend)
+    check_backend(backend)
     if not pattern.is_static:
         raise UnsupportedPatternError(
             f"{pattern!r} depends on run-time content ({', '.join(sorted(pattern.inputs_needed()))}); "
@@ -80,7 +80,7 @@ class CompiledAttention:
     """
 
     def __init__(self, schedule, backend: str | None = None):
-        _check_backend(backend)
+        check_backend(backend)
         self.schedule = schedule
         self.pattern: Pattern = schedule.pattern
         self.problem: Problem = schedule.problem

@@ -7,19 +7,12 @@ import math
 import torch
 from torch import nn
 
+from ..dsl.args import positive_int
 from ..dsl.pattern import Pattern
 from ..dsl.problem import Problem, as_grid
-from .compiled import BACKENDS, CompiledAttention, compile
+from .compiled import CompiledAttention, check_backend, compile
 
 __all__ = ["SparseAttention"]
-
-
-def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 class SparseAttention(nn.Module):
@@ -46,14 +39,13 @@ class SparseAttention(nn.Module):
         super().__init__()
         if not isinstance(pattern, Pattern):
             raise TypeError(f"pattern must be a sparseforge Pattern, got {pattern!r} ({type(pattern).__name__})")
-        dim, heads = _positive("dim", dim), _positive("heads", heads)
+        dim, heads = positive_int("dim", dim), positive_int("heads", heads)
         if dim % heads:
             raise ValueError(f"dim must be divisible by heads, got dim={dim}, heads={heads}")
-        kv_heads = heads if kv_heads is None else _positive("kv_heads", kv_heads)
+        kv_heads = heads if kv_heads is None else positive_int("kv_heads", kv_heads)
         if heads % kv_heads:
             raise ValueError(f"kv_heads must divide heads, got kv_heads={kv_heads}, heads={heads}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        check_backend(backend)
         self.pattern = pattern
         self.dim, self.heads, self.kv_heads = dim, heads, kv_heads
         self.head_dim = dim // heads
