@@ -27,7 +27,7 @@ import weakref
 import torch
 
 from ..dsl.pattern import as_4d
-from ..dsl.semantics import make_context
+from ..dsl.semantics import make_context, masked_softmax_attention
 
 __all__ = ["forward", "backward", "compute_dtype", "plan_for"]
 
@@ -146,18 +146,15 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule, scale: 
         qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
         out = torch.zeros(b, h, n, v.shape[-1], dtype=ct, device=q.device)
         lse = torch.full((b, h, n), -math.inf, dtype=ct, device=q.device)
+        everything = torch.ones((), dtype=torch.bool, device=q.device)
         for step in plan.steps:
-            _, _, s, _ = _scores(plan, step, qc, kc, scale)
-            m = s.amax(-1, keepdim=True)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            p = torch.exp(s - m)
-            den = p.sum(-1, keepdim=True)
-            vg = _gather(vc, step.kv_heads.to(q.device), step.k_tokens.to(q.device))
-            o = torch.matmul(p, vg) / den.clamp_min(torch.finfo(ct).tiny)
-            hi = step.heads.to(q.device)[:, None]
-            qi = step.q_tokens.to(q.device)[None, :]
-            out[:, hi, qi] = o
-            lse[:, hi, qi] = (m + torch.log(den)).squeeze(-1)
+            heads, qt = step.heads.to(q.device), step.q_tokens.to(q.device)
+            kv_heads, kt = step.kv_heads.to(q.device), step.k_tokens.to(q.device)
+            mask = plan.mask(step)
+            o, l = masked_softmax_attention(_gather(qc, heads, qt), _gather(kc, kv_heads, kt), _gather(vc, kv_heads, kt),
+                                            everything if mask is None else mask.to(q.device), scale)
+            out[:, heads[:, None], qt[None, :]] = o
+            lse[:, heads[:, None], qt[None, :]] = l
     return out.to(q.dtype), lse
 
 
