@@ -1,0 +1,521 @@
+"""The persistent tuning database: round trips, keys, bad arguments, corrupt files, and
+several processes writing at once."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+
+import sparseforge
+from sparseforge import envvars
+from sparseforge.autotune import db as dbmod
+from sparseforge.autotune.db import TuningDatabaseWarning, TuningDB, TuningKey, TuningRecord, default_db_path
+
+ROOT = Path(sparseforge.__file__).resolve().parent.parent
+
+BASE_KEY = dict(pattern_fingerprint="fp0", problem="Problem(grid=(8,), heads=2, head_dim=16)",
+                dtype="torch.float16", device_name="NVIDIA H100 80GB HBM3", target="sm_90",
+                sparseforge_version="0.1.0", triton_version="3.9.0", torch_version="2.5.0",
+                fp_fusion="1")
+KEY_FIELDS = tuple(BASE_KEY)
+
+
+def key(fingerprint: str = "fp0", **changes) -> TuningKey:
+    return TuningKey(**{**BASE_KEY, "pattern_fingerprint": fingerprint, **changes})
+
+
+def record(**changes) -> TuningRecord:
+    fields = dict(config={"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+                  measured=True, metric=0.125, kernel_name="fwd_neighborhood")
+    return TuningRecord(**{**fields, **changes})
+
+
+@pytest.fixture
+def db(tmp_path) -> TuningDB:
+    return TuningDB(tmp_path / "tuning.sqlite3")
+
+
+# ------------------------------------------------------------------------------------
+# paths
+# ------------------------------------------------------------------------------------
+def test_default_path_follows_cache_dir_env_at_call_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEFORGE_CACHE_DIR", str(tmp_path / "one"))
+    assert default_db_path() == tmp_path / "one" / "tuning.sqlite3"
+    monkeypatch.setenv("SPARSEFORGE_CACHE_DIR", str(tmp_path / "two" / "deeper"))
+    assert default_db_path() == envvars.cache_dir() / "tuning.sqlite3"
+    tdb = TuningDB()
+    assert tdb.path == tmp_path / "two" / "deeper" / "tuning.sqlite3"
+    assert not tdb.path.parent.exists()  # nothing is created before first use
+    tdb.put(key(), record())
+    assert tdb.path.is_file()
+    assert TuningDB().get(key()) == tdb.get(key())
+
+
+@pytest.mark.parametrize("as_str", [False, True])
+def test_explicit_path_creates_parents_and_is_absolute(tmp_path, monkeypatch, as_str):
+    monkeypatch.chdir(tmp_path)
+    path = Path("a") / "b" / "t.db"
+    tdb = TuningDB(str(path) if as_str else path)
+    assert tdb.path == tmp_path / "a" / "b" / "t.db"
+    assert tdb.path.is_absolute()
+    assert repr(tdb) == f"TuningDB({str(tmp_path / 'a' / 'b' / 't.db')!r})"
+    assert len(tdb) == 0
+    assert tdb.path.is_file()
+
+
+def test_uses_wal_journal(db):
+    db.put(key(), record())
+    with sqlite3.connect(db.path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone() == (
+            str(dbmod.SCHEMA_VERSION),)
+
+
+# ------------------------------------------------------------------------------------
+# round trips
+# ------------------------------------------------------------------------------------
+def test_put_get_round_trip_sets_created(db):
+    assert db.get(key()) is None
+    before = time.time()
+    db.put(key(), record(notes="timed with 100 reps"))
+    after = time.time()
+    got = db.get(key())
+    assert before <= got.created <= after
+    assert got == dataclasses.replace(record(notes="timed with 100 reps"), created=got.created)
+    assert TuningDB(db.path).get(key()) == got  # persists, visible to a new instance
+
+
+def test_explicit_created_is_kept_and_config_is_canonical(db):
+    rec = record(config={"tile": (64, (16, 16)), "num_warps": 8, "flag": True, "x": None,
+                         "ratio": 0.5, "name": "a"}, measured=False, metric=3, created=12.5)
+    assert rec.config["tile"] == [64, [16, 16]]  # tuples become lists up front
+    assert rec.metric == 3.0 and isinstance(rec.metric, float)
+    db.put(key(), rec)
+    assert db.get(key()) == rec
+    assert db.get(key()).config == {"tile": [64, [16, 16]], "num_warps": 8, "flag": True,
+                                    "x": None, "ratio": 0.5, "name": "a"}
+
+
+def test_config_is_copied(db):
+    config = {"BLOCK_M": 64, "tile": [1, 2]}
+    rec = record(config=config)
+    config["BLOCK_M"] = 128
+    config["tile"].append(3)
+    assert rec.config == {"BLOCK_M": 64, "tile": [1, 2]}
+
+
+def test_put_replaces(db):
+    db.put(key(), record(metric=2.0))
+    db.put(key(), record(metric=1.0, kernel_name="better"))
+    assert len(db) == 1
+    assert db.get(key()).metric == 1.0
+    assert db.get(key()).kernel_name == "better"
+
+
+@pytest.mark.parametrize("field", KEY_FIELDS)
+def test_every_key_field_distinguishes_entries(db, field):
+    other = key(**{field: BASE_KEY[field] + "-other"})
+    db.put(key(), record(metric=1.0))
+    db.put(other, record(metric=2.0))
+    assert len(db) == 2
+    assert db.get(key()).metric == 1.0
+    assert db.get(other).metric == 2.0
+
+
+def test_entries_ordered_by_created(db):
+    db.put(key("b"), record(created=20.0))
+    db.put(key("a"), record(created=30.0))
+    db.put(key("c"), record(created=10.0))
+    assert [(k.pattern_fingerprint, r.created) for k, r in db.entries()] == [
+        ("c", 10.0), ("b", 20.0), ("a", 30.0)]
+    assert db.entries()[0] == (key("c"), record(created=10.0))
+
+
+def test_remove_clear_len(db):
+    assert db.clear() == 0
+    for i in range(5):
+        db.put(key(f"fp{i}"), record())
+    assert len(db) == 5
+    assert db.remove(key("fp3")) is True
+    assert db.remove(key("fp3")) is False
+    assert db.get(key("fp3")) is None
+    assert len(db) == 4
+    assert db.clear() == 4
+    assert len(db) == 0
+    assert db.entries() == []
+
+
+def test_key_current_reads_installed_versions_and_fp_fusion(monkeypatch):
+    monkeypatch.delenv("TRITON_DEFAULT_FP_FUSION", raising=False)
+    problem = sparseforge.Problem(grid=(8,), heads=2, head_dim=16)
+    k = TuningKey.current("abc", problem, torch.float16, "cpu-model", "sm_90")
+    assert k == TuningKey(pattern_fingerprint="abc", problem=repr(problem), dtype="torch.float16",
+                          device_name="cpu-model", target="sm_90",
+                          sparseforge_version=sparseforge.__version__,
+                          triton_version=triton.__version__, torch_version=torch.__version__,
+                          fp_fusion="1")
+    assert os.environ["TRITON_DEFAULT_FP_FUSION"] == "1"  # pinned as a side effect
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+    assert TuningKey.current("abc", "P", "f16", "d", "sm_80").fp_fusion == "0"
+
+
+def test_records_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record().metric = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        key().dtype = "x"
+
+
+# ------------------------------------------------------------------------------------
+# bad arguments
+# ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field", KEY_FIELDS)
+def test_key_fields_must_be_str(field):
+    with pytest.raises(TypeError, match=rf"^TuningKey\.{field} must be a str, got 3 \(int\)$"):
+        key(**{field: 3})
+
+
+RECORD_ERRORS = [
+    (dict(config=[("a", 1)]), TypeError, r"^config must be a dict, got \[\('a', 1\)\] \(list\)$"),
+    (dict(config={"a": object()}), ValueError, r"^config\['a'\] must be JSON-serialisable, got <object"),
+    (dict(config={"a": [1, {2, 3}]}), ValueError, r"^config\['a'\]\[1\] must be JSON-serialisable, got \{2, 3\} \(set\)$"),
+    (dict(config={"a": math.nan}), ValueError, r"^config\['a'\] must be JSON-serialisable, got the non-finite float nan$"),
+    (dict(config={"a": {1: 2}}), ValueError, r"^config\['a'\] must be JSON-serialisable, got the non-str key 1 \(int\)$"),
+    (dict(config={"w": torch.tensor(4)}), ValueError, r"^config\['w'\] must be JSON-serialisable, got tensor\(4\) \(Tensor\)$"),
+    (dict(measured=1), TypeError, r"^measured must be a bool, got 1 \(int\)$"),
+    (dict(metric="1.0"), TypeError, r"^metric must be a float, got '1\.0' \(str\)$"),
+    (dict(metric=True), TypeError, r"^metric must be a float, got True \(bool\)$"),
+    (dict(metric=math.inf), ValueError, r"^metric must be finite and >= 0, got inf$"),
+    (dict(metric=-0.5), ValueError, r"^metric must be finite and >= 0, got -0\.5$"),
+    (dict(kernel_name=None), TypeError, r"^kernel_name must be a str, got None \(NoneType\)$"),
+    (dict(created="now"), TypeError, r"^created must be a float \(unix time\) or None, got 'now' \(str\)$"),
+    (dict(created=math.nan), ValueError, r"^created must be finite, got nan$"),
+    (dict(notes=b"x"), TypeError, r"^notes must be a str, got b'x' \(bytes\)$"),
+]
+
+
+@pytest.mark.parametrize("changes, exc, message", RECORD_ERRORS)
+def test_record_errors(changes, exc, message):
+    with pytest.raises(exc, match=message):
+        record(**changes)
+
+
+DB_ERRORS = [
+    (lambda d: d.put("fp0", record()), TypeError, r"^key must be a TuningKey, got 'fp0' \(str\)$"),
+    (lambda d: d.put(key(), {"config": {}}), TypeError, r"^record must be a TuningRecord, got \{'config': \{\}\} \(dict\)$"),
+    (lambda d: d.put(BASE_KEY, record()), TypeError, r"^key must be a TuningKey, got \{"),
+    (lambda d: d.get(None), TypeError, r"^key must be a TuningKey, got None \(NoneType\)$"),
+    (lambda d: d.remove(("fp0",)), TypeError, r"^key must be a TuningKey, got \('fp0',\) \(tuple\)$"),
+]
+
+
+@pytest.mark.parametrize("call, exc, message", DB_ERRORS)
+def test_db_errors(db, call, exc, message):
+    with pytest.raises(exc, match=message):
+        call(db)
+    assert not db.path.exists()  # argument checks come before touching the file
+
+
+def test_path_type_error():
+    with pytest.raises(TypeError, match=r"^path must be a str, an os\.PathLike or None, got 3 \(int\)$"):
+        TuningDB(3)
+
+
+def test_unopenable_path_is_an_error_not_a_corruption(tmp_path):
+    path = tmp_path / "is_a_dir"
+    path.mkdir()
+    with pytest.raises(sqlite3.OperationalError, match="unable to open database file"):
+        len(TuningDB(path))
+    assert path.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["is_a_dir"]
+
+
+# ------------------------------------------------------------------------------------
+# corrupt files
+# ------------------------------------------------------------------------------------
+def _real_db_bytes(path: Path, n: int = 8) -> bytes:
+    tdb = TuningDB(path)
+    for i in range(n):
+        tdb.put(key(f"fp{i}"), record(notes="x" * 5000))  # a few pages each
+    data = path.read_bytes()
+    path.unlink()
+    assert len(data) > 8 * 4096
+    return data
+
+
+def _garbage(path: Path) -> bytes:
+    return b"this is not an SQLite file, just some bytes\n" * 100
+
+
+def _truncated(path: Path) -> bytes:
+    return _real_db_bytes(path)[: 3 * 4096 + 100]
+
+
+def _foreign_schema(path: Path) -> bytes:
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE results (name TEXT, value REAL)")
+        conn.execute("INSERT INTO results VALUES ('a', 1.0)")
+    conn.close()
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+def _meta_edit(sql: str):
+    def make(path: Path) -> bytes:
+        TuningDB(path).put(key(), record())
+        with sqlite3.connect(path) as conn:
+            conn.execute("PRAGMA journal_mode=DELETE")
+            conn.execute(sql)
+        conn.close()
+        data = path.read_bytes()
+        path.unlink()
+        return data
+    return make
+
+
+CORRUPTIONS = [
+    (_garbage, r"SQLite reported: file is not a database"),
+    (_truncated, r"SQLite reported: database disk image is malformed"),
+    (_foreign_schema, r"it holds no sparseforge schema \(tables: results\)"),
+    (_meta_edit("UPDATE meta SET value = '99' WHERE name = 'schema_version'"),
+     r"unknown schema \(application 'sparseforge\.tuning', schema_version '99'; this sparseforge reads 1\)"),
+    (_meta_edit("UPDATE meta SET value = 'other' WHERE name = 'application'"),
+     r"unknown schema \(application 'other', schema_version '1'"),
+    (_meta_edit("ALTER TABLE tuning ADD COLUMN extra TEXT"), r"table 'tuning' has columns \("),
+]
+
+
+def _aside_files(path: Path) -> list[Path]:
+    """The moved-aside databases next to ``path``, without their -wal/-shm siblings."""
+    return sorted(p for p in path.parent.glob(path.name + ".corrupt-*")
+                  if not p.name.endswith(dbmod._SIBLINGS))
+
+
+@pytest.mark.parametrize("make, reason", CORRUPTIONS, ids=[
+    "garbage", "truncated", "foreign-schema", "unknown-version", "other-application", "extra-column"])
+def test_corrupt_file_is_moved_aside_and_rebuilt(tmp_path, make, reason):
+    path = tmp_path / "cache" / "tuning.sqlite3"
+    path.parent.mkdir()
+    original = make(path)
+    path.write_bytes(original)
+    tdb = TuningDB(path)
+    with pytest.warns(TuningDatabaseWarning) as caught:
+        assert tdb.get(key()) is None
+    assert len(caught) == 1
+    assert caught[0].filename == __file__  # points at the caller
+    [aside] = _aside_files(path)
+    message = str(caught[0].message)
+    assert str(path) in message and str(aside) in message
+    assert re.search(reason, message), message
+    assert aside.name.startswith("tuning.sqlite3.corrupt-") and aside.name.endswith("Z")
+    assert aside.read_bytes() == original
+    tdb.put(key(), record())
+    assert tdb.get(key()) == dataclasses.replace(record(), created=tdb.get(key()).created)
+    assert len(TuningDB(path)) == 1  # a new instance finds it healthy: no second warning
+
+
+def test_siblings_move_too_and_nothing_is_overwritten(tmp_path, monkeypatch):
+    monkeypatch.setattr(dbmod, "_utc_stamp", lambda: "20240102T030405Z")
+    path = tmp_path / "tuning.sqlite3"
+    base = tmp_path / "tuning.sqlite3.corrupt-20240102T030405Z"
+    base.write_bytes(b"earlier")
+    Path(f"{base}-1-wal").write_bytes(b"earlier wal")  # a sibling alone also blocks the name
+    path.write_bytes(b"junk" * 100)
+    Path(f"{path}-wal").write_bytes(b"stale wal")
+    with pytest.warns(TuningDatabaseWarning, match=r"moved it aside to .*corrupt-20240102T030405Z-2 "):
+        TuningDB(path).put(key(), record())
+    assert base.read_bytes() == b"earlier"
+    assert Path(f"{base}-1-wal").read_bytes() == b"earlier wal"
+    assert Path(f"{base}-2").read_bytes() == b"junk" * 100
+    assert Path(f"{base}-2-wal").read_bytes() == b"stale wal"
+    assert not Path(f"{path}-wal").exists() or Path(f"{path}-wal").read_bytes() != b"stale wal"
+    assert len(TuningDB(path)) == 1
+
+
+def test_corruption_after_first_use_is_repaired_and_the_write_kept(db):
+    db.put(key("before"), record())
+    db.path.write_bytes(b"\0garbage" * 600)
+    with pytest.warns(TuningDatabaseWarning, match=r"file is not a database"):
+        db.put(key("after"), record())
+    assert [k.pattern_fingerprint for k, _ in db.entries()] == ["after"]
+    assert len(_aside_files(db.path)) == 1
+
+
+@pytest.mark.parametrize("content", [None, b""])
+def test_missing_or_empty_file_is_not_corrupt(tmp_path, recwarn, content):
+    path = tmp_path / "tuning.sqlite3"
+    if content is not None:
+        path.write_bytes(content)
+    tdb = TuningDB(path)
+    assert len(tdb) == 0
+    tdb.put(key(), record())
+    assert len(tdb) == 1
+    assert not [w for w in recwarn if issubclass(w.category, TuningDatabaseWarning)]
+    assert _aside_files(path) == []
+
+
+def test_hot_journal_is_rolled_back_not_moved_aside(tmp_path, recwarn):
+    # A crash mid-transaction in rollback-journal mode leaves a hot journal, which the
+    # read-only check cannot roll back: that is recovery, not corruption.
+    src, path = TuningDB(tmp_path / "src.sqlite3"), tmp_path / "tuning.sqlite3"
+    for i in range(8):
+        src.put(key(f"fp{i}"), record(notes="x" * 2000))
+    conn = sqlite3.connect(src.path, isolation_level=None)
+    assert conn.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+    conn.execute("PRAGMA cache_size=1")  # spill changed pages into the file before commit
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("UPDATE tuning SET notes = hex(randomblob(300))")
+    path.write_bytes(src.path.read_bytes())  # the file as a crash would leave it
+    Path(f"{path}-journal").write_bytes(Path(f"{src.path}-journal").read_bytes())
+    conn.execute("ROLLBACK")
+    conn.close()
+    with pytest.raises(sqlite3.OperationalError, match="attempt to write a readonly database"):
+        with contextlib.closing(sqlite3.connect(path.as_uri() + "?mode=ro", uri=True)) as ro:
+            ro.execute("SELECT COUNT(*) FROM tuning").fetchall()  # the hot journal is real
+    tdb = TuningDB(path)
+    assert {r.notes for _, r in tdb.entries()} == {"x" * 2000}
+    assert len(tdb) == 8
+    assert not [w for w in recwarn if issubclass(w.category, TuningDatabaseWarning)]
+    assert _aside_files(path) == []
+    assert not Path(f"{path}-journal").exists()
+
+
+def test_fork_uses_its_own_connection(db):
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    db.put(key("parent"), record())
+    pid = os.fork()
+    if pid == 0:  # child: no pytest machinery, just report through the exit code
+        code = 1
+        try:
+            db.put(key("child"), record(metric=7.0))
+            code = 0 if db.get(key("parent")) is not None else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert db.get(key("child")).metric == 7.0
+    assert len(db) == 2
+
+
+# ------------------------------------------------------------------------------------
+# several processes at once
+# ------------------------------------------------------------------------------------
+# Each worker loads sparseforge/autotune/db.py without running sparseforge/__init__.py,
+# whose torch import costs seconds per process; db.py itself needs only envvars and the
+# stdlib. Workers say they are ready, wait for "go", then put their (key, record) jobs.
+WORKER = r"""
+import json, os, sys, time, types, warnings
+root, path, jobs_file, ready, go = sys.argv[1:6]
+for name in ("sparseforge", "sparseforge.autotune"):
+    module = types.ModuleType(name)
+    module.__path__ = [os.path.join(root, *name.split("."))]
+    sys.modules[name] = module
+from sparseforge.autotune.db import TuningDB, TuningKey, TuningRecord, TuningDatabaseWarning
+with open(jobs_file) as f:
+    jobs = json.load(f)
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.002)
+db = TuningDB(path)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for k, r in jobs:
+        db.put(TuningKey(**k), TuningRecord(**r))
+        assert db.get(TuningKey(**k)) is not None
+print(json.dumps([str(w.message) for w in caught if issubclass(w.category, TuningDatabaseWarning)]))
+"""
+
+
+def run_workers(tmp_path: Path, path: Path, jobs_per_worker: list[list]) -> list[list[str]]:
+    """Run one process per job list, all released at once; returns each one's warnings."""
+    go = tmp_path / "go"
+    procs, ready = [], []
+    for i, jobs in enumerate(jobs_per_worker):
+        jobs_file = tmp_path / f"jobs{i}.json"
+        jobs_file.write_text(json.dumps(jobs))
+        ready.append(tmp_path / f"ready{i}")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(ROOT), str(path), str(jobs_file), str(ready[-1]), str(go)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + 60
+    while not all(r.exists() for r in ready) and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.005)
+    go.touch()
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        results.append(json.loads(out))
+    return results
+
+
+def _job(k: TuningKey, r: TuningRecord) -> list:
+    return [dataclasses.asdict(k), dataclasses.asdict(r)]
+
+
+N_WORKERS, N_KEYS, N_SAME = 4, 40, 10
+
+
+def _worker_record(i: int, j: int) -> TuningRecord:
+    return record(config={"BLOCK_M": 16 * (j + 1), "worker": i, "j": j, "tile": [i, j]},
+                  measured=bool(j % 2), metric=i + j / 1000, kernel_name=f"k{i}_{j}",
+                  notes=f"worker {i}")
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    path = tmp_path / "shared" / "tuning.sqlite3"  # does not exist yet: created concurrently
+    jobs = [[_job(key(f"w{i}-{j}"), _worker_record(i, j)) for j in range(N_KEYS)]
+            for i in range(N_WORKERS)]
+    assert run_workers(tmp_path, path, jobs) == [[]] * N_WORKERS
+    tdb = TuningDB(path)
+    assert len(tdb) == N_WORKERS * N_KEYS
+    for i in range(N_WORKERS):
+        for j in range(N_KEYS):
+            got = tdb.get(key(f"w{i}-{j}"))
+            assert got == dataclasses.replace(_worker_record(i, j), created=got.created)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    conn.close()
+
+
+def test_concurrent_writers_to_one_key_leave_one_whole_record(tmp_path):
+    path = tmp_path / "tuning.sqlite3"
+    jobs = [[_job(key("same"), _worker_record(i, j)) for j in range(N_SAME)]
+            for i in range(N_WORKERS)]
+    assert run_workers(tmp_path, path, jobs) == [[]] * N_WORKERS
+    tdb = TuningDB(path)
+    [(k, got)] = tdb.entries()
+    assert k == key("same")
+    candidates = {(i, j): _worker_record(i, j) for i in range(N_WORKERS) for j in range(N_SAME)}
+    i, j = got.config["worker"], got.config["j"]
+    assert got == dataclasses.replace(candidates[i, j], created=got.created)  # never a mix
+    assert j == N_SAME - 1  # the survivor is some worker's last write
+
+
+def test_concurrent_openers_of_a_corrupt_file_move_it_aside_once(tmp_path):
+    path = tmp_path / "tuning.sqlite3"
+    original = b"definitely not sqlite" * 200
+    path.write_bytes(original)
+    jobs = [[_job(key(f"w{i}"), _worker_record(i, 0))] for i in range(N_WORKERS)]
+    warned = [w for ws in run_workers(tmp_path, path, jobs) for w in ws]
+    [aside] = _aside_files(path)
+    assert aside.read_bytes() == original
+    assert len(warned) == 1 and str(aside) in warned[0]
+    assert sorted(k.pattern_fingerprint for k, _ in TuningDB(path).entries()) == [
+        f"w{i}" for i in range(N_WORKERS)]
