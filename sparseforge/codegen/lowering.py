@@ -28,25 +28,49 @@ SEPARABLE = (local.Neighborhood, local.SlidingWindow, local.Halo, local.Blocks, 
 # ------------------------------------------------------------------------------------
 # Separable families along one dimension
 # ------------------------------------------------------------------------------------
+def window_1d(leaf, i, group_len, p: dict):
+    """Keys of the query at index ``i`` of its fold group, along one dimension: the
+    contiguous run ``start..end`` of indices in the same group (``group_len`` long).
+
+    Works on ints, numpy arrays and sympy expressions alike: the schedule evaluates it on
+    arrays, the closed-form loop bounds (``codegen.bounds``) print it from sympy. ``start``
+    and ``end`` never decrease as ``i`` grows (the bounds rely on it; tested)."""
+    if isinstance(leaf, local.Neighborhood):
+        _, start, end = local.natten_window(i, group_len, p["kernel"], 1, p["stride"], p["causal"])
+        return start, end
+    if isinstance(leaf, local.SlidingWindow):
+        return _max(i - p["left"], 0), _min(i + p["right"], group_len - 1)
+    if isinstance(leaf, local.Halo):
+        lo = (i // p["block"]) * p["block"] - p["halo"]
+        return _max(lo, 0), _min(lo + p["block"] + 2 * p["halo"] - 1, group_len - 1)
+    if isinstance(leaf, local.Blocks):
+        lo = (i // p["size"]) * p["size"]
+        return lo, _min(lo + p["size"] - 1, group_len - 1)
+    if isinstance(leaf, local.Grid):
+        return 0 * i, 0 * i + group_len - 1  # the fold group is one grid cell's period class
+    raise TypeError(f"{type(leaf).__name__} is not separable")
+
+
+def _max(a, b):
+    return sp.Max(a, b) if isinstance(a, sp.Basic) else np.maximum(a, b)
+
+
+def _min(a, b):
+    return sp.Min(a, b) if isinstance(a, sp.Basic) else np.minimum(a, b)
+
+
+def group_length(length: int, fold: int, group):
+    """Positions of fold group ``group`` on a dimension of ``length``: ceil((length - group) / fold)."""
+    return (length - group + fold - 1) // fold
+
+
 def span_1d(leaf, length: int, x: np.ndarray, p: dict) -> tuple[np.ndarray, np.ndarray, int]:
     """Keys of query coordinates ``x`` [n] along one dimension: ``(lo [n], hi [n], step)``,
     the keys being ``lo, lo + step, ..., hi`` (empty where hi < lo)."""
-    if isinstance(leaf, local.Neighborhood):
-        d = p["dilation"]
-        group, start, end = local.natten_window(x, length, p["kernel"], d, p["stride"], p["causal"])
-        return group + start * d, group + end * d, d
-    if isinstance(leaf, local.SlidingWindow):
-        return np.maximum(x - p["left"], 0), np.minimum(x + p["right"], length - 1), 1
-    if isinstance(leaf, local.Halo):
-        lo = (x // p["block"]) * p["block"] - p["halo"]
-        return np.maximum(lo, 0), np.minimum(lo + p["block"] + 2 * p["halo"] - 1, length - 1), 1
-    if isinstance(leaf, local.Blocks):
-        lo = (x // p["size"]) * p["size"]
-        return lo, np.minimum(lo + p["size"] - 1, length - 1), 1
-    if isinstance(leaf, local.Grid):
-        period = length // p["size"]
-        return x % period, x % period + (p["size"] - 1) * period, period
-    raise TypeError(f"{type(leaf).__name__} is not separable")
+    f = fold_1d(leaf, length, p)
+    g = x % f
+    start, end = window_1d(leaf, x // f, group_length(length, f, g), p)
+    return g + start * f, g + end * f, f
 
 
 def fold_1d(leaf, length: int, p: dict) -> int:

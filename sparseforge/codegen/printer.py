@@ -63,7 +63,21 @@ class TritonPrinter(StrPrinter):
             out = f"{fn}({out}, {self._print(a)})"
         return out
 
+    def _integer_quotient(self, expr) -> str | None:
+        """An integer-valued sum or product that sympy wrote with rational coefficients (it
+        drops ``floor`` around an argument it proves integral, e.g. ``floor(2*x/2)``) is
+        printed as an exact integer division. None when ``expr`` has no denominator."""
+        num, den = sp.fraction(sp.together(expr))
+        if den == 1:
+            return None
+        if not (den.is_Integer and den > 0 and expr.is_integer):
+            raise ValueError(f"cannot print {expr}: not an integer expression")
+        return self._div(num, int(den))
+
     def _print_Add(self, expr):
+        quotient = self._integer_quotient(expr)
+        if quotient is not None:
+            return quotient
         terms = sorted(expr.as_ordered_terms(), key=lambda t: t.could_extract_minus_sign())
         text = self._print(terms[0])
         for t in terms[1:]:
@@ -71,6 +85,9 @@ class TritonPrinter(StrPrinter):
         return f"({text})"
 
     def _print_Mul(self, expr):
+        quotient = self._integer_quotient(expr)
+        if quotient is not None:
+            return quotient
         coeff, rest = expr.as_coeff_Mul()
         if coeff == -1:
             return f"(-{self._print(rest)})"

@@ -69,8 +69,41 @@ def render(schedule: TileSchedule, kind: str) -> str:
         predicate=_bool_tensor(to_triton(pred, names("[:, None]", "[None, :]")), "q_valid[:, None] & k_valid[None, :]"),
         predicate_t=_bool_tensor(to_triton(pred, names("[None, :]", "[:, None]")), "k_valid[:, None] & q_valid[None, :]"),
         dot_args=', input_precision="ieee"' if prob.dtype in (torch.float32, torch.float64) else "",
+        loop_bounds=schedule.loop_bounds, bounds_reason=schedule.bounds_reason,
+        closed_form=_closed_form_context(schedule) if schedule.bounds is not None else None,
     )
     return _env.get_template(_TEMPLATES[kind]).render(**context)
+
+
+def _closed_form_context(schedule: TileSchedule) -> dict:
+    """What the templates need to print the closed-form key-tile loops (``codegen.bounds``)."""
+    geom, nd = schedule.geometry, len(schedule.geometry.dims)
+    dims = []
+    for d, (bounds, dim) in enumerate(zip(schedule.bounds.dims, geom.dims)):
+        names = {sym: sym.name for sym, _ in bounds.steps}
+        after = math.prod(x.q_tiles for x in geom.dims[d + 1:])
+        steps = [(sym.name, to_triton(expr, names)) for sym, expr in bounds.steps[1:]]
+        dims.append(dict(index=d, tile=bounds.tile.name, tile_coord=f"(q_tile // {after}) % {dim.q_tiles}", steps=steps,
+                         has_rows=to_triton(bounds.has_rows, names), padded=to_triton(bounds.padded, names),
+                         length=dim.length, fold=dim.fold, k_after=math.prod(x.k_tiles for x in geom.dims[d + 1:])))
+    # PARTIAL tiles = box minus FULL box, as 2 * nd slabs: along dimension d the part below
+    # (then above) the FULL range, earlier dimensions inside the FULL range, later ones whole.
+    slabs = []
+    for d in range(nd):
+        for side in ("below", "above"):
+            ranges = []
+            for e in range(nd):
+                if e < d:
+                    ranges.append((f"full_first{e}", f"full_last{e} - full_first{e} + 1"))
+                elif e > d:
+                    ranges.append((f"first{e}", f"last{e} - first{e} + 1"))
+                elif side == "below":
+                    ranges.append((f"first{e}", f"full_first{e} - first{e}"))
+                else:
+                    ranges.append((f"full_last{e} + 1", f"last{e} - full_last{e}"))
+            slabs.append(dict(comment=f"dimension {d} {side} the FULL range", ranges=ranges))
+    return dict(dims=dims, slabs=slabs,
+                bounds=", ".join(f"first{d}, last{d}, full_first{d}, full_last{d}" for d in range(nd)))
 
 
 def _bool_tensor(text: str, full_shape_expr: str) -> str:

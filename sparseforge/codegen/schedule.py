@@ -26,6 +26,8 @@ from ..dsl.pattern import Intersection, Pattern, PerHead, Union, as_4d
 from ..dsl.problem import Problem
 from ..dsl.semantics import make_context
 from .naming import readable_name
+from .bounds import ClosedForm, derive as derive_bounds
+from .config import default_tile_tokens
 from .lowering import EMPTY, FULL, PARTIAL, SEPARABLE, choose_fold, head_signature, leaf_for_head, span_1d
 from .tiling import DimTiling, TileGeometry
 
@@ -68,9 +70,9 @@ class TileSchedule:
     head_group: int32 [H], the schedule group of each query head.
     forward:    CSR over query tiles (key tiles per query tile).
     inverse:    CSR over key tiles (query tiles per key tile).
-    closed_form: whether the pattern's key-tile ranges have a closed form (affine, separable,
-                 contiguous under the fold). Kernels read the index tables either way today;
-                 emitting the closed-form bounds into the loops is the next step.
+    bounds:     the closed-form key-tile bounds (``codegen.bounds``) the forward and dQ
+                kernels loop over, or None where the kernels read the forward tables;
+                ``bounds_reason`` says why. The dK/dV kernel always reads the inverse tables.
     """
 
     pattern: Pattern
@@ -80,8 +82,8 @@ class TileSchedule:
     group_heads: tuple[int, ...]  # a representative head of each group
     forward: CSR
     inverse: CSR
-    closed_form: bool
-    closed_form_reason: str
+    bounds: ClosedForm | None
+    bounds_reason: str
     build_seconds: float
 
     def fingerprint(self) -> str:
@@ -106,6 +108,11 @@ class TileSchedule:
     def name(self) -> str:
         """Readable unique name for kernels, ops and directories (``codegen.naming``)."""
         return readable_name(self.pattern, self.problem, self.fingerprint())
+
+    @property
+    def loop_bounds(self) -> str:
+        """How the forward and dQ kernels find their key tiles: "closed form" or "index tables"."""
+        return "closed form" if self.bounds is not None else "index tables"
 
     @property
     def groups(self) -> int:
@@ -190,8 +197,7 @@ class TileSchedule:
             f"  visited tile pairs: {self.visited_tiles} ({self.full_tiles} full, "
             f"{self.visited_tiles - self.full_tiles} partial) of {g.n_q_tiles * g.n_k_tiles * self.problem.heads}",
             f"  tile efficiency: {self.tile_efficiency:.4f}",
-            f"  loop bounds: index tables; closed form {'available' if self.closed_form else 'not available'} "
-            f"({self.closed_form_reason})",
+            f"  loop bounds: {self.loop_bounds} ({self.bounds_reason})",
             f"  built in {self.build_seconds * 1e3:.1f} ms",
         ]
         return "\n".join(lines)
@@ -210,16 +216,23 @@ def default_tile(problem: Problem, block: int = 128) -> tuple[int, ...]:
     return tuple(1 << e for e in sorted(exps))
 
 
-def build_schedule(pattern: Pattern, problem: Problem, *, q_tile=None, k_tile=None, fold=None) -> TileSchedule:
-    """Lower ``pattern`` on ``problem`` to a TileSchedule (see module docstring)."""
+def build_schedule(pattern: Pattern, problem: Problem, *, q_tile=None, k_tile=None, fold=None,
+                   closed_form: bool = True) -> TileSchedule:
+    """Lower ``pattern`` on ``problem`` to a TileSchedule (see module docstring).
+
+    closed_form: derive closed-form key-tile bounds where the pattern has them (False: the
+                 forward and dQ kernels read the index tables, e.g. to compare the two)."""
     t0 = time.perf_counter()
     if not pattern.is_static:
         raise ValueError(f"{pattern!r} depends on run-time content; static schedules need a static pattern")
     make_context(pattern, problem)  # validates pattern against problem
-    q_tile = tuple(q_tile) if q_tile is not None else default_tile(problem, 128)
-    if k_tile is None:
-        # 64-token key tiles keep the backward kernels free of register spills (see tests/codegen/test_aot_kernels.py)
-        k_tile = default_tile(problem, 64) if q_tile == default_tile(problem, 128) else q_tile
+    if q_tile is None:
+        # Spill-free defaults per dtype and head dim (codegen.config.default_tile_tokens).
+        q_tokens, k_tokens = default_tile_tokens(problem)
+        q_tile = default_tile(problem, q_tokens)
+        k_tile = default_tile(problem, k_tokens) if k_tile is None else k_tile
+    q_tile = tuple(q_tile)
+    k_tile = q_tile if k_tile is None else tuple(k_tile)
     fold = tuple(fold) if fold is not None else choose_fold(pattern, problem)
     geom = TileGeometry.make(problem.grid, q_tile, k_tile, fold)
 
@@ -233,8 +246,11 @@ def build_schedule(pattern: Pattern, problem: Problem, *, q_tile=None, k_tile=No
     classes = [classifier.pattern(leaf_for_head(pattern, h), h) for h in group_heads]
     classes = [classifier.apply_padding(c) for c in classes]
     forward, inverse = _csr_pair(classes)
-    closed, reason = _closed_form(pattern, problem, geom)
-    return TileSchedule(pattern, problem, geom, head_group, group_heads, forward, inverse, closed, reason,
+    if closed_form:
+        bounds, reason = derive_bounds(pattern, problem, geom)
+    else:
+        bounds, reason = None, "index tables chosen by the kernel config (closed_form=False)"
+    return TileSchedule(pattern, problem, geom, head_group, group_heads, forward, inverse, bounds, reason,
                         time.perf_counter() - t0)
 
 
@@ -279,16 +295,6 @@ def _csr(entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]], rows: int) ->
     if offset >= 2 ** 31:
         raise ValueError(f"schedule has {offset} visited tiles, more than int32 tables hold")
     return CSR(ptr.astype(np.int32), idx.astype(np.int32), full)
-
-
-def _closed_form(pattern: Pattern, problem: Problem, geom: TileGeometry) -> tuple[bool, str]:
-    if not isinstance(pattern, SEPARABLE):
-        return False, f"{type(pattern).__name__} is not a single separable family"
-    for d, p in enumerate(pattern.params(problem)):
-        lo, hi, step = span_1d(pattern, problem.grid[d], np.arange(problem.grid[d]), p)
-        if not _contiguous_in_fold(step, geom.dims[d].fold, lo, hi):
-            return False, f"keys along dimension {d} are not contiguous under fold {geom.dims[d].fold}"
-    return True, f"affine {type(pattern).__name__} bounds"
 
 
 def _contiguous_in_fold(step: int, fold: int, lo, hi) -> bool:

@@ -105,3 +105,22 @@ def test_printed_predicate_equals_dense_mask(pattern, grid):
     for h in range(problem.heads):
         got = np.broadcast_to(run_printed(text, dict(env, head=h)), (n, n))
         np.testing.assert_array_equal(got, mask[h], err_msg=f"head {h}: {text}")
+
+
+def test_integer_valued_rationals_print_as_exact_division():
+    """sympy drops floor() around arguments it proves integral, leaving /2 behind."""
+    x = sp.Symbol("x", integer=True)
+    expr = sp.floor(sp.Max(0, 4 * sp.floor(x / 4) - 2) / 2)
+    assert not isinstance(expr, sp.floor) and "/2" in str(expr)  # what sympy hands the printer
+    values = np.arange(-20, 21)
+    for e in (expr, sp.floor(sp.Min(15, 4 * sp.floor(x / 4) + 5) / 2 + sp.Rational(1, 2)) - 1):
+        text = to_triton(e, {x: "x"})
+        got = run_printed(text, {"x": values})
+        want = np.array([int(e.subs(x, int(v))) for v in values])
+        np.testing.assert_array_equal(got, want, err_msg=f"{e} printed as {text}")
+
+
+def test_non_integer_expression_is_refused():
+    x = sp.Symbol("x", integer=True)
+    with pytest.raises(ValueError, match="not an integer expression"):
+        to_triton(x / 2, {x: "x"})

@@ -1,0 +1,149 @@
+"""Kernel configurations: what the autotuner chooses and a build directory records.
+
+A ``KernelConfig`` fixes the tiling (query/key tile shapes per grid dimension), whether the
+forward and dQ kernels use closed-form loop bounds where they exist, and, per generated
+kernel, the launch parameters ``num_warps`` and ``num_stages``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..dsl.args import positive_int
+
+#: The generated kernels of one schedule, in launch order.
+KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
+NUM_WARPS = (1, 2, 4, 8, 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Launch parameters of one kernel."""
+
+    num_warps: int = 8
+    num_stages: int = 2
+
+    def __post_init__(self):
+        if self.num_warps not in NUM_WARPS:
+            raise ValueError(f"num_warps must be one of {list(NUM_WARPS)}, got {self.num_warps!r}")
+        positive_int("num_stages", self.num_stages)
+
+    def tag(self) -> str:
+        return f"w{self.num_warps}s{self.num_stages}"
+
+
+def _tile(name: str, value) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, (tuple, list)) or not value:
+        raise ValueError(f"{name} must be None or a tuple of positive ints (one per grid dimension), got {value!r}")
+    return tuple(positive_int(name, v) for v in value)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tiles, loop-bound choice and per-kernel launch parameters.
+
+    q_tile, k_tile: tile extents per grid dimension.
+    closed_form:    use closed-form key-tile bounds where the pattern has them (else tables).
+    fwd, bwd_dq, bwd_dkdv: ``Launch`` of each generated kernel.
+    Fields left None take ``default_config(problem)``'s value (``resolved``).
+    """
+
+    q_tile: tuple[int, ...] | None = None
+    k_tile: tuple[int, ...] | None = None
+    closed_form: bool = True
+    fwd: Launch | None = None
+    bwd_dq: Launch | None = None
+    bwd_dkdv: Launch | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "q_tile", _tile("q_tile", self.q_tile))
+        object.__setattr__(self, "k_tile", _tile("k_tile", self.k_tile))
+        if not isinstance(self.closed_form, bool):
+            raise TypeError(f"closed_form must be a bool, got {self.closed_form!r}")
+        for kernel in KERNELS:
+            if getattr(self, kernel) is not None and not isinstance(getattr(self, kernel), Launch):
+                raise TypeError(f"{kernel} must be a Launch or None, got {getattr(self, kernel)!r}")
+
+    def launch(self, kernel: str) -> Launch | None:
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {list(KERNELS)}, got {kernel!r}")
+        return getattr(self, kernel)
+
+    def kernel_tag(self, problem) -> str:
+        """What the config changes in the generated kernels beyond the schedule, as a name
+        suffix: "" for ``default_config(problem)``'s choices, else e.g. ``tab_w4s1_w8s2_w4s1``."""
+        default, mine = default_config(problem), self.resolved(problem)
+        if self.closed_form and all(mine.launch(k) == default.launch(k) for k in KERNELS):
+            return ""
+        return "_".join((["tab"] if not self.closed_form else []) + [mine.launch(k).tag() for k in KERNELS])
+
+    def resolved(self, problem) -> "KernelConfig":
+        """This config with its unset fields taken from ``default_config(problem)``."""
+        default = default_config(problem)
+        if self.q_tile is not None and self.k_tile is None:
+            k_tile = self.q_tile  # a query tile alone sets both
+        else:
+            k_tile = self.k_tile or default.k_tile
+        return dataclasses.replace(self, q_tile=self.q_tile or default.q_tile, k_tile=k_tile,
+                                   **{k: self.launch(k) or default.launch(k) for k in KERNELS})
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (tiles as lists); ``from_dict`` inverts it."""
+        launches = {k: dataclasses.asdict(self.launch(k)) if self.launch(k) else None for k in KERNELS}
+        return dict(q_tile=list(self.q_tile) if self.q_tile else None,
+                    k_tile=list(self.k_tile) if self.k_tile else None, closed_form=self.closed_form, **launches)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "KernelConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"config must be a dict, got {data!r}")
+        unknown = set(data) - {"q_tile", "k_tile", "closed_form", *KERNELS}
+        if unknown:
+            raise ValueError(f"config has unknown keys {sorted(unknown)}")
+        launches = {}
+        for k in KERNELS:
+            if data.get(k) is not None:
+                value = data[k]
+                if not isinstance(value, dict) or set(value) - {"num_warps", "num_stages"}:
+                    raise ValueError(f"config[{k!r}] must be a dict with num_warps and num_stages, got {value!r}")
+                launches[k] = Launch(**value)
+        return cls(q_tile=data.get("q_tile"), k_tile=data.get("k_tile"), closed_form=data.get("closed_form", True),
+                   **launches)
+
+    def describe(self) -> str:
+        tiles = f"q {self.q_tile or 'default'} x k {self.k_tile or 'default'}"
+        launches = ", ".join(f"{k} {self.launch(k).tag() if self.launch(k) else 'default'}" for k in KERNELS)
+        return f"{tiles}, {'closed-form bounds' if self.closed_form else 'index tables'}, {launches}"
+
+
+def default_tile_tokens(problem) -> tuple[int, int]:
+    """(query, key) tile sizes in tokens that compile without register spills on sm_80 and
+    sm_90 for every kernel (measured by ahead-of-time compiles; tests/codegen/test_aot_kernels.py):
+    128 x 32 for 16-bit inputs with 32 < head_dim <= 128, 64 x 32 for small or 256 head dims,
+    32 x 32 for fp32 (no tensor cores, accumulators and operands share the registers)."""
+    import torch
+
+    if problem.dtype == torch.float32:
+        return 32, 32
+    if 32 < problem.head_dim <= 128:
+        return 128, 32
+    return 64, 32
+
+
+def default_config(problem) -> KernelConfig:
+    """The config used without autotuning: spill-free tiles (``default_tile_tokens``) and
+    8 warps; the backward kernels of 16-bit 32 < head_dim <= 128 problems run one stage
+    (prefetching the next query tile is what spills them)."""
+    import torch
+
+    from .schedule import default_tile
+
+    q, k = default_tile_tokens(problem)
+    one_stage = problem.dtype != torch.float32 and 32 < problem.head_dim <= 128
+    bwd = Launch(8, 1 if one_stage else 2)
+    return KernelConfig(q_tile=default_tile(problem, q), k_tile=default_tile(problem, k), fwd=Launch(8, 2),
+                        bwd_dq=bwd, bwd_dkdv=bwd)
