@@ -55,6 +55,7 @@ class ResourceReport:
     spill_loads: int  # bytes, from ptxas -v
     tensor_core: str  # "tcgen05" (sm_100), "wgmma" (sm_90), "mma" (mma.sync) or "none"
     ptx: str = field(repr=False, compare=False)
+    cubin: bytes = field(default=b"", repr=False, compare=False)
 
     @property
     def spills(self) -> int:
@@ -62,8 +63,8 @@ class ResourceReport:
         return self.spill_stores + self.spill_loads
 
     def as_dict(self) -> dict[str, Any]:
-        """Every field except ``ptx``, plus ``spills``; JSON-ready."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "ptx"}
+        """Every field except ``ptx`` and ``cubin``, plus ``spills``; JSON-ready."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("ptx", "cubin")}
         d["spills"] = self.spills
         return d
 
@@ -388,4 +389,5 @@ def aot_compile(fn, signature: dict[str, str], constexprs: dict[str, object], *,
         spill_loads=spill_loads,
         tensor_core=tensor_core_kind(ptx),
         ptx=ptx,
+        cubin=bytes(compiled.asm.get("cubin", b"")),
     )

@@ -20,6 +20,7 @@ import torch
 from .. import envvars
 from ..dsl.problem import DTYPE_NAMES
 from ..atomic import write_atomic
+from .config import KERNELS, KernelConfig
 from .render import block_d, kernel_name, render
 from .schedule import TileSchedule
 
@@ -58,10 +59,10 @@ class TritonKernels:
     backward(q, k, v, out, lse, dout, scale)     -> dq, dk, dv
     """
 
-    def __init__(self, schedule: TileSchedule, interpret: bool = False, num_warps: int = 8, num_stages: int = 2):
+    def __init__(self, schedule: TileSchedule, interpret: bool = False, config: KernelConfig | None = None):
         self.schedule = schedule
         self.interpret = interpret
-        self.num_warps, self.num_stages = num_warps, num_stages
+        self.config = (KernelConfig() if config is None else config).resolved(schedule.problem)
         self.name = kernel_name(schedule)
         self.sources = {kind: render(schedule, kind) for kind in ("fwd", "bwd")}
         self._modules: dict[str, object] = {}
@@ -98,10 +99,10 @@ class TritonKernels:
     def _launch(self, name: str, grid, *args):
         # The interpreter also reads TRITON_INTERPRET while running (lazy imports assert it).
         if not self.interpret:
-            self.kernel(name)[grid](*args, **self._meta())
+            self.kernel(name)[grid](*args, **self._meta(name))
             return
         with envvars.triton_interpreter(True), _interpretable_library_functions():
-            self.kernel(name)[grid](*args, **self._meta())
+            self.kernel(name)[grid](*args, **self._meta(name))
 
     def tables(self, device: torch.device) -> dict[str, torch.Tensor]:
         if device not in self._tables:
@@ -110,63 +111,89 @@ class TritonKernels:
             def t(a):
                 return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device)
             self._tables[device] = dict(
-                kv_ptr=t(s.forward.ptr), kv_idx=t(s.forward.idx), kv_full=t(s.forward.full),
-                q_ptr=t(s.inverse.ptr), q_idx=t(s.inverse.idx), q_full=t(s.inverse.full),
-                head_group=t(s.head_group))
+                KV_PTR=t(s.forward.ptr), KV_IDX=t(s.forward.idx), KV_FULL=t(s.forward.full),
+                Q_PTR=t(s.inverse.ptr), Q_IDX=t(s.inverse.idx), Q_FULL=t(s.inverse.full),
+                HEAD_GROUP=t(s.head_group))
         return self._tables[device]
 
-    def _meta(self):
+    def constexprs(self) -> dict[str, int]:
+        """The compile-time arguments every kernel of the module takes."""
         g = self.schedule.geometry
-        meta = dict(BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_D=block_d(self.schedule.problem.head_dim))
+        return dict(BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_D=block_d(self.schedule.problem.head_dim))
+
+    def _meta(self, name: str):
+        meta = self.constexprs()
         if not self.interpret:
-            meta.update(num_warps=self.num_warps, num_stages=self.num_stages)
+            launch = self.config.launch(name)
+            meta.update(num_warps=launch.num_warps, num_stages=launch.num_stages)
         return meta
 
     # -- launches ----------------------------------------------------------------------
+    def _args(self, name: str, **values) -> list:
+        """Kernel ``name``'s runtime arguments in signature order, from ``values`` and the
+        schedule's tables (only those the kernel reads)."""
+        tables = self.tables(values["Q"].device)
+        return [values[a] if a in values else tables[a] for a in self.signature(name)]
+
     def forward(self, q, k, v, scale: float):
         b, h, n, _ = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-        tb = self.tables(q.device)
         grid = (self.schedule.geometry.n_q_tiles, b * h)
-        self._launch(
-            "fwd", grid, q, k, v, out, lse, tb["kv_ptr"], tb["kv_idx"], tb["kv_full"], tb["head_group"],
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
-            scale * math.log2(math.e))
+        self._launch("fwd", grid, *self._args(
+            "fwd", Q=q, K=k, V=v, O=out, LSE=lse, stride_qb=q.stride(0), stride_qh=q.stride(1),
+            stride_kb=k.stride(0), stride_kh=k.stride(1), stride_ob=out.stride(0), stride_oh=out.stride(1),
+            qk_scale=scale * math.log2(math.e)))
         return out, lse
 
     def backward(self, q, k, v, out, lse, dout, scale: float):
-        b, h, n, _ = q.shape
-        kvh = k.shape[1]
         delta = (dout.float() * out.float()).sum(-1)  # rowsum(dO * O): [B, H, N] fp32
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        tb = self.tables(q.device)
-        qk_scale = scale * math.log2(math.e)
-        geom = self.schedule.geometry
-        self._launch(
-            "bwd_dq", (geom.n_q_tiles, b * h), q, k, v, dout, lse, delta, dq,
-            tb["kv_ptr"], tb["kv_idx"], tb["kv_full"], tb["head_group"],
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, qk_scale)
-        self._launch(
-            "bwd_dkdv", (geom.n_k_tiles, b * kvh), q, k, v, dout, lse, delta, dk, dv,
-            tb["q_ptr"], tb["q_idx"], tb["q_full"], tb["head_group"],
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, qk_scale)
+        dq = self.backward_dq(q, k, v, dout, lse, delta, scale)
+        dk, dv = self.backward_dkdv(q, k, v, dout, lse, delta, scale)
         return dq, dk, dv
 
+    def _backward_args(self, q, k, v, dout, lse, delta, scale: float) -> dict:
+        return dict(Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, stride_qb=q.stride(0), stride_qh=q.stride(1),
+                    stride_kb=k.stride(0), stride_kh=k.stride(1), sm_scale=scale, qk_scale=scale * math.log2(math.e))
+
+    def backward_dq(self, q, k, v, dout, lse, delta, scale: float):
+        """dq [B, H, N, D] (the ``bwd_dq`` kernel alone); delta = rowsum(dO * O) fp32."""
+        dq = torch.empty_like(q)
+        grid = (self.schedule.geometry.n_q_tiles, q.shape[0] * q.shape[1])
+        self._launch("bwd_dq", grid, *self._args("bwd_dq", DQ=dq, **self._backward_args(q, k, v, dout, lse, delta, scale)))
+        return dq
+
+    def backward_dkdv(self, q, k, v, dout, lse, delta, scale: float):
+        """dk, dv [B, KVH, N, D] (the ``bwd_dkdv`` kernel alone)."""
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        grid = (self.schedule.geometry.n_k_tiles, k.shape[0] * k.shape[1])
+        self._launch("bwd_dkdv", grid, *self._args("bwd_dkdv", DK=dk, DV=dv,
+                                                   **self._backward_args(q, k, v, dout, lse, delta, scale)))
+        return dk, dv
+
     # -- ahead-of-time compile (no GPU needed) -----------------------------------------------
-    KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
+    KERNELS = KERNELS
+
+    def table_arguments(self, name: str) -> list[str]:
+        """The schedule tables kernel ``name`` reads: none for forward/dQ kernels with
+        closed-form bounds, the forward (or, for dK/dV, inverse) CSR otherwise."""
+        if name == "bwd_dkdv":
+            return ["Q_PTR", "Q_IDX", "Q_FULL", "HEAD_GROUP"]
+        if self.schedule.bounds is not None:
+            return []
+        return ["KV_PTR", "KV_IDX", "KV_FULL", "HEAD_GROUP"]
 
     def signature(self, name: str) -> dict[str, str]:
         """Triton type string of every runtime argument of kernel ``name``."""
         dt = "*" + DTYPE_NAMES[self.schedule.problem.dtype]
-        tables = ["KV_PTR", "KV_IDX", "KV_FULL"] if name != "bwd_dkdv" else ["Q_PTR", "Q_IDX", "Q_FULL"]
+        tables = self.table_arguments(name)
         sig: dict[str, str] = {}
         if name == "fwd":
             sig.update(Q=dt, K=dt, V=dt, O=dt, LSE="*fp32")
         else:
             sig.update(Q=dt, K=dt, V=dt, DO=dt, LSE="*fp32", DELTA="*fp32")
             sig.update(DQ=dt) if name == "bwd_dq" else sig.update(DK=dt, DV=dt)
-        sig.update({t: "*i32" for t in tables}, HEAD_GROUP="*i32")
+        sig.update({t: "*i32" for t in tables})
         strides = ["stride_qb", "stride_qh", "stride_kb", "stride_kh"]
         if name == "fwd":
             strides += ["stride_ob", "stride_oh"]
@@ -182,8 +209,7 @@ class TritonKernels:
         from .aot import aot_compile
         if self.interpret:
             raise ValueError("ahead-of-time compile needs TritonKernels(interpret=False)")
-        g = self.schedule.geometry
-        meta = dict(BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_D=block_d(self.schedule.problem.head_dim))
-        return aot_compile(self.kernel(name), self.signature(name), meta, target=target,
-                           num_warps=self.num_warps, num_stages=self.num_stages)
+        launch = self.config.launch(name)
+        return aot_compile(self.kernel(name), self.signature(name), self.constexprs(), target=target,
+                           num_warps=launch.num_warps, num_stages=launch.num_stages)
 

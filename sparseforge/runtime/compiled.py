@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
@@ -14,6 +15,7 @@ import torch
 from ..dsl.pattern import Pattern
 from ..dsl.problem import DTYPE_NAMES, Problem
 from ..dsl.semantics import check_pattern_problem, check_qkv
+from ..codegen.config import KernelConfig
 from . import op as _op
 
 __all__ = ["BACKENDS", "CompiledAttention", "TRITON_HEAD_DIMS", "UnsupportedPatternError", "compile"]
@@ -36,7 +38,7 @@ def check_backend(backend) -> None:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
 
 
-def _check_triton_problem(problem: Problem, backend: str) -> None:
+def check_triton_problem(problem: Problem, backend: str) -> None:
     if problem.head_dim not in TRITON_HEAD_DIMS:
         raise ValueError(f"head_dim={problem.head_dim} is not supported by backend={backend!r}; "
                          f"supported head dims: {list(TRITON_HEAD_DIMS)} (backend='cpu' takes any)")
@@ -45,14 +47,18 @@ def _check_triton_problem(problem: Problem, backend: str) -> None:
                          f"{[DTYPE_NAMES[d] for d in TRITON_DTYPES]} (backend='cpu' takes float64 too)")
 
 
-def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q_tile=None,
-            k_tile=None) -> "CompiledAttention":
+def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q_tile=None, k_tile=None,
+            config: KernelConfig | None = None, autotune: bool = False, target=None) -> "CompiledAttention":
     """Lower ``pattern`` on ``problem`` to a tile schedule and wrap it as a torch op.
 
-    backend: None (CUDA tensors -> generated Triton kernels, CPU tensors -> the CPU
-             executor), "triton", "cpu" or "interpret" (Triton kernels under the Triton
-             interpreter, on CPU tensors).
+    backend:  None (CUDA tensors -> generated Triton kernels, CPU tensors -> the CPU
+              executor), "triton", "cpu" or "interpret" (Triton kernels under the Triton
+              interpreter, on CPU tensors).
     q_tile, k_tile: tile shapes (one extent per grid dimension); default chosen per grid.
+    config:   a full ``KernelConfig`` (tiles, loop bounds, launches) instead of q_tile/k_tile.
+    autotune: take the config from the tuning database, tuning first if it has none
+              (``sparseforge.autotune.tune``: timed on a GPU of the target, predicted by the
+              cost model otherwise); ``target`` ("sm_80", "sm_90", ...) as in ``tune``.
     """
     check_pattern_problem(pattern, problem)
     check_backend(backend)
@@ -64,11 +70,29 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
     if problem.grid is None:
         raise ValueError(f"problem has no grid ({problem!r}); compiling a static pattern needs Problem(grid=...)")
     if backend in ("triton", "interpret"):
-        _check_triton_problem(problem, backend)
+        check_triton_problem(problem, backend)
+    if config is not None and not isinstance(config, KernelConfig):
+        raise TypeError(f"config must be a sparseforge KernelConfig, got {config!r}")
+    if config is not None and (q_tile is not None or k_tile is not None):
+        raise ValueError("give either config or q_tile/k_tile, not both (the config holds the tiles)")
+    if autotune and (config is not None or q_tile is not None or k_tile is not None):
+        raise ValueError("autotune=True chooses the tiles and launches; do not also give config, q_tile or k_tile")
+    if target is not None and not autotune:
+        raise ValueError("target is the autotuner's target; it needs autotune=True")
+    tuning = None
+    if autotune:
+        from ..autotune import tune
+
+        tuning = tune(pattern, problem, target=target)
+        config = tuning.config
+    elif config is None:
+        config = KernelConfig(q_tile=q_tile, k_tile=k_tile)
+    config = config.resolved(problem)
     from ..codegen.schedule import build_schedule
 
-    schedule = build_schedule(pattern, problem, q_tile=q_tile, k_tile=k_tile)
-    return CompiledAttention(schedule, backend)
+    schedule = build_schedule(pattern, problem, q_tile=config.q_tile, k_tile=config.k_tile,
+                              closed_form=config.closed_form)
+    return CompiledAttention(schedule, backend, config, tuning=tuning)
 
 
 class CompiledAttention:
@@ -79,13 +103,19 @@ class CompiledAttention:
     traceable by ``torch.compile`` without graph breaks.
     """
 
-    def __init__(self, schedule, backend: str | None = None):
+    def __init__(self, schedule, backend: str | None = None, config: KernelConfig | None = None, *,
+                 tuning=None, build=None):
         check_backend(backend)
         self.schedule = schedule
         self.pattern: Pattern = schedule.pattern
         self.problem: Problem = schedule.problem
         self.backend = backend
-        self._entry = _op.register(schedule)
+        geom = schedule.geometry  # the schedule's tiles are the ones that run
+        self.config = dataclasses.replace((KernelConfig() if config is None else config).resolved(self.problem),
+                                          q_tile=geom.q_tile, k_tile=geom.k_tile)
+        self.tuning = tuning  # autotune.TuningResult when compiled with autotune=True
+        self.build = build    # runtime.builddir.Build when loaded from a build directory
+        self._entry = _op.register(schedule, config=self.config)
         self.name: str = self._entry.name
 
     @property
@@ -117,7 +147,7 @@ class CompiledAttention:
         if which == "cpu":
             allowed = (problem.dtype, torch.float64)
         else:
-            _check_triton_problem(problem, which)
+            check_triton_problem(problem, which)
             allowed = (problem.dtype,)
         if q.dtype not in allowed:
             extra = " (or float64 on the CPU path)" if which == "cpu" else ""

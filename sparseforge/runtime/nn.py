@@ -28,6 +28,7 @@ class SparseAttention(nn.Module):
     qkv_bias: bias in the qkv projection.
     dtype:    parameter dtype (default torch's default); attention runs in the input's dtype.
     backend:  as in ``sparseforge.compile``.
+    q_tile, k_tile: tile shapes, as in ``sparseforge.compile`` (default: chosen per grid).
 
     The attention is compiled lazily for each (grid, dtype) it meets and cached; with
     ``torch.compile(fullgraph=True)`` run the module once eagerly first (or give ``grid``),
@@ -35,7 +36,8 @@ class SparseAttention(nn.Module):
     """
 
     def __init__(self, pattern: Pattern, dim: int, heads: int, *, grid=None, kv_heads: int | None = None,
-                 qkv_bias: bool = True, dtype: torch.dtype | None = None, backend: str | None = None):
+                 qkv_bias: bool = True, dtype: torch.dtype | None = None, backend: str | None = None,
+                 q_tile=None, k_tile=None):
         super().__init__()
         if not isinstance(pattern, Pattern):
             raise TypeError(f"pattern must be a sparseforge Pattern, got {pattern!r} ({type(pattern).__name__})")
@@ -51,11 +53,32 @@ class SparseAttention(nn.Module):
         self.head_dim = dim // heads
         self.grid = as_grid(grid)
         self.backend = backend
+        self.q_tile, self.k_tile = q_tile, k_tile
         self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim, bias=qkv_bias, dtype=dtype)
         self.proj = nn.Linear(dim, dim, dtype=dtype)
         self._compiled: dict[tuple, CompiledAttention] = {}
         if self.grid is not None:
             self.attention(self.grid, self.qkv.weight.dtype)
+
+    @classmethod
+    def from_build(cls, path, dim: int, *, qkv_bias: bool = True, dtype: torch.dtype | None = None,
+                   backend: str | None = None) -> "SparseAttention":
+        """A module whose attention is the op of a build directory (``sparseforge compile
+        --out DIR``, verified by ``sparseforge.load``). Pattern, heads, KV heads and grid come
+        from the build; ``dim`` must be heads * head_dim. Inputs of the build's dtype run
+        its op; other dtypes compile the same pattern with the build's tiles."""
+        from .build import load
+
+        attn = load(path, backend=backend)
+        p = attn.problem
+        if positive_int("dim", dim) != p.heads * p.head_dim:
+            raise ValueError(f"dim must be heads * head_dim = {p.heads} * {p.head_dim} = {p.heads * p.head_dim} "
+                             f"for the build {path}, got {dim}")
+        module = cls(attn.pattern, dim, p.heads, kv_heads=p.kv_heads, qkv_bias=qkv_bias, dtype=dtype,
+                     backend=backend, q_tile=attn.config.q_tile, k_tile=attn.config.k_tile)
+        module.grid = p.grid
+        module._compiled[(p.grid, p.dtype)] = attn
+        return module
 
     def extra_repr(self) -> str:
         kv = "" if self.kv_heads == self.heads else f", kv_heads={self.kv_heads}"
@@ -74,7 +97,8 @@ class SparseAttention(nn.Module):
                     f"SparseAttention meets grid={tuple(grid)}, dtype={dtype} for the first time inside "
                     "torch.compile; building a schedule cannot be traced: give SparseAttention(grid=...) "
                     "or run the module once eagerly on this shape before compiling")
-            found = compile(self.pattern, self.problem(grid, dtype), backend=self.backend)
+            found = compile(self.pattern, self.problem(grid, dtype), backend=self.backend, q_tile=self.q_tile,
+                            k_tile=self.k_tile)
             self._compiled[key] = found
         return found
 

@@ -76,6 +76,7 @@ class AttentionOp:
     name: str
     schedule: Any
     fingerprint: str
+    config: Any  # codegen.config.KernelConfig
     fwd: Any = None  # CustomOpDef of the forward op
     bwd: Any = None  # CustomOpDef of the backward op
     _kernels: dict = dataclasses.field(default_factory=dict)
@@ -96,7 +97,7 @@ class AttentionOp:
             if interpret not in self._kernels:
                 from ..codegen.kernels import TritonKernels
 
-                self._kernels[interpret] = TritonKernels(self.schedule, interpret=interpret)
+                self._kernels[interpret] = TritonKernels(self.schedule, interpret=interpret, config=self.config)
             return self._kernels[interpret]
 
     # -- real implementations ---------------------------------------------------------
@@ -137,18 +138,23 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def register(schedule, name: str | None = None) -> AttentionOp:
-    """The ops of ``schedule``, defined on first use; the same name again returns the
+def register(schedule, name: str | None = None, *, config=None) -> AttentionOp:
+    """The ops of ``schedule`` run with kernel ``config`` (``codegen.config.KernelConfig``,
+    default settings when None), defined on first use; the same name again returns the
     existing ops (an op name can be registered with torch only once per process)."""
-    fingerprint = schedule.fingerprint()
+    from ..codegen.config import KernelConfig
+
+    config = KernelConfig() if config is None else config
+    tag = config.kernel_tag(schedule.problem)
+    fingerprint = schedule.fingerprint() + tag
     if name is None:
-        name = schedule.name
+        name = schedule.name + (f"_{tag}" if tag else "")
     if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ValueError(f"name must match [a-z][a-z0-9_]*, got {name!r}")
     with _REGISTRY_LOCK:
         entry = _REGISTRY.get(name)
         if entry is None:
-            entry = AttentionOp(name, schedule, fingerprint)
+            entry = AttentionOp(name, schedule, fingerprint, config)
             _define(entry)
             _REGISTRY[name] = entry
         elif entry.fingerprint != fingerprint:
@@ -157,12 +163,19 @@ def register(schedule, name: str | None = None) -> AttentionOp:
     return entry
 
 
+def _no_autocast(t: Tensor):
+    """The ops compute in their inputs' dtype: an enclosing ``torch.autocast`` (still active
+    inside a custom op's implementation) must not recast the executor's matmuls."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def _define(entry: AttentionOp) -> None:
     qual = f"{NAMESPACE}::{entry.name}"
 
     @torch.library.custom_op(qual, mutates_args=())
     def fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
-        return entry.run_forward(q, k, v, scale, backend)
+        with _no_autocast(q):
+            return entry.run_forward(q, k, v, scale, backend)
 
     @fwd.register_fake
     def _fwd_fake(q, k, v, scale, backend):
@@ -172,7 +185,8 @@ def _define(entry: AttentionOp) -> None:
     @torch.library.custom_op(qual + "_bwd", mutates_args=())
     def bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Optional[Tensor],
             dlse: Optional[Tensor], scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-        return tuple(t.contiguous() for t in entry.run_backward(q, k, v, out, lse, dout, dlse, scale, backend))
+        with _no_autocast(q):
+            return tuple(t.contiguous() for t in entry.run_backward(q, k, v, out, lse, dout, dlse, scale, backend))
 
     @bwd.register_fake
     def _bwd_fake(q, k, v, out, lse, dout, dlse, scale, backend):

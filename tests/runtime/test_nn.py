@@ -130,3 +130,23 @@ def test_torch_compile_fullgraph_unseen_grid_is_a_clear_error():
         e = e.__cause__ or e.__context__
     assert any("give SparseAttention(grid=...) or run the module once eagerly" in c for c in chain), chain
     torch._dynamo.reset()
+
+
+def test_runs_under_cpu_autocast():
+    """autocast stays active inside a custom op; the executor must still compute in its
+    inputs' dtype (it used to fail writing bf16 results into an fp32 buffer)."""
+    torch.manual_seed(0)
+    m = sf.nn.SparseAttention(sf.Neighborhood(3), dim=32, heads=2, grid=(4, 6))
+    x = torch.randn(2, 4, 6, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+    assert rel_err(y, m(x)) < 3e-2  # same result as fp32, to bf16 precision
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_tiles_pass_through_to_compile():
+    m = sf.nn.SparseAttention(sf.Blocks(7), dim=32, heads=2, grid=(28, 28), q_tile=(4, 8), k_tile=(4, 4))
+    attn = m.attention((28, 28), torch.float32)
+    assert attn.schedule.geometry.q_tile == (4, 8) and attn.schedule.geometry.k_tile == (4, 4)
