@@ -1,0 +1,43 @@
+"""The autotuner's config space: tile shapes per grid, launch parameters per kernel.
+
+Tiles are chosen jointly for the three kernels (they share one schedule); ``num_warps`` and
+``num_stages`` are chosen per kernel. Tile shapes are N-D boxes of a power-of-two token
+count, shaped to the grid by ``schedule.default_tile`` (and its transpose on 2-D grids).
+"""
+from __future__ import annotations
+
+from ..codegen.config import Launch
+from ..codegen.render import block_d
+from ..codegen.schedule import default_tile
+from ..dsl.problem import Problem
+
+#: (query tile tokens, key tile tokens) tried, by padded head dim.
+TILE_TOKENS = {
+    "default": ((128, 64), (64, 64), (128, 32), (64, 32), (32, 32)),
+    256: ((64, 32), (32, 32), (64, 16)),
+}
+#: Launch parameters tried for every kernel (8 warps keep the backward kernels' registers
+#: per thread low; one stage stops the backward kernels prefetching into registers).
+LAUNCHES = (Launch(8, 2), Launch(8, 1), Launch(4, 2))
+
+
+def tile_choices(problem: Problem, tokens=None, transposed: bool = False) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(q_tile, k_tile) shapes to try for ``problem``, no duplicates; ``transposed`` adds
+    each 2-D shape's transpose (twice the compiles)."""
+    if tokens is None:
+        tokens = TILE_TOKENS.get(block_d(problem.head_dim), TILE_TOKENS["default"])
+    out: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    for q_tokens, k_tokens in tokens:
+        q, k = default_tile(problem, q_tokens), default_tile(problem, k_tokens)
+        variants = [(q, k)]
+        if transposed and problem.ndim == 2:
+            variants.append((q[::-1], k[::-1]))
+        for pair in variants:
+            if pair not in out and _fits(problem, pair):
+                out.append(pair)
+    return out or [(default_tile(problem, tokens[0][0]), default_tile(problem, tokens[0][1]))]
+
+
+def _fits(problem: Problem, pair) -> bool:
+    """Tiles no larger than twice the grid along any dimension (more is only padding)."""
+    return all(t <= 2 * n for tile in pair for t, n in zip(tile, problem.grid))

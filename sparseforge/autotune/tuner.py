@@ -1,0 +1,230 @@
+"""Autotuning: pick a ``KernelConfig`` for a pattern on a problem, and remember it.
+
+1. Candidates: tile shapes (``space.tile_choices``) x launch parameters per kernel
+   (``space.LAUNCHES``).
+2. Static pruning, no GPU needed: every candidate kernel is compiled ahead of time for the
+   target; those that spill registers, or need more shared memory than one program may
+   have, are dropped (with the reason kept for the report).
+3. Ranking: on a GPU of the target's generation, survivors are timed with
+   ``triton.testing.do_bench`` on random inputs and the winner's numerics are checked
+   against the float64 reference before it is accepted. Without one, survivors are ranked
+   by ``cost.predict_us`` and the choice is reported as predicted, not measured.
+4. The winner goes to the tuning database (``db.TuningDB``); the next ``tune`` of the same
+   key returns it without compiling anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..codegen.aot import ResourceReport, parse_target
+from ..codegen.config import KERNELS, KernelConfig, Launch
+from ..codegen.kernels import TritonKernels
+from ..codegen.schedule import build_schedule
+from ..dsl.pattern import Pattern
+from ..dsl.problem import DTYPE_NAMES, Problem
+from . import cost, space
+from .db import TuningDB, TuningKey, TuningRecord
+
+#: Default objective: the kernels whose times are summed to rank tile choices.
+OBJECTIVES = {"train": KERNELS, "inference": ("fwd",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One kernel under one tile choice and launch: its resources and its score."""
+
+    q_tile: tuple[int, ...]
+    k_tile: tuple[int, ...]
+    kernel: str
+    launch: Launch
+    report: ResourceReport | None
+    rejected: str | None          # why pruned (None: a survivor)
+    predicted_us: float
+    measured_ms: float | None = None
+
+    def as_dict(self) -> dict:
+        return dict(q_tile=list(self.q_tile), k_tile=list(self.k_tile), kernel=self.kernel,
+                    num_warps=self.launch.num_warps, num_stages=self.launch.num_stages,
+                    resources=self.report.as_dict() if self.report else None, rejected=self.rejected,
+                    predicted_us=None if math.isinf(self.predicted_us) else self.predicted_us,
+                    measured_ms=self.measured_ms)
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningResult:
+    """The chosen config and how it was chosen.
+
+    measured: True if timed on a GPU (metric in ms), False if predicted by the cost model
+              (metric in predicted µs).
+    cached:   True if it came from the tuning database without any compiling.
+    """
+
+    config: KernelConfig
+    target: str
+    device_name: str
+    measured: bool
+    metric: float
+    cached: bool
+    candidates: tuple[Candidate, ...] = ()
+    seconds: float = 0.0
+
+    @property
+    def basis(self) -> str:
+        return "measured" if self.measured else "predicted by the cost model (no GPU timing)"
+
+    def as_dict(self) -> dict:
+        return dict(config=self.config.as_dict(), target=self.target, device_name=self.device_name,
+                    measured=self.measured, metric=self.metric, metric_unit="ms" if self.measured else "predicted us",
+                    cached=self.cached, seconds=self.seconds, candidates=[c.as_dict() for c in self.candidates])
+
+
+class TuningError(RuntimeError):
+    """No candidate config survived (every one spilled, overflowed or failed numerics)."""
+
+
+def _device_for(target: int) -> torch.device | None:
+    """A CUDA device of compute capability ``target`` if this process has one."""
+    if not torch.cuda.is_available():
+        return None
+    for i in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(i)
+        if major * 10 + minor == target:
+            return torch.device("cuda", i)
+    return None
+
+
+def resolve_target(target) -> int:
+    """``target`` as a compute capability; None means this machine's GPU, else sm_90."""
+    if target is not None:
+        return parse_target(target)
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return major * 10 + minor
+    return 90
+
+
+def tuning_key(pattern: Pattern, problem: Problem, target: int, device_name: str) -> TuningKey:
+    return TuningKey.current(pattern.fingerprint(), repr(problem), DTYPE_NAMES[problem.dtype], device_name,
+                             f"sm_{target}")
+
+
+def tune(pattern: Pattern, problem: Problem, *, target=None, db: TuningDB | None = None, measure: bool | None = None,
+         objective: str = "train", tiles=None, launches=None, force: bool = False,
+         progress: Callable[[str], None] | None = None) -> TuningResult:
+    """Choose a KernelConfig for ``pattern`` on ``problem`` (see module docstring).
+
+    target:    "sm_80" | "sm_90" | "sm_100" | ...; None: this machine's GPU, else sm_90.
+    db:        the tuning database (default: ``TuningDB()`` under the cache directory).
+    measure:   time on the GPU (default: when one of the target's generation is present).
+    objective: "train" (forward + both backward kernels) or "inference" (forward only).
+    tiles, launches: override the candidate lists of ``space``.
+    force:     tune again even if the database has an entry.
+    progress:  called with a short text per step (the CLI shows it on stderr).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
+    t0 = time.perf_counter()
+    cap = resolve_target(target)
+    device = _device_for(cap)
+    if measure is None:
+        measure = device is not None
+    elif measure and device is None:
+        raise ValueError(f"measure=True needs a CUDA device of compute capability {cap} (target sm_{cap}); "
+                         "this machine has none")
+    device_name = torch.cuda.get_device_name(device) if measure else f"cost-model sm_{cap}"
+    db = TuningDB() if db is None else db
+    key = tuning_key(pattern, problem, cap, device_name)
+    if not force:
+        hit = db.get(key)
+        if hit is not None:
+            return TuningResult(KernelConfig.from_dict(hit.config), f"sm_{cap}", device_name, hit.measured,
+                                hit.metric, cached=True, seconds=time.perf_counter() - t0)
+    say = progress or (lambda _text: None)
+    spec = cost.TARGETS.get(cap, cost.TARGETS[90])
+    kernels_ranked = OBJECTIVES[objective]
+    launches = tuple(space.LAUNCHES if launches is None else launches)
+    candidates: list[Candidate] = []
+    choices = []  # (total score, config, schedule) per tile choice whose kernels all survive
+    for q_tile, k_tile in (space.tile_choices(problem) if tiles is None else tiles):
+        schedule = build_schedule(pattern, problem, q_tile=q_tile, k_tile=k_tile)
+        chosen: dict[str, tuple[float, Launch]] = {}
+        for kernel in KERNELS:
+            for launch in launches:
+                say(f"tiles q{q_tile} k{k_tile}: {kernel} {launch.tag()} for sm_{cap}")
+                cand = _static_candidate(schedule, kernel, launch, cap, spec)
+                if cand.rejected is None and measure:
+                    cand = dataclasses.replace(cand, measured_ms=_time_kernel(schedule, kernel, launch, device))
+                candidates.append(cand)
+                if cand.rejected is None:
+                    score = cand.measured_ms if measure else cand.predicted_us
+                    if kernel not in chosen or score < chosen[kernel][0]:
+                        chosen[kernel] = (score, launch)
+        if len(chosen) == len(KERNELS):
+            config = KernelConfig(q_tile, k_tile, True, **{k: chosen[k][1] for k in KERNELS})
+            choices.append((sum(chosen[k][0] for k in kernels_ranked), config, schedule))
+    for score, config, schedule in sorted(choices, key=lambda c: c[0]):
+        if measure and not _numerics_ok(pattern, problem, config, device):
+            say(f"rejected {config.describe()}: numerics outside tolerance")
+            continue
+        db.put(key, TuningRecord(config=config.as_dict(), measured=measure, metric=score,
+                                 kernel_name=schedule.name, notes=f"objective={objective}"))
+        return TuningResult(config, f"sm_{cap}", device_name, measure, score, cached=False,
+                            candidates=tuple(candidates), seconds=time.perf_counter() - t0)
+    reasons = sorted({c.rejected for c in candidates if c.rejected})
+    raise TuningError(f"no config for {pattern!r} on {problem!r} survived on sm_{cap}: {'; '.join(reasons[:5])}")
+
+
+def _static_candidate(schedule, kernel: str, launch: Launch, cap: int, spec: cost.TargetSpec) -> Candidate:
+    geom = schedule.geometry
+    config = KernelConfig(geom.q_tile, geom.k_tile, True, **{kernel: launch})
+    try:
+        report = TritonKernels(schedule, config=config).aot(kernel, f"sm_{cap}")
+    except Exception as exc:  # noqa: BLE001 - a candidate the compiler refuses is pruned, with the reason
+        reason = f"does not compile: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        return Candidate(geom.q_tile, geom.k_tile, kernel, launch, None, reason, math.inf)
+    rejected = None
+    if report.spills:
+        rejected = f"spills {report.spills} B of registers"
+    elif report.shared_bytes > spec.shared_per_block:
+        rejected = f"needs {report.shared_bytes} B of shared memory, more than {spec.shared_per_block}"
+    predicted = cost.predict_us(schedule, kernel, report, spec)
+    if rejected is None and math.isinf(predicted):
+        rejected = "cannot be resident on an SM"
+    return Candidate(geom.q_tile, geom.k_tile, kernel, launch, report, rejected, predicted)
+
+
+def _inputs(problem: Problem, device, seed: int = 0, batch: int = 1):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    n, d = problem.tokens, problem.head_dim
+
+    def rand(heads):
+        return torch.randn((batch, heads, n, d), generator=gen).to(device=device, dtype=problem.dtype)
+    return rand(problem.heads), rand(problem.kv_heads), rand(problem.kv_heads), rand(problem.heads)
+
+
+def _time_kernel(schedule, kernel: str, launch: Launch, device) -> float:  # pragma: no cover - needs a GPU
+    """Median ms of one kernel on random inputs (``do_bench`` flushes L2 between runs)."""
+    import triton.testing
+
+    geom = schedule.geometry
+    kernels = TritonKernels(schedule, config=KernelConfig(geom.q_tile, geom.k_tile, True, **{kernel: launch}))
+    q, k, v, dout = _inputs(schedule.problem, device)
+    scale = schedule.problem.head_dim ** -0.5
+    out, lse = kernels.forward(q, k, v, scale)
+    delta = (dout.float() * out.float()).sum(-1)
+    run = {"fwd": lambda: kernels.forward(q, k, v, scale),
+           "bwd_dq": lambda: kernels.backward_dq(q, k, v, dout, lse, delta, scale),
+           "bwd_dkdv": lambda: kernels.backward_dkdv(q, k, v, dout, lse, delta, scale)}[kernel]
+    return float(triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median"))
+
+
+def _numerics_ok(pattern, problem, config: KernelConfig, device) -> bool:  # pragma: no cover - needs a GPU
+    from ..runtime.check import check_numerics
+    from ..runtime.compiled import compile
+
+    return check_numerics(compile(pattern, problem, backend="triton", config=config), device=device).passed

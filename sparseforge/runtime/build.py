@@ -1,0 +1,118 @@
+"""Build directories of compiled attentions: ``save`` writes one, ``load`` brings it back.
+
+Layout (every file hashed in ``manifest.json``, see ``builddir``)::
+
+    kernels/fwd.py  kernels/bwd.py        the generated Triton sources
+    config.json                           the KernelConfig (and how it was chosen)
+    schedule.txt                          the schedule summary
+    aot/<target>/<kernel>.ptx|.cubin      ahead-of-time artifacts, one set per target
+    aot/<target>/resources.json           registers, spills, shared memory per kernel
+
+``load`` verifies the hashes, rebuilds the schedule from the recorded pattern, problem
+and config, and refuses the build unless the kernels this installation generates are
+byte-identical to the recorded sources (a build from another sparseforge version, or an
+edited one, is never run). The op is registered under the build's recorded name.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..codegen.config import KERNELS, KernelConfig
+from ..dsl.parse import parse_pattern
+from ..dsl.problem import DTYPE_NAMES, Problem
+from .builddir import BuildIntegrityError, read_build, write_build
+from .compiled import CompiledAttention, check_backend
+
+__all__ = ["load", "save", "versions"]
+
+SOURCES = {"fwd": "kernels/fwd.py", "bwd": "kernels/bwd.py"}
+
+
+def versions() -> dict[str, str]:
+    """Versions that decide what the kernels compile to (part of every build's manifest)."""
+    import triton
+
+    from .. import __version__, envvars
+
+    return dict(sparseforge=__version__, triton=triton.__version__, torch=torch.__version__,
+                triton_fp_fusion=envvars.pin_triton_fp_fusion())
+
+
+def problem_to_dict(problem: Problem) -> dict:
+    return dict(grid=list(problem.grid) if problem.grid else None, heads=problem.heads, head_dim=problem.head_dim,
+                kv_heads=problem.kv_heads, dtype=DTYPE_NAMES[problem.dtype])
+
+
+def problem_from_dict(data: dict) -> Problem:
+    grid = data["grid"]
+    return Problem(grid=tuple(grid) if grid is not None else None, heads=data["heads"], head_dim=data["head_dim"],
+                   kv_heads=data["kv_heads"], dtype=data["dtype"])
+
+
+def save(attn: CompiledAttention, out_dir, targets=("sm_90",), *, progress=None) -> Path:
+    """Write ``attn``'s build directory to ``out_dir`` (atomically; an existing build there is
+    replaced, anything else is refused). ``targets``: ahead-of-time targets ("sm_80", ...);
+    empty for sources only. Returns the directory."""
+    from ..codegen.aot import parse_target
+
+    say = progress or (lambda _text: None)
+    caps = [parse_target(t) for t in targets]
+    kernels = attn._entry.kernels(False)
+    files: dict[str, bytes | str] = {SOURCES[kind]: kernels.source(kind) for kind in SOURCES}
+    files["schedule.txt"] = attn.schedule.summary() + "\n"
+    tuning = attn.tuning.as_dict() if attn.tuning is not None else None
+    if tuning is not None:
+        tuning.pop("candidates", None)
+    files["config.json"] = json.dumps(dict(config=attn.config.as_dict(), tuning=tuning), indent=2) + "\n"
+    for cap in caps:
+        resources = {}
+        for name in KERNELS:
+            say(f"ahead-of-time compile of {name} for sm_{cap}")
+            report = kernels.aot(name, f"sm_{cap}")
+            files[f"aot/sm_{cap}/{name}.ptx"] = report.ptx
+            if report.cubin:
+                files[f"aot/sm_{cap}/{name}.cubin"] = report.cubin
+            resources[name] = report.as_dict()
+        files[f"aot/sm_{cap}/resources.json"] = json.dumps(resources, indent=2) + "\n"
+    meta = dict(name=attn.name, pattern=repr(attn.pattern), problem=problem_to_dict(attn.problem),
+                config=attn.config.as_dict(), targets=[f"sm_{c}" for c in caps], versions=versions(),
+                schedule_fingerprint=attn.schedule.fingerprint(), loop_bounds=attn.schedule.loop_bounds,
+                tile_efficiency=attn.schedule.tile_efficiency)
+    return write_build(out_dir, files, meta)
+
+
+def load(path, *, backend: str | None = None) -> CompiledAttention:
+    """The compiled attention of the build directory ``path``, its op registered as
+    ``torch.ops.sparseforge.<name>``. Raises ``BuildIntegrityError`` for a modified or
+    incomplete build, or one whose kernels this installation would generate differently."""
+    from ..codegen.schedule import build_schedule
+
+    check_backend(backend)
+    build = read_build(path)
+    meta = build.meta
+    try:
+        pattern = parse_pattern(meta["pattern"])
+        problem = problem_from_dict(meta["problem"])
+        config = KernelConfig.from_dict(meta["config"])
+        name = meta["name"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BuildIntegrityError(f"build directory '{build.path}': manifest.json meta is not a sparseforge "
+                                  f"compile's ({type(exc).__name__}: {exc}); rebuild it with "
+                                  f"'sparseforge compile ... --out {build.path}'") from exc
+    schedule = build_schedule(pattern, problem, q_tile=config.q_tile, k_tile=config.k_tile,
+                              closed_form=config.closed_form)
+    attn = CompiledAttention(schedule, backend, config, build=build)
+    recorded = meta.get("versions", {})
+    for kind, rel in SOURCES.items():
+        if attn.source(kind) != build.read_text(rel):
+            raise BuildIntegrityError(
+                f"build directory '{build.path}': {rel} differs from what this installation generates "
+                f"(build made with {recorded}, this is {versions()}); rebuild it with "
+                f"'sparseforge compile ... --out {build.path}'")
+    if attn.name != name:
+        raise BuildIntegrityError(f"build directory '{build.path}': recorded op name {name!r} but the schedule "
+                                  f"rebuilt here is {attn.name!r}; rebuild it")
+    return attn
