@@ -412,5 +412,7 @@ def env(as_json: bool) -> None:
     Console(highlight=False, soft_wrap=True).print(table)
 
 
+from . import cli_build  # noqa: E402,F401  (registers compile, check, bench and cache on main)
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,0 +1,119 @@
+"""``sparseforge compile | check | bench | cache`` as a user runs them, without a GPU."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+SMALL = ["--grid", "8x8", "--heads", "2", "--head-dim", "16", "--dtype", "fp16"]
+
+
+@pytest.fixture
+def cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSEFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def built(sf, cache, tmp_path):
+    out = tmp_path / "na"
+    result = sf("compile", "Neighborhood(3, dilation=2)", *SMALL, "--q-tile", "4x4", "--target", "sm_80",
+                "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout)
+
+
+def test_compile_writes_a_build(built):
+    out, info = built
+    assert info["build_dir"] == str(out) and info["target"] == "sm_80"
+    assert info["config"]["q_tile"] == [4, 4] and info["config"]["k_tile"] == [4, 4]
+    assert info["loop_bounds"] == "closed form" and info["tuning"] is None
+    assert set(info["resources"]) == {"fwd", "bwd_dq", "bwd_dkdv"}
+    assert all(r["spills"] == 0 and r["tensor_core"] == "mma" for r in info["resources"].values())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["meta"]["name"] == info["name"] and "aot/sm_80/fwd.cubin" in manifest["files"]
+
+
+def test_compile_text_output_names_the_op(sf, cache, tmp_path):
+    result = sf("compile", "Blocks(4)", *SMALL, "--target", "sm_90", "--out", str(tmp_path / "b"))
+    assert result.exit_code == 0, result.output
+    assert "torch.ops.sparseforge.blocks" in result.stdout and "wgmma" not in result.stderr
+    assert "bwd_dkdv sm_90" in result.stdout
+
+
+def test_compile_autotune_says_predicted(sf, cache, tmp_path, monkeypatch):
+    from sparseforge.autotune import space
+    from sparseforge.codegen.config import Launch
+
+    monkeypatch.setattr(space, "LAUNCHES", (Launch(8, 1),))
+    monkeypatch.setattr(space, "TILE_TOKENS", {"default": ((16, 16), (32, 16))})
+    args = ["compile", "Neighborhood(3)", *SMALL, "--autotune", "--target", "sm_90", "--out", str(tmp_path / "t")]
+    first = sf(*args, "--json")
+    assert first.exit_code == 0, first.output
+    info = json.loads(first.stdout)
+    assert info["tuning"]["measured"] is False and info["tuning"]["basis"].startswith("predicted")
+    assert info["tuning"]["cached"] is False
+    again = sf(*args)
+    assert again.exit_code == 0, again.output
+    assert "predicted by the cost model" in again.stdout and "from the tuning database" in again.stdout
+
+
+def test_check_passes_on_cpu(sf, built):
+    out, _ = built
+    result = sf("check", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["passed"] and info["device"] == "cpu" and set(info["errors"]) == {"out", "lse", "dq", "dk", "dv"}
+    assert all(0 <= e <= info["tolerance"] for e in info["errors"].values())
+    assert "CPU executor" in result.stderr
+
+
+def test_check_interpret_runs_the_triton_kernels(sf, built):
+    out, _ = built
+    result = sf("check", str(out), "--backend", "interpret")
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.stdout and "Triton kernels" in result.stdout
+
+
+def test_check_refuses_a_tampered_build(sf, built, clean_error):
+    out, _ = built
+    src = out / "kernels" / "fwd.py"
+    src.write_text(src.read_text() + "\n")
+    clean_error(sf("check", str(out)), "'DIR'", "kernels/fwd.py")
+
+
+def test_bench_compares_with_sdpa(sf, built):
+    out, _ = built
+    result = sf("bench", str(out), "--repeat", "2", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert {"sparseforge", "sdpa (dense mask)"} <= set(info["median_ms"]) and info["device"] == "cpu"
+    assert all(ms > 0 for ms in info["median_ms"].values())
+
+
+def test_cache_list_and_clear(sf, built, cache, tmp_path):
+    # A pattern no other test compiles: its kernel sources land in this test's cache.
+    result = sf("compile", "Halo(2, 1)", *SMALL, "--target", "sm_80", "--out", str(tmp_path / "halo"))
+    assert result.exit_code == 0, result.output
+    listed = sf("cache", "list", "--json")
+    assert listed.exit_code == 0, listed.output
+    info = json.loads(listed.stdout)
+    assert info["cache_dir"] == str(cache) and info["kernels"] and info["bytes"]["kernels"] > 0
+    cleared = sf("cache", "clear", "--only", "kernels")
+    assert cleared.exit_code == 0, cleared.output
+    assert not (cache / "kernels").exists()
+    assert json.loads(sf("cache", "list", "--json").stdout)["kernels"] == []
+    out, _ = built
+    assert (out / "manifest.json").exists()  # builds written with --out are never touched
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["compile", "Neighborhood(3)", "--grid", "8x8", "--q-tile", "4x4x4", "--out", "x"], ["'--q-tile'", "2 positive"]),
+    (["compile", "Neighborhood(3)", "--grid", "8x8", "--target", "sm_75"], ["'--target'", "not supported"]),
+    (["compile", "Neighborhood(3)", "--grid", "8x8", "--autotune", "--q-tile", "4x4"], ["'--autotune'"]),
+    (["compile", "Neighborhood(3)", "--grid", "8x8", "--head-dim", "24"], ["head_dim=24"]),
+    (["compile", "Neighborhood(3)"], ["'--grid'", "missing"]),
+    (["check", "/nonexistent/build"], ["'DIR'", "does not exist"]),
+])
+def test_errors_are_one_line(sf, cache, clean_error, args, needles):
+    clean_error(sf(*args), *needles)
