@@ -15,8 +15,7 @@ Run it (from the repository root)::
 
 On CUDA the attention runs generated Triton kernels (head dim = dim / heads must be one of
 16, 32, 64, 96, 128, 256); on CPU tensors it runs sparseforge's CPU executor. ``--dtype`` is
-the dtype of the whole model (parameters and activations; ``float64`` on CPU only). Mixed
-precision under ``torch.autocast`` is not used: sparseforge's CPU executor fails under it.
+the dtype of the whole model (parameters and activations; ``float64`` on CPU only).
 """
 from __future__ import annotations
 

@@ -85,10 +85,11 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
-    if not console.is_terminal:  # files and pipes get whole lines (rich would cut at 80 columns)
-        console = Console(highlight=False, width=max(160, max(len(k) + len(v) for k, v in rows) + 4))
-    table = Table(title=title, show_header=False, box=None, title_justify="left")
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:  # files and pipes get long lines (rich would cut at 80 columns)
+        console = Console(highlight=False, soft_wrap=True, width=160)
+    console.print(title, style="bold", markup=False)
+    table = Table(show_header=False, box=None)
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
     for key, value in rows:
