@@ -65,16 +65,22 @@ def tile_from_text(text: str | None, option: str, ndim: int):
 
 @contextlib.contextmanager
 def progress_reporter(quiet: bool):
-    """A ``say(text)`` callable: a transient rich status line on a terminal's stderr, else
-    nothing (logs never go to stdout)."""
+    """A ``say(text, done=None, total=None)`` callable: a rich progress bar on a terminal's
+    stderr, nothing otherwise (logs never go to stdout)."""
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
     if quiet or not console.is_terminal:
-        yield lambda _text: None
+        yield lambda _text, _done=None, _total=None: None
         return
-    with console.status("starting") as status:
-        yield lambda text: status.update(text)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def say(text, done=None, total=None):
+            bar.update(task, description=text, completed=done, total=total)
+        yield say
 
 
 def log(text: str) -> None:
@@ -149,7 +155,7 @@ def compile_cmd(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads, q_til
         tuning = None
         with user_errors(f"'PATTERN' on {problem!r}"):
             if autotune:
-                say("autotuning")
+                say("autotuning", 0, None)
                 tuning = tune(pat, problem, target=f"sm_{cap}", progress=say)
                 config = tuning.config
             else:

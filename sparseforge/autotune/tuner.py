@@ -124,7 +124,8 @@ def tune(pattern: Pattern, problem: Problem, *, target=None, db: TuningDB | None
     objective: "train" (forward + both backward kernels) or "inference" (forward only).
     tiles, launches: override the candidate lists of ``space``.
     force:     tune again even if the database has an entry.
-    progress:  called with a short text per step (the CLI shows it on stderr).
+    progress:  called as ``progress(text, done, total)`` per candidate compiled (the CLI
+               draws a progress bar on stderr).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
@@ -144,18 +145,20 @@ def tune(pattern: Pattern, problem: Problem, *, target=None, db: TuningDB | None
         if hit is not None:
             return TuningResult(KernelConfig.from_dict(hit.config), f"sm_{cap}", device_name, hit.measured,
                                 hit.metric, cached=True, seconds=time.perf_counter() - t0)
-    say = progress or (lambda _text: None)
+    say = progress or (lambda _text, _done=None, _total=None: None)
     spec = cost.TARGETS.get(cap, cost.TARGETS[90])
     kernels_ranked = OBJECTIVES[objective]
     launches = tuple(space.LAUNCHES if launches is None else launches)
     candidates: list[Candidate] = []
     choices = []  # (total score, config, schedule) per tile choice whose kernels all survive
-    for q_tile, k_tile in (space.tile_choices(problem) if tiles is None else tiles):
+    tiles = space.tile_choices(problem) if tiles is None else list(tiles)
+    total = len(tiles) * len(KERNELS) * len(launches)
+    for q_tile, k_tile in tiles:
         schedule = build_schedule(pattern, problem, q_tile=q_tile, k_tile=k_tile)
         chosen: dict[str, tuple[float, Launch]] = {}
         for kernel in KERNELS:
             for launch in launches:
-                say(f"tiles q{q_tile} k{k_tile}: {kernel} {launch.tag()} for sm_{cap}")
+                say(f"q{q_tile} k{k_tile} {kernel} {launch.tag()} sm_{cap}", len(candidates), total)
                 cand = _static_candidate(schedule, kernel, launch, cap, spec)
                 if cand.rejected is None and measure:
                     cand = dataclasses.replace(cand, measured_ms=_time_kernel(schedule, kernel, launch, device))

@@ -58,7 +58,7 @@ def save(attn: CompiledAttention, out_dir, targets=("sm_90",), *, progress=None)
     empty for sources only. Returns the directory."""
     from ..codegen.aot import parse_target
 
-    say = progress or (lambda _text: None)
+    say = progress or (lambda _text, _done=None, _total=None: None)
     caps = [parse_target(t) for t in targets]
     kernels = attn._entry.kernels(False)
     files: dict[str, bytes | str] = {SOURCES[kind]: kernels.source(kind) for kind in SOURCES}
@@ -67,10 +67,10 @@ def save(attn: CompiledAttention, out_dir, targets=("sm_90",), *, progress=None)
     if tuning is not None:
         tuning.pop("candidates", None)
     files["config.json"] = json.dumps(dict(config=attn.config.as_dict(), tuning=tuning), indent=2) + "\n"
-    for cap in caps:
+    for i, cap in enumerate(caps):
         resources = {}
-        for name in KERNELS:
-            say(f"ahead-of-time compile of {name} for sm_{cap}")
+        for j, name in enumerate(KERNELS):
+            say(f"ahead-of-time compile of {name} for sm_{cap}", i * len(KERNELS) + j, len(caps) * len(KERNELS))
             report = kernels.aot(name, f"sm_{cap}")
             files[f"aot/sm_{cap}/{name}.ptx"] = report.ptx
             if report.cubin:

@@ -117,3 +117,36 @@ def test_cache_list_and_clear(sf, built, cache, tmp_path):
 ])
 def test_errors_are_one_line(sf, cache, clean_error, args, needles):
     clean_error(sf(*args), *needles)
+
+
+def test_interrupted_compile_leaves_nothing(sf, cache, tmp_path, monkeypatch):
+    """A failure half-way through the ahead-of-time compiles: no build, no staging left."""
+    from sparseforge.codegen.kernels import TritonKernels
+
+    original, calls = TritonKernels.aot, []
+
+    def fail_on_third(self, name, target="sm_90"):
+        calls.append(name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, name, target)
+    monkeypatch.setattr(TritonKernels, "aot", fail_on_third)
+    out = tmp_path / "builds" / "na"
+    out.parent.mkdir()
+    result = sf("compile", "Neighborhood(3)", *SMALL, "--target", "sm_80", "--out", str(out))
+    assert result.exit_code != 0 and len(calls) == 3, (result.output, calls)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_bench_pattern_and_cache_clear_json(sf, cache):
+    result = sf("bench", "Blocks(4)", *SMALL, "--repeat", "1", "--backward", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["backward"] is True and info["median_ms"]["sparseforge"] > 0
+    cleared = sf("cache", "clear", "--json")
+    assert cleared.exit_code == 0, cleared.output
+    assert set(json.loads(cleared.stdout)["removed_bytes"]) == {"kernels", "builds", "tuning"}
+
+
+def test_bench_bad_pattern_is_one_line(sf, cache, clean_error):
+    clean_error(sf("bench", "Neighborhood(99)", *SMALL), "'PATTERN'", "kernel_size")
