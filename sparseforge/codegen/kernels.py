@@ -27,18 +27,40 @@ from .schedule import TileSchedule
 envvars.pin_triton_fp_fusion()
 
 
+def _language_objects() -> list:
+    """The ``triton.language`` modules and classes the interpreter patches while it runs."""
+    import triton.language as tl
+
+    return [tl, tl.core, tl.math, tl.standard, tl.core.tensor, tl.core.tensor_descriptor_base]
+
+
+def _restore_language(snapshot) -> None:
+    for obj, attrs in snapshot:
+        for name in [n for n in vars(obj) if n not in attrs]:
+            delattr(obj, name)
+        for name, value in attrs.items():
+            if vars(obj).get(name) is not value:
+                setattr(obj, name, value)
+
+
 @contextlib.contextmanager
 def _interpretable_library_functions():
     """Let interpreted kernels call ``triton.language``'s own ``@jit`` helpers (``tl.max``,
-    ``tl.sum``, ...). Those are fixed as compiled functions when ``triton.language`` is first
-    imported without ``TRITON_INTERPRET`` (torch imports it early), and a compiled function
-    refuses to be called from Python. While an interpreted launch runs, such calls go
-    through an interpreted wrapper of the same function instead."""
+    ``tl.sum``, ...), and leave ``triton.language`` as it was afterwards.
+
+    Those helpers are fixed as compiled functions when ``triton.language`` is first imported
+    without ``TRITON_INTERPRET`` (torch imports it early), and a compiled function refuses to
+    be called from Python. While an interpreted launch runs, such calls go through an
+    interpreted wrapper of the same function instead. The interpreter patches
+    ``triton.language`` for every such call and never undoes it (it assumes a process that
+    only interprets); a snapshot restores it, or later real compiles in this process would
+    meet the patched functions ("Unsupported function referenced")."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     original = JITFunction.__call__
     wrappers: dict[int, InterpretedFunction] = {}
+    snapshot = [(obj, dict(vars(obj))) for obj in _language_objects()]
 
     def call(self, *args, **kwargs):
         if id(self) not in wrappers:
@@ -50,6 +72,7 @@ def _interpretable_library_functions():
         yield
     finally:
         JITFunction.__call__ = original
+        _restore_language(snapshot)
 
 
 class TritonKernels:
@@ -64,7 +87,7 @@ class TritonKernels:
         self.interpret = interpret
         self.config = (KernelConfig() if config is None else config).resolved(schedule.problem)
         self.name = kernel_name(schedule)
-        self.sources = {kind: render(schedule, kind) for kind in ("fwd", "bwd")}
+        self.sources = {kind: render(schedule, kind, self.config) for kind in ("fwd", "bwd")}
         self._modules: dict[str, object] = {}
         self._tables: dict[torch.device, dict[str, torch.Tensor]] = {}
 

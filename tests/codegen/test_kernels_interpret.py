@@ -95,3 +95,18 @@ def test_source_is_readable_and_names_the_problem():
     compile(kernels.source("bwd"), "bwd.py", "exec")
     with pytest.raises(ValueError, match="kind"):
         kernels.source("sideways")
+
+
+def test_interpreted_launch_leaves_triton_language_unpatched():
+    """The interpreter patches triton.language for every helper call and never undoes it; a
+    real compile later in the same process then met lambdas ("Unsupported function
+    referenced"). The launch must restore it."""
+    import triton.language as tl
+
+    names = ("arange", "zeros", "where", "maximum", "max", "sum")
+    before = {(obj, n): getattr(obj, n) for obj in (tl, tl.core, tl.standard) for n in names if hasattr(obj, n)}
+    run_case(sf.Neighborhood(3), (10,), (4,), 1, 1, torch.float16)
+    assert all(getattr(obj, n) is f for (obj, n), f in before.items())
+    problem = sf.Problem(grid=(10,), heads=1, head_dim=16, dtype=torch.float16)
+    report = TritonKernels(build_schedule(sf.Neighborhood(5), problem, q_tile=(16,))).aot("fwd", "sm_80")
+    assert report.tensor_core == "mma"
