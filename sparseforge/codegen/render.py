@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import jinja2
 import torch
@@ -41,8 +42,9 @@ def _side(schedule: TileSchedule, name: str) -> dict:
                 coords=", ".join(f"x{i}" for i in range(len(geom.dims))))
 
 
-def render(schedule: TileSchedule, kind: str) -> str:
-    """Source of the ``kind`` ("fwd" or "bwd") kernel module for ``schedule``."""
+def render(schedule: TileSchedule, kind: str, config=None) -> str:
+    """Source of the ``kind`` ("fwd" or "bwd") kernel module for ``schedule``; ``config``
+    (a resolved ``KernelConfig``) is named in the header."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     prob, geom = schedule.problem, schedule.geometry
@@ -70,9 +72,27 @@ def render(schedule: TileSchedule, kind: str) -> str:
         predicate_t=_bool_tensor(to_triton(pred, names("[None, :]", "[:, None]")), "k_valid[:, None] & q_valid[None, :]"),
         dot_args=', input_precision="ieee"' if prob.dtype in (torch.float32, torch.float64) else "",
         loop_bounds=schedule.loop_bounds, bounds_reason=schedule.bounds_reason,
+        launches=_launches(config, ("fwd",) if kind == "fwd" else ("bwd_dq", "bwd_dkdv")),
         closed_form=_closed_form_context(schedule) if schedule.bounds is not None else None,
     )
-    return _env.get_template(_TEMPLATES[kind]).render(**context)
+    return _tidy(_env.get_template(_TEMPLATES[kind]).render(**context))
+
+
+def _tidy(source: str) -> str:
+    """PEP 8 blank lines where macros meet: two between top-level definitions, at most one
+    inside a function."""
+    source = re.sub(r"\n{4,}", "\n\n\n", source)
+    return re.sub(r"\n{3,}(?=    )", "\n\n", source)
+
+
+def _launches(config, kernels) -> str:
+    if config is None:
+        return "chosen at launch"
+    parts = []
+    for k in kernels:
+        launch = config.launch(k)
+        parts.append(f"{k} num_warps={launch.num_warps} num_stages={launch.num_stages}" if launch else f"{k} default")
+    return "; ".join(parts)
 
 
 def _closed_form_context(schedule: TileSchedule) -> dict:
