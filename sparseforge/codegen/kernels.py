@@ -35,9 +35,9 @@ def _language_objects() -> list:
 
 
 def _restore_language(snapshot) -> None:
+    """Put back every attribute the interpreter replaced. Names it added are kept: its
+    cached rewritten functions refer to them (e.g. ``interpreter_semantic``)."""
     for obj, attrs in snapshot:
-        for name in [n for n in vars(obj) if n not in attrs]:
-            delattr(obj, name)
         for name, value in attrs.items():
             if vars(obj).get(name) is not value:
                 setattr(obj, name, value)
