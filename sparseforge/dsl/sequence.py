@@ -109,10 +109,10 @@ class StridedShards(Pattern):
 
     - causal (absolute positions): ``kb`` is also visible when
       ``(kb + h * step) % vertical_stride == 0``, where ``h`` is the key/value head and
-      ``step = max(1, vertical_stride // heads)`` with ``heterogeneous`` heads (0 otherwise),
-      so heads take different shards (their union covers the context when ``heads >=
-      vertical_stride``); then ``k <= q`` is
-      applied per token.
+      ``step = max(1, vertical_stride // heads)`` (``heads``: the query heads, as DKernel
+      computes it) with ``heterogeneous`` heads (0 otherwise), so key/value heads take
+      different shards; their union covers every shard only when ``kv_heads * step >=
+      vertical_stride`` (with GQA it may not); then ``k <= q`` is applied per token.
     - bidirectional (relative positions): ``kb`` is visible iff ``(lm + rm) % vertical_stride
       == 0`` with ``lm = max(qb - kb - left + 1, 0)`` and ``rm = max(kb - qb - right + 1, 0)``
       (the local window included); as in DKernel every head has this layout.

@@ -23,6 +23,16 @@ INSTANCES = [
                                                                   dtype=torch.float16)),
     (sf.Neighborhood(7), sf.Problem(grid=(56, 56), heads=4, head_dim=64, dtype=torch.float32)),
     (sf.Neighborhood(7, dilation=2), sf.Problem(grid=(56, 56), heads=4, head_dim=256, dtype=torch.bfloat16)),
+    # one instance per remaining family, at the default (spill-free) tiles
+    (sf.Neighborhood((3, 5, 5), dilation=(1, 2, 1)), sf.Problem(grid=(8, 16, 16), heads=2, head_dim=64,
+                                                                dtype=torch.float16)),
+    (sf.Halo(8, 3), sf.Problem(grid=(64, 64), heads=2, head_dim=64, dtype=torch.bfloat16)),
+    (sf.PerHead([sf.Blocks(8), sf.Grid(8)]), sf.Problem(grid=(64, 64), heads=2, head_dim=32, dtype=torch.bfloat16)),
+    (sf.Documents([100, 300, 112]) & sf.Causal(), sf.Problem(grid=512, heads=2, head_dim=64, dtype=torch.float16)),
+    (sf.GlobalTokens([0, 1, 2, 3]) | sf.SlidingWindow(64, 64), sf.Problem(grid=1024, heads=2, head_dim=96,
+                                                                          dtype=torch.bfloat16)),
+    (sf.StridedShards(64, 16, 4), sf.Problem(grid=2048, heads=4, head_dim=128, dtype=torch.bfloat16)),
+    (sf.Full(), sf.Problem(grid=256, heads=2, head_dim=64, dtype=torch.float16)),
 ]
 
 
