@@ -73,17 +73,17 @@ class KernelConfig:
             raise ValueError(f"kernel must be one of {list(KERNELS)}, got {kernel!r}")
         return getattr(self, kernel)
 
-    def kernel_tag(self, problem) -> str:
+    def kernel_tag(self, problem, pattern=None) -> str:
         """What the config changes in the generated kernels beyond the schedule, as a name
-        suffix: "" for ``default_config(problem)``'s choices, else e.g. ``tab_w4s1_w8s2_w4s1``."""
-        default, mine = default_config(problem), self.resolved(problem)
+        suffix: "" for ``default_config(problem, pattern)``'s choices, else e.g. ``tab_w4s1_w8s2_w4s1``."""
+        default, mine = default_config(problem, pattern), self.resolved(problem, pattern)
         if self.closed_form and all(mine.launch(k) == default.launch(k) for k in KERNELS):
             return ""
         return "_".join((["tab"] if not self.closed_form else []) + [mine.launch(k).tag() for k in KERNELS])
 
-    def resolved(self, problem) -> "KernelConfig":
-        """This config with its unset fields taken from ``default_config(problem)``."""
-        default = default_config(problem)
+    def resolved(self, problem, pattern=None) -> "KernelConfig":
+        """This config with its unset fields taken from ``default_config(problem, pattern)``."""
+        default = default_config(problem, pattern)
         if self.q_tile is not None and self.k_tile is None:
             k_tile = self.q_tile  # a query tile alone sets both
         else:
@@ -134,13 +134,26 @@ def default_tile_tokens(problem) -> tuple[int, int]:
     return 64, 32
 
 
-def default_config(problem) -> KernelConfig:
+def default_config(problem, pattern=None) -> KernelConfig:
     """The config used without autotuning: spill-free tiles (``default_tile_tokens``) and
     8 warps; the backward kernels of 16-bit 32 < head_dim <= 128 problems run one stage
-    (prefetching the next query tile is what spills them)."""
+    (prefetching the next query tile is what spills them).
+
+    ``pattern``: only routed attention (``dsl.content.Routed``) changes the defaults: tiles
+    cut from the padded region (``codegen.routed``) and one stage for every kernel (its
+    region-padding arithmetic pushes the two-stage kernels of some regions over ptxas's
+    128-register budget for 8 warps; measured by tests/codegen/test_routed_kernels.py)."""
     import torch
 
     from .schedule import default_tile
+
+    from ..dsl.content import Routed
+    if isinstance(pattern, Routed):
+        from .routed import routed_default_tiles
+
+        q_tile, k_tile = routed_default_tiles(pattern, problem)
+        one = Launch(8, 1)
+        return KernelConfig(q_tile=q_tile, k_tile=k_tile, fwd=one, bwd_dq=one, bwd_dkdv=one)
 
     q, k = default_tile_tokens(problem)
     one_stage = problem.dtype != torch.float32 and 32 < problem.head_dim <= 128

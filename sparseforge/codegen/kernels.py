@@ -73,6 +73,13 @@ def _interpretable_library_functions():
     finally:
         JITFunction.__call__ = original
         _restore_language(snapshot)
+        # Rewriting a function injects the interpreter's globals (``interpreter_semantic``,
+        # ...) into its module once and caches the rewrite; the restore above removed those
+        # globals from triton.language, so its cached rewrites must go too (else the next
+        # interpreted launch meets "name 'interpreter_semantic' is not defined").
+        cache = InterpretedFunction.rewritten_fn
+        for fn in [f for f in cache if getattr(f, "__module__", "").startswith("triton.language")]:
+            del cache[fn]
 
 
 class TritonKernels:
@@ -85,7 +92,7 @@ class TritonKernels:
     def __init__(self, schedule: TileSchedule, interpret: bool = False, config: KernelConfig | None = None):
         self.schedule = schedule
         self.interpret = interpret
-        self.config = (KernelConfig() if config is None else config).resolved(schedule.problem)
+        self.config = (KernelConfig() if config is None else config).resolved(schedule.problem, schedule.pattern)
         self.name = kernel_name(schedule)
         self.sources = {kind: render(schedule, kind, self.config) for kind in ("fwd", "bwd")}
         self._modules: dict[str, object] = {}
@@ -152,45 +159,50 @@ class TritonKernels:
         return meta
 
     # -- launches ----------------------------------------------------------------------
-    def _args(self, name: str, **values) -> list:
+    def _args(self, name: str, tables=None, **values) -> list:
         """Kernel ``name``'s runtime arguments in signature order, from ``values`` and the
-        schedule's tables (only those the kernel reads)."""
-        tables = self.tables(values["Q"].device)
+        schedule's tables (only those the kernel reads); ``tables`` replaces them (routed
+        schedules: ``codegen.routed.routed_tables(...).kernels``, built per call)."""
+        if tables is None:
+            if self.schedule.routed is not None:
+                raise ValueError("a routed schedule's kernels need the per-call tables: pass tables= "
+                                 "(codegen.routed.routed_tables(schedule, routes).kernels)")
+            tables = self.tables(values["Q"].device)
         return [values[a] if a in values else tables[a] for a in self.signature(name)]
 
-    def forward(self, q, k, v, scale: float):
+    def forward(self, q, k, v, scale: float, tables=None):
         b, h, n, _ = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
         grid = (self.schedule.geometry.n_q_tiles, b * h)
         self._launch("fwd", grid, *self._args(
-            "fwd", Q=q, K=k, V=v, O=out, LSE=lse, stride_qb=q.stride(0), stride_qh=q.stride(1),
+            "fwd", tables, Q=q, K=k, V=v, O=out, LSE=lse, stride_qb=q.stride(0), stride_qh=q.stride(1),
             stride_kb=k.stride(0), stride_kh=k.stride(1), stride_ob=out.stride(0), stride_oh=out.stride(1),
             qk_scale=scale * math.log2(math.e)))
         return out, lse
 
-    def backward(self, q, k, v, out, lse, dout, scale: float):
+    def backward(self, q, k, v, out, lse, dout, scale: float, tables=None):
         delta = (dout.float() * out.float()).sum(-1)  # rowsum(dO * O): [B, H, N] fp32
-        dq = self.backward_dq(q, k, v, dout, lse, delta, scale)
-        dk, dv = self.backward_dkdv(q, k, v, dout, lse, delta, scale)
+        dq = self.backward_dq(q, k, v, dout, lse, delta, scale, tables)
+        dk, dv = self.backward_dkdv(q, k, v, dout, lse, delta, scale, tables)
         return dq, dk, dv
 
     def _backward_args(self, q, k, v, dout, lse, delta, scale: float) -> dict:
         return dict(Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, stride_qb=q.stride(0), stride_qh=q.stride(1),
                     stride_kb=k.stride(0), stride_kh=k.stride(1), sm_scale=scale, qk_scale=scale * math.log2(math.e))
 
-    def backward_dq(self, q, k, v, dout, lse, delta, scale: float):
+    def backward_dq(self, q, k, v, dout, lse, delta, scale: float, tables=None):
         """dq [B, H, N, D] (the ``bwd_dq`` kernel alone); delta = rowsum(dO * O) fp32."""
         dq = torch.empty_like(q)
         grid = (self.schedule.geometry.n_q_tiles, q.shape[0] * q.shape[1])
-        self._launch("bwd_dq", grid, *self._args("bwd_dq", DQ=dq, **self._backward_args(q, k, v, dout, lse, delta, scale)))
+        self._launch("bwd_dq", grid, *self._args("bwd_dq", tables, DQ=dq, **self._backward_args(q, k, v, dout, lse, delta, scale)))
         return dq
 
-    def backward_dkdv(self, q, k, v, dout, lse, delta, scale: float):
+    def backward_dkdv(self, q, k, v, dout, lse, delta, scale: float, tables=None):
         """dk, dv [B, KVH, N, D] (the ``bwd_dkdv`` kernel alone)."""
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         grid = (self.schedule.geometry.n_k_tiles, k.shape[0] * k.shape[1])
-        self._launch("bwd_dkdv", grid, *self._args("bwd_dkdv", DK=dk, DV=dv,
+        self._launch("bwd_dkdv", grid, *self._args("bwd_dkdv", tables, DK=dk, DV=dv,
                                                    **self._backward_args(q, k, v, dout, lse, delta, scale)))
         return dk, dv
 

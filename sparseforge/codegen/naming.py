@@ -78,6 +78,9 @@ def pattern_tag(pattern: Pattern, ndim: int = 1) -> str:
         if not p.causal:
             s += "_bi"
         return s
+    from ..dsl.content import Routed
+    if isinstance(p, Routed):
+        return f"routed_r{_v(p.region_size)}_k{p.topk}" + ("_ph" if p.per_head else "")
     return type(p).__name__.lower()
 
 

@@ -5,6 +5,7 @@ import math
 import re
 
 import jinja2
+import sympy
 import torch
 
 from ..dsl.problem import DTYPE_NAMES
@@ -36,6 +37,7 @@ def _side(schedule: TileSchedule, name: str) -> dict:
     dims = []
     for i, d in enumerate(geom.dims):
         dims.append(dict(length=d.length, fold=d.fold, padded_group=d.padded_group, tile=extents[i],
+                         region=d.region, region_pad=d.region_pad,
                          tiles=tiles[i], tiles_after=math.prod(tiles[i + 1:]), rows_after=math.prod(extents[i + 1:]),
                          stride=geom.strides[i]))
     return dict(name=name, block=math.prod(extents), dims=dims,
@@ -50,7 +52,8 @@ def render(schedule: TileSchedule, kind: str, config=None) -> str:
     prob, geom = schedule.problem, schedule.geometry
     nd = len(geom.dims)
     sym = Symbols.make(nd)
-    pred = predicate(schedule.pattern, prob, sym)
+    # Routed tiles never straddle regions: inside a visited tile every pair is allowed.
+    pred = sympy.true if schedule.routed is not None else predicate(schedule.pattern, prob, sym)
 
     def names(q_axis: str, k_axis: str) -> dict:
         out = {sym.qn: f"q_tok{q_axis}", sym.kn: f"k_tok{k_axis}", sym.head: "head"}
@@ -64,12 +67,13 @@ def render(schedule: TileSchedule, kind: str, config=None) -> str:
         q_tile=geom.q_tile, k_tile=geom.k_tile, fold=geom.fold,
         n_q_tiles=geom.n_q_tiles, n_k_tiles=geom.n_k_tiles, groups=schedule.groups,
         dtype=DTYPE_NAMES[prob.dtype], head_dim=prob.head_dim, block_d=block_d(prob.head_dim),
-        heads=prob.heads, kv_group=prob.heads // prob.kv_heads, tokens=prob.tokens,
+        heads=prob.heads, group_stride_b=prob.heads if schedule.routed is not None else 0, kv_group=prob.heads // prob.kv_heads, tokens=prob.tokens,
         sides=[_side(schedule, "q"), _side(schedule, "k")],
         q_coords=", ".join(f"qx{d}" for d in range(nd)), k_coords=", ".join(f"kx{d}" for d in range(nd)),
         kernel_name=kernel_name(schedule),
         predicate=_bool_tensor(to_triton(pred, names("[:, None]", "[None, :]")), "q_valid[:, None] & k_valid[None, :]"),
         predicate_t=_bool_tensor(to_triton(pred, names("[None, :]", "[:, None]")), "k_valid[:, None] & q_valid[None, :]"),
+        routed=schedule.routed is not None,
         dot_args=', input_precision="ieee"' if prob.dtype in (torch.float32, torch.float64) else "",
         loop_bounds=schedule.loop_bounds, bounds_reason=schedule.bounds_reason,
         launches=_launches(config, ("fwd",) if kind == "fwd" else ("bwd_dq", "bwd_dkdv")),

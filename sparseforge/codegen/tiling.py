@@ -8,6 +8,14 @@ interleaving) becomes a contiguous window inside one group:
     folded position p = g * Lp + i      with   x = i * f + g,  Lp = roundup(ceil(L / f), lcm(tq, tk))
 
 Positions whose ``x`` falls outside the grid are padding: never loaded, never allowed.
+
+Region padding (routed attention, ``region > 0``) instead pads every run of ``region``
+grid positions to ``region_pad`` (a power of two that the tile extents divide), so no tile
+straddles two regions:
+
+    position p -> x = (p // P) * r + p % P      valid iff p % P < r and x < L
+
+with ``r = region`` and ``P = region_pad`` (``fold`` is 1 then).
 Tokens stay where they are in memory; kernels compute each tile row's token address.
 """
 from __future__ import annotations
@@ -30,6 +38,13 @@ class DimTiling:
     fold: int
     tq: int
     tk: int
+    region: int = 0      # > 0: region padding (routed attention), see the module docstring
+    region_pad: int = 0  # P: padded extent of one region (power of two, multiple of tq and tk)
+
+    @property
+    def regions(self) -> int:
+        """Regions along this dimension, ceil(length / region) (region padding only)."""
+        return -(-self.length // self.region)
 
     @property
     def group_len(self) -> int:
@@ -43,7 +58,9 @@ class DimTiling:
 
     @property
     def extent(self) -> int:
-        """Folded, padded extent fold * Lp."""
+        """Folded, padded extent fold * Lp (regions * P with region padding)."""
+        if self.region:
+            return self.regions * self.region_pad
         return self.fold * self.padded_group
 
     @property
@@ -57,6 +74,9 @@ class DimTiling:
     def coords(self) -> tuple[np.ndarray, np.ndarray]:
         """(x, valid) for every folded position: grid coordinate [extent] and not-padding [extent]."""
         p = np.arange(self.extent)
+        if self.region:
+            x = (p // self.region_pad) * self.region + p % self.region_pad
+            return x, (p % self.region_pad < self.region) & (x < self.length)
         g, i = p // self.padded_group, p % self.padded_group
         x = i * self.fold + g
         return x, x < self.length
@@ -77,6 +97,20 @@ class TileGeometry:
             if len(t) != len(grid) or any(int(v) < 1 for v in t):
                 raise ValueError(f"{name}={tuple(t)} must have one positive entry per grid dimension {tuple(grid)}")
         return cls(tuple(DimTiling(L, f, a, b) for L, f, a, b in zip(grid, fold, q_tile, k_tile)))
+
+    @classmethod
+    def make_regions(cls, grid, region, q_tile, k_tile, pad) -> "TileGeometry":
+        """Region-aligned tiling: every region padded to ``pad`` (powers of two >= region)
+        per dimension, which the query and key tile extents (powers of two) must divide."""
+        dims = []
+        for d, (L, r, a, b, pad) in enumerate(zip(grid, region, q_tile, k_tile, pad)):
+            for name, t in (("q_tile", a), ("k_tile", b)):
+                if t < 1 or t & (t - 1) or pad % t:
+                    raise ValueError(f"{name}={tuple(q_tile if name == 'q_tile' else k_tile)} must have power-of-two "
+                                     f"extents dividing the padded region {pad} in dimension {d} "
+                                     f"(region {r}), got {t}")
+            dims.append(DimTiling(L, 1, a, b, region=int(r), region_pad=pad))
+        return cls(tuple(dims))
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -135,4 +169,6 @@ class TileGeometry:
         q = "x".join(map(str, self.q_tile))
         k = "x".join(map(str, self.k_tile))
         f = "" if all(v == 1 for v in self.fold) else "_f" + "x".join(map(str, self.fold))
+        if any(d.region for d in self.dims):
+            f += "_r" + "x".join(str(d.region) for d in self.dims)
         return f"q{q}_k{k}{f}"

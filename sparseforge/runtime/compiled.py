@@ -3,6 +3,14 @@
     attn = compile(Neighborhood(7, dilation=2), Problem(grid=(56, 56), heads=8, head_dim=64))
     out = attn(q, k, v)                        # CUDA -> generated Triton, CPU -> CPU executor
     out, lse = attn(q, k, v, return_lse=True)  # lse: natural log, float32, -inf for empty rows
+
+    routed = compile(Routed(region_size=(8, 8), topk=4), Problem(grid=(64, 64), heads=8, head_dim=32))
+    out = routed(q, k, v)                      # routing from q and k (detached), as the reference
+    out = routed(q, k, v, routes=idx)          # or given: int [B, (H,) R, topk]
+
+Routed attention (``dsl.content.Routed``) runs region-aligned tiles whose index tables are
+built per call from the routes (``codegen.routed``); other content-dependent patterns raise
+``UnsupportedPatternError``.
 """
 from __future__ import annotations
 
@@ -62,11 +70,14 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
     """
     check_pattern_problem(pattern, problem)
     check_backend(backend)
-    if not pattern.is_static:
+    from ..dsl.content import Routed
+
+    routed = isinstance(pattern, Routed)
+    if not pattern.is_static and not routed:
         raise UnsupportedPatternError(
             f"{pattern!r} depends on run-time content ({', '.join(sorted(pattern.inputs_needed()))}); "
             "compiled kernels for content-dependent patterns come later — use "
-            "sparseforge.reference_attention for them meanwhile")
+            "sparseforge.reference_attention for them meanwhile (a Routed pattern on its own compiles)")
     if problem.grid is None:
         raise ValueError(f"problem has no grid ({problem!r}); compiling a static pattern needs Problem(grid=...)")
     if backend in ("triton", "interpret"):
@@ -79,6 +90,9 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
         raise ValueError("autotune=True chooses the tiles and launches; do not also give config, q_tile or k_tile")
     if target is not None and not autotune:
         raise ValueError("target is the autotuner's target; it needs autotune=True")
+    if routed and autotune:
+        raise UnsupportedPatternError(f"autotune=True is not supported for {pattern!r} yet; give q_tile/k_tile "
+                                      "or a config (tiles must divide the padded region)")
     tuning = None
     if autotune:
         from ..autotune import tune
@@ -87,6 +101,12 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
         config = tuning.config
     elif config is None:
         config = KernelConfig(q_tile=q_tile, k_tile=k_tile)
+    if routed:
+        from ..codegen.routed import build_routed_schedule
+
+        # Region-aligned tiles: the defaults come from the region, not the grid.
+        schedule = build_routed_schedule(pattern, problem, q_tile=config.q_tile, k_tile=config.k_tile)
+        return CompiledAttention(schedule, backend, config)
     config = config.resolved(problem)
     from ..codegen.schedule import build_schedule
 
@@ -111,7 +131,8 @@ class CompiledAttention:
         self.problem: Problem = schedule.problem
         self.backend = backend
         geom = schedule.geometry  # the schedule's tiles are the ones that run
-        self.config = dataclasses.replace((KernelConfig() if config is None else config).resolved(self.problem),
+        self.config = dataclasses.replace((KernelConfig() if config is None else config).resolved(self.problem,
+                                                                                                 self.pattern),
                                           q_tile=geom.q_tile, k_tile=geom.k_tile)
         self.tuning = tuning  # autotune.TuningResult when compiled with autotune=True
         self.build = build    # runtime.builddir.Build when loaded from a build directory
@@ -155,7 +176,9 @@ class CompiledAttention:
         return "auto" if backend is None else backend
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-                 return_lse: bool = False):
+                 return_lse: bool = False, routes: torch.Tensor | None = None):
+        """Attention of q, k, v; ``routes`` (``Routed`` only: int [B, (H,) R, topk]) replaces
+        the routing computed from q and k (``dsl.content.check_routes`` checks it)."""
         check_qkv(q, k, v, self.problem)
         op_backend = self._op_backend(q)
         if scale is None:
@@ -165,5 +188,13 @@ class CompiledAttention:
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if self._entry.routed:
+            from ..codegen.routed import routes_for
+
+            routes = routes_for(self.pattern, self.problem, q, k, routes)
+            out, lse = self._entry.op.default(q, k, v, routes, float(scale), op_backend)
+            return (out, lse) if return_lse else out
+        if routes is not None:
+            raise ValueError(f"routes is only for Routed patterns; {self.pattern!r} takes none")
         out, lse = self._entry.op.default(q, k, v, float(scale), op_backend)
         return (out, lse) if return_lse else out

@@ -29,7 +29,7 @@ import torch
 from ..dsl.pattern import as_4d
 from ..dsl.semantics import make_context, masked_softmax_attention
 
-__all__ = ["forward", "backward", "compute_dtype", "plan_for"]
+__all__ = ["forward", "backward", "compute_dtype", "plan_for", "routed_forward", "routed_backward"]
 
 # Total bytes of cached PARTIAL-tile masks per schedule; beyond it masks are recomputed.
 MASK_CACHE_BYTES = 256 << 20
@@ -197,3 +197,114 @@ def backward(q, k, v, out, lse, dout, schedule, scale: float, dlse: torch.Tensor
             dk.index_add_(1, flat, (torch.matmul(ds.transpose(-1, -2), qg) * scale).reshape(b, -1, d))
             dv.index_add_(1, flat, torch.matmul(p.transpose(-1, -2), dog).reshape(b, -1, v.shape[-1]))
     return (dq.to(q.dtype), dk.view(b, kvh, n, d).to(k.dtype), dv.view(b, kvh, n, v.shape[-1]).to(v.dtype))
+
+
+# ------------------------------------------------------------------------------------
+# Routed attention (codegen.routed): driven by the per-call tables
+# ------------------------------------------------------------------------------------
+class _RoutedChunks:
+    """Batched gathers of routed attention, a chunk of query tiles at a time.
+
+    Each chunk gathers the visited key tiles of every (batch, head, query tile) of the
+    chunk at once; chunks are sized so a gathered K (or V) is about as large as q, so memory
+    stays O(input) however many routes there are."""
+
+    def __init__(self, schedule, tables, q, k):
+        layout = schedule.routed
+        a = layout.device_arrays(q.device)
+        self.q_tokens, self.k_tokens = a["q_tokens"], a["k_tokens"]
+        self.q_np = layout.q_tokens
+        b, h, n, _ = q.shape
+        kvh = k.shape[1]
+        self.b, self.h, self.n, self.kvh = b, h, n, kvh
+        g = tables.head_group  # [B, H] -> schedule group
+        self.tiles = tables.tiles[g]   # [B, H, nq, S]
+        self.valid = tables.valid[g]   # [B, H, nq, S]
+        slots = self.tiles.shape[-1] * self.k_tokens.shape[1]
+        self.chunk = max(1, n // max(1, slots))
+        kv_of = torch.arange(h, device=q.device) // (h // kvh)
+        # Row of k.reshape(B * KVH * N, D) for batch b, key/value head of h: base + token.
+        self.k_base = (torch.arange(b, device=q.device)[:, None] * kvh + kv_of[None, :]) * n  # [B, H]
+        self.n_q_tiles = self.q_tokens.shape[0]
+
+    def __iter__(self):
+        bm = self.q_tokens.shape[1]
+        for start in range(0, self.n_q_tiles, self.chunk):
+            sl = slice(start, min(start + self.chunk, self.n_q_tiles))
+            qtok = self.q_tokens[sl]                      # [c, bm]
+            rows_np = self.q_np[sl].reshape(-1)
+            keep = torch.from_numpy((rows_np >= 0).nonzero()[0]).to(qtok.device)
+            if len(keep) == 0:
+                continue
+            ktok = self.k_tokens[self.tiles[:, :, sl]]    # [B, H, c, S, bn]
+            kvalid = (ktok >= 0) & self.valid[:, :, sl, :, None]
+            c = qtok.shape[0]
+            ktok = ktok.clamp_min(0).reshape(self.b, self.h, c, -1)
+            kvalid = kvalid.reshape(self.b, self.h, c, -1)
+            kidx = self.k_base[:, :, None, None] + ktok  # [B, H, c, nk] rows of the flat k
+            mask = (qtok >= 0)[None, None, :, :, None] & kvalid[:, :, :, None, :]  # [B, H, c, bm, nk]
+            yield qtok.clamp_min(0), keep, kidx, mask, c * bm
+
+
+def _rows(x, qtok):
+    """x [B, H, N, ...] at the chunk's query rows: [B, H, c, bm, ...]."""
+    return x[:, :, qtok]
+
+
+def _put(dst, src, qtok, keep, width):
+    """dst[:, :, token] = src for the chunk's real (non-padding) rows."""
+    b, h = src.shape[:2]
+    flat = src.reshape(b, h, width, *src.shape[4:]).index_select(2, keep)
+    dst[:, :, qtok.reshape(-1).index_select(0, keep)] = flat
+
+
+def routed_forward(q, k, v, schedule, tables, scale: float):
+    """Routed attention (``codegen.routed``) under ``tables`` (``routed_tables``): like ``forward``."""
+    ct = compute_dtype(q.dtype)
+    b, h, n, d = q.shape
+    with torch.no_grad():
+        qc = q.to(ct)
+        kf, vf = k.to(ct).reshape(-1, d), v.to(ct).reshape(-1, v.shape[-1])
+        out = torch.zeros(b, h, n, v.shape[-1], dtype=ct, device=q.device)
+        lse = torch.full((b, h, n), -math.inf, dtype=ct, device=q.device)
+        for qtok, keep, kidx, mask, width in _RoutedChunks(schedule, tables, q, k):
+            kg, vg = kf[kidx], vf[kidx]                       # [B, H, c, nk, D]
+            o, l = masked_softmax_attention(_rows(qc, qtok), kg, vg, mask, scale)
+            _put(out, o, qtok, keep, width)
+            _put(lse, l, qtok, keep, width)
+    return out.to(q.dtype), lse
+
+
+def routed_backward(q, k, v, out, lse, dout, schedule, tables, scale: float, dlse=None):
+    """Gradients (dq, dk, dv) of ``routed_forward``; like ``backward``."""
+    ct = compute_dtype(q.dtype)
+    b, h, n, d = q.shape
+    kvh, dv_dim = k.shape[1], v.shape[-1]
+    dev = q.device
+    with torch.no_grad():
+        qc = q.to(ct)
+        kf, vf = k.to(ct).reshape(-1, d), v.to(ct).reshape(-1, dv_dim)
+        if dout is None:
+            dout = torch.zeros_like(out)
+        doc = dout.to(ct)
+        delta = (doc * out.to(ct)).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse.to(ct)
+        lse_c = lse.to(ct)
+        lse_c = torch.where(lse_c == -math.inf, torch.full_like(lse_c, math.inf), lse_c)
+        dq = torch.zeros(b, h, n, d, dtype=ct, device=dev)
+        dk = torch.zeros(b * kvh * n, d, dtype=ct, device=dev)
+        dv = torch.zeros(b * kvh * n, dv_dim, dtype=ct, device=dev)
+        for qtok, keep, kidx, mask, width in _RoutedChunks(schedule, tables, q, k):
+            kg, vg = kf[kidx], vf[kidx]                       # [B, H, c, nk, D]
+            qg, dog = _rows(qc, qtok), _rows(doc, qtok)       # [B, H, c, bm, D]
+            s = torch.matmul(qg, kg.transpose(-1, -2)) * scale
+            s = s.masked_fill(~mask, -math.inf)
+            p = torch.exp(s - _rows(lse_c, qtok)[..., None])
+            dp = torch.matmul(dog, vg.transpose(-1, -2))
+            ds = p * (dp - _rows(delta, qtok)[..., None])
+            _put(dq, torch.matmul(ds, kg) * scale, qtok, keep, width)
+            flat = kidx.reshape(-1)
+            dk.index_add_(0, flat, (torch.matmul(ds.transpose(-1, -2), qg) * scale).reshape(-1, d))
+            dv.index_add_(0, flat, torch.matmul(p.transpose(-1, -2), dog).reshape(-1, dv_dim))
+    return (dq.to(q.dtype), dk.view(b, kvh, n, d).to(k.dtype), dv.view(b, kvh, n, dv_dim).to(v.dtype))

@@ -5,6 +5,9 @@
 - ``sparseforge::<name>``      (q, k, v, scale, backend) -> (out, lse)
 - ``sparseforge::<name>_bwd``  (q, k, v, out, lse, dout?, dlse?, scale, backend) -> (dq, dk, dv)
 
+(routed attention: ``routes`` int64 [B, H|1, R, topk] follows ``v`` in both; the index
+tables are built from it on its device per call, ``codegen.routed.routed_tables``)
+
 each with a fake (meta) function, and an autograd formula on the forward op that calls the
 backward op. They are plain ``custom_op``s with explicit fakes (not ``triton_op``), so
 ``opcheck`` and fake-tensor tracing work on CPU (see DESIGN.md, known pitfalls).
@@ -100,26 +103,48 @@ class AttentionOp:
                 self._kernels[interpret] = TritonKernels(self.schedule, interpret=interpret, config=self.config)
             return self._kernels[interpret]
 
+    @property
+    def routed(self) -> bool:
+        """Routed attention: the ops take the routes, and the tables are built per call."""
+        return getattr(self.schedule, "routed", None) is not None
+
+    def _tables(self, routes):
+        if not self.routed:
+            return None
+        from ..codegen.routed import routed_tables
+        return routed_tables(self.schedule, routes)
+
     # -- real implementations ---------------------------------------------------------
-    def run_forward(self, q, k, v, scale: float, backend: str):
+    def run_forward(self, q, k, v, scale: float, backend: str, routes=None):
         which = resolve_backend(backend, q.device)
+        tables = self._tables(routes)
         if which == "cpu":
+            if tables is not None:
+                return cpu.routed_forward(q, k, v, self.schedule, tables, scale)
             return cpu.forward(q, k, v, self.schedule, scale)
-        out, lse = self.kernels(which == "interpret").forward(q, k, v, scale)
+        out, lse = self.kernels(which == "interpret").forward(
+            q, k, v, scale, **({} if tables is None else dict(tables=tables.kernels)))
         return out, lse.float()
 
-    def run_backward(self, q, k, v, out, lse, dout, dlse, scale: float, backend: str):
+    def _cpu_backward(self, q, k, v, out, lse, dout, scale, dlse, tables):
+        if tables is not None:
+            return cpu.routed_backward(q, k, v, out, lse, dout, self.schedule, tables, scale, dlse=dlse)
+        return cpu.backward(q, k, v, out, lse, dout, self.schedule, scale, dlse=dlse)
+
+    def run_backward(self, q, k, v, out, lse, dout, dlse, scale: float, backend: str, routes=None):
         which = resolve_backend(backend, q.device)
+        tables = self._tables(routes)
         if which == "cpu":
-            return cpu.backward(q, k, v, out, lse, dout, self.schedule, scale, dlse=dlse)
+            return self._cpu_backward(q, k, v, out, lse, dout, scale, dlse, tables)
         if dout is None:
             dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         else:
-            dq, dk, dv = self.kernels(which == "interpret").backward(q, k, v, out, lse, dout, scale)
+            dq, dk, dv = self.kernels(which == "interpret").backward(
+                q, k, v, out, lse, dout, scale, **({} if tables is None else dict(tables=tables.kernels)))
         if dlse is not None:
             # The kernels take no LSE gradient; its contribution, dS += P * dlse, comes from
             # the schedule-driven torch executor on the same device (only when lse is used).
-            cq, ck, _ = cpu.backward(q, k, v, out, lse, None, self.schedule, scale, dlse=dlse)
+            cq, ck, _ = self._cpu_backward(q, k, v, out, lse, None, scale, dlse, tables)
             dq, dk = (dq.float() + cq.float()).to(q.dtype), (dk.float() + ck.float()).to(k.dtype)
         return dq, dk, dv
 
@@ -145,7 +170,7 @@ def register(schedule, name: str | None = None, *, config=None) -> AttentionOp:
     from ..codegen.config import KernelConfig
 
     config = KernelConfig() if config is None else config
-    tag = config.kernel_tag(schedule.problem)
+    tag = config.kernel_tag(schedule.problem, schedule.pattern)
     fingerprint = schedule.fingerprint() + tag
     if name is None:
         name = schedule.name + (f"_{tag}" if tag else "")
@@ -170,6 +195,8 @@ def _no_autocast(t: Tensor):
 
 
 def _define(entry: AttentionOp) -> None:
+    if entry.routed:
+        return _define_routed(entry)
     qual = f"{NAMESPACE}::{entry.name}"
 
     @torch.library.custom_op(qual, mutates_args=())
@@ -210,6 +237,55 @@ def _define(entry: AttentionOp) -> None:
             dlse = dlse.contiguous()
         dq, dk, dv = bwd(q, k, v, out, lse, dout, dlse, ctx.scale, ctx.backend)
         return dq, dk, dv, None, None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    entry.fwd, entry.bwd = fwd, bwd
+
+
+def _define_routed(entry: AttentionOp) -> None:
+    """The ops of a routed schedule: as ``_define``'s, with the routes (int64 [B, H|1, R,
+    topk], checked by the caller; no gradient) after v."""
+    qual = f"{NAMESPACE}::{entry.name}"
+
+    @torch.library.custom_op(qual, mutates_args=())
+    def fwd(q: Tensor, k: Tensor, v: Tensor, routes: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+        with _no_autocast(q):
+            return entry.run_forward(q, k, v, scale, backend, routes=routes)
+
+    @fwd.register_fake
+    def _fwd_fake(q, k, v, routes, scale, backend):
+        b, h, n, _ = q.shape
+        return (q.new_empty((b, h, n, v.shape[-1])), q.new_empty((b, h, n), dtype=_lse_dtype(q.dtype)))
+
+    @torch.library.custom_op(qual + "_bwd", mutates_args=())
+    def bwd(q: Tensor, k: Tensor, v: Tensor, routes: Tensor, out: Tensor, lse: Tensor, dout: Optional[Tensor],
+            dlse: Optional[Tensor], scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+        with _no_autocast(q):
+            return tuple(t.contiguous() for t in entry.run_backward(q, k, v, out, lse, dout, dlse, scale, backend,
+                                                                    routes=routes))
+
+    @bwd.register_fake
+    def _bwd_fake(q, k, v, routes, out, lse, dout, dlse, scale, backend):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, routes, scale, backend = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, routes, out, lse)
+        ctx.scale = scale
+        ctx.backend = backend
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, dout, dlse):
+        if dout is None and dlse is None:
+            return None, None, None, None, None, None
+        q, k, v, routes, out, lse = ctx.saved_tensors
+        if dout is not None:
+            dout = dout.contiguous()
+        if dlse is not None:
+            dlse = dlse.contiguous()
+        dq, dk, dv = bwd(q, k, v, routes, out, lse, dout, dlse, ctx.scale, ctx.backend)
+        return dq, dk, dv, None, None, None
 
     fwd.register_autograd(backward, setup_context=setup_context)
     entry.fwd, entry.bwd = fwd, bwd

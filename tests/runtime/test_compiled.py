@@ -64,9 +64,9 @@ def test_bad_pattern_and_problem_types():
 
 def test_content_dependent_pattern_is_refused_clearly():
     with pytest.raises(UnsupportedPatternError, match="content.*come later"):
-        compile(sf.Routed(2, topk=1), P((4, 4)))
+        compile(sf.Scattered(2), P((4, 4)))
     with pytest.raises(NotImplementedError):
-        compile(sf.Routed(2, topk=1), P((4, 4)))
+        compile(sf.Routed(2, topk=1) | sf.Causal(), P((4, 4)))
 
 
 @pytest.mark.parametrize("backend", ["triton", "interpret"])
