@@ -1,7 +1,8 @@
 """Content-dependent families: the mask depends on run-time inputs.
 
 Routed (BiFormer bi-level routing) reads q and k; Scattered (voxel windows) reads voxel
-coordinates. Their kernels live in a later stage; their exact meaning lives here.
+coordinates. Their exact meaning lives here; ``codegen.routed`` compiles Routed, Scattered
+has no kernels yet.
 """
 from __future__ import annotations
 

@@ -76,8 +76,8 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
     if not pattern.is_static and not routed:
         raise UnsupportedPatternError(
             f"{pattern!r} depends on run-time content ({', '.join(sorted(pattern.inputs_needed()))}); "
-            "compiled kernels for content-dependent patterns come later — use "
-            "sparseforge.reference_attention for them meanwhile (a Routed pattern on its own compiles)")
+            "of the content-dependent patterns only a Routed pattern on its own compiles so far — use "
+            "sparseforge.reference_attention for the others meanwhile")
     if problem.grid is None:
         raise ValueError(f"problem has no grid ({problem!r}); compiling a static pattern needs Problem(grid=...)")
     if backend in ("triton", "interpret"):
