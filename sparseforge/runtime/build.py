@@ -24,7 +24,7 @@ from ..codegen.config import KERNELS, KernelConfig
 from ..dsl.parse import parse_pattern
 from ..dsl.problem import DTYPE_NAMES, Problem
 from .builddir import BuildIntegrityError, read_build, write_build
-from .compiled import CompiledAttention, check_backend
+from .compiled import CompiledAttention, check_backend, schedule_for
 
 __all__ = ["load", "save", "versions"]
 
@@ -88,8 +88,6 @@ def load(path, *, backend: str | None = None) -> CompiledAttention:
     """The compiled attention of the build directory ``path``, its op registered as
     ``torch.ops.sparseforge.<name>``. Raises ``BuildIntegrityError`` for a modified or
     incomplete build, or one whose kernels this installation would generate differently."""
-    from ..codegen.schedule import build_schedule
-
     check_backend(backend)
     build = read_build(path)
     meta = build.meta
@@ -102,9 +100,7 @@ def load(path, *, backend: str | None = None) -> CompiledAttention:
         raise BuildIntegrityError(f"build directory '{build.path}': manifest.json meta is not a sparseforge "
                                   f"compile's ({type(exc).__name__}: {exc}); rebuild it with "
                                   f"'sparseforge compile ... --out {build.path}'") from exc
-    schedule = build_schedule(pattern, problem, q_tile=config.q_tile, k_tile=config.k_tile,
-                              closed_form=config.closed_form)
-    attn = CompiledAttention(schedule, backend, config, build=build)
+    attn = CompiledAttention(schedule_for(pattern, problem, config), backend, config, build=build)
     recorded = meta.get("versions", {})
     for kind, rel in SOURCES.items():
         if attn.source(kind) != build.read_text(rel):

@@ -47,6 +47,13 @@ def check_backend(backend) -> None:
 
 
 def check_triton_problem(problem: Problem, backend: str) -> None:
+    """Refuse problems the generated kernels (or the Triton interpreter) cannot run right."""
+    if backend == "interpret" and problem.dtype == torch.bfloat16:
+        # Triton 3.9's interpreter keeps bf16 as uint16 and tl.dot multiplies the raw bit
+        # patterns (triton-lang/triton#11584): the results would be silently wrong.
+        raise ValueError("dtype=bf16 cannot run under backend='interpret': the Triton interpreter's tl.dot "
+                         "multiplies bfloat16 bit patterns (triton-lang/triton#11584); use fp16/fp32 there, "
+                         "backend='cpu', or a GPU")
     if problem.head_dim not in TRITON_HEAD_DIMS:
         raise ValueError(f"head_dim={problem.head_dim} is not supported by backend={backend!r}; "
                          f"supported head dims: {list(TRITON_HEAD_DIMS)} (backend='cpu' takes any)")
@@ -101,18 +108,24 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
         config = tuning.config
     elif config is None:
         config = KernelConfig(q_tile=q_tile, k_tile=k_tile)
-    if routed:
+    return CompiledAttention(schedule_for(pattern, problem, config), backend, config, tuning=tuning)
+
+
+def schedule_for(pattern: Pattern, problem: Problem, config: KernelConfig):
+    """The TileSchedule that ``config``'s tiles give ``pattern`` on ``problem`` (what
+    ``compile`` and ``load`` both build)."""
+    from ..dsl.content import Routed
+
+    if isinstance(pattern, Routed):
         from ..codegen.routed import build_routed_schedule
 
         # Region-aligned tiles: the defaults come from the region, not the grid.
-        schedule = build_routed_schedule(pattern, problem, q_tile=config.q_tile, k_tile=config.k_tile)
-        return CompiledAttention(schedule, backend, config)
-    config = config.resolved(problem)
+        return build_routed_schedule(pattern, problem, q_tile=config.q_tile, k_tile=config.k_tile)
     from ..codegen.schedule import build_schedule
 
-    schedule = build_schedule(pattern, problem, q_tile=config.q_tile, k_tile=config.k_tile,
-                              closed_form=config.closed_form)
-    return CompiledAttention(schedule, backend, config, tuning=tuning)
+    config = config.resolved(problem)
+    return build_schedule(pattern, problem, q_tile=config.q_tile, k_tile=config.k_tile,
+                          closed_form=config.closed_form)
 
 
 class CompiledAttention:

@@ -187,3 +187,14 @@ def test_default_backend_on_cuda_matches_reference():
     out, lse = a(q, k, v, return_lse=True)
     ref, rl = sf.reference_attention(q.cpu(), k.cpu(), v.cpu(), pattern, problem, return_lse=True)
     assert rel_err(out.cpu(), ref) < 3e-3 and rel_err(lse.cpu(), rl) < 1e-4
+
+
+def test_interpret_refuses_bf16():
+    """Triton 3.9's interpreter multiplies bf16 bit patterns in tl.dot (triton#11584):
+    refuse instead of returning garbage."""
+    problem = sf.Problem(grid=(8, 8), heads=1, head_dim=16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bf16 cannot run under backend='interpret'"):
+        compile(sf.Neighborhood(3), problem, backend="interpret")
+    attn = compile(sf.Neighborhood(3), problem, backend="cpu")
+    q = torch.randn(1, 1, 64, 16, dtype=torch.bfloat16)
+    assert attn(q, q, q).dtype == torch.bfloat16  # the CPU executor runs bf16
