@@ -307,7 +307,7 @@ class TuningDB:
         try:
             if not self._checked:
                 self._path.parent.mkdir(parents=True, exist_ok=True)
-                self._repair_if_bad(messages, self._inspect())
+                self._repair_if_bad(messages, self._locked_on_io_error(self._inspect))
             try:
                 if not self._checked:
                     self._set_up()
@@ -333,10 +333,24 @@ class TuningDB:
         # few milliseconds, so poll often (filelock's default is every 50 ms).
         return filelock.FileLock(f"{self._path}.lock", timeout=_TIMEOUT_S, poll_interval=0.01)
 
+    def _locked_on_io_error(self, fn: Callable[[], T]) -> T:
+        """``fn()``; on SQLITE_IOERR once more under the lock file. Unlocked readers can meet
+        the file (or its -wal/-shm) being moved aside by another process's repair, which
+        holds the lock: afterwards the fresh database reads fine."""
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            if _errorcode(exc) != 10:  # SQLITE_IOERR
+                raise
+            with self._lock():
+                return fn()
+
     def _execute(self, op: Callable[[sqlite3.Connection], T], write: bool) -> T:
         if not write:
-            with contextlib.closing(self._connect()) as conn:
-                return op(conn)
+            def read() -> T:
+                with contextlib.closing(self._connect()) as conn:
+                    return op(conn)
+            return self._locked_on_io_error(read)
         with self._lock(), contextlib.closing(self._connect()) as conn:
             return _transaction(conn, op)
 
