@@ -229,7 +229,7 @@ def check(build_dir, backend, batch, seed, as_json) -> None:
                  ("verdict", "PASS" if result.passed else "FAIL")]
         print_table(f"relative error vs float64 reference: {attn.name}", rows)
     if not result.passed:
-        raise click.exceptions.Exit(1)
+        sys.exit(1)  # the table (or JSON) above says which output failed
 
 
 # ------------------------------------------------------------------------------------
@@ -247,18 +247,100 @@ def _median_ms(fn, repeat: int, sync) -> float:
     return statistics.median(times)
 
 
-@command(short_help="Time a compiled op against dense SDPA and FlexAttention.")
-@click.argument("target", metavar="DIR|PATTERN")
+def _option_name(param: str) -> str:
+    return {"target": "DIR|PATTERN", "grid_text": "--grid"}.get(param, "--" + param.replace("_", "-"))
+
+
+def load_suite():
+    """benchmarks/suite.py of the source checkout this package runs from."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "suite.py"
+    if not path.is_file():
+        raise InputError("'--suite'", f"needs the repository's benchmarks/suite.py, not found at {path} "
+                                      "(run from a source checkout: pip install -e .)")
+    if "sparseforge_bench_suite" in sys.modules:
+        return sys.modules["sparseforge_bench_suite"]
+    spec = importlib.util.spec_from_file_location("sparseforge_bench_suite", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench_suite(*, cpu: bool, only: str | None, repeat: int, as_json: bool, out_path, plot_path) -> None:
+    import torch
+
+    from .atomic import write_atomic
+
+    suite = load_suite()
+    with user_errors("'--only'"):
+        suite.select(only)
+    if not cpu and not torch.cuda.is_available():
+        raise InputError("'--suite'", "no CUDA device: use --cpu (the GPU suite times full-size problems "
+                                      "with triton.testing.do_bench)")
+    command = "sparseforge " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "sparseforge" else \
+        " ".join(["sparseforge bench --suite"] + (["--cpu"] if cpu else []) + ([f"--only {only}"] if only else []))
+    result = suite.run_suite(only, cpu=cpu, repeat=repeat, command=command)
+    if out_path:
+        with user_errors("'--out'"):
+            write_atomic(out_path, json.dumps(result, indent=1) + "\n")
+        log(f"wrote {out_path}")
+    if plot_path:
+        with user_errors("'--plot'"):
+            suite.plot(result, plot_path)
+        log(f"wrote {plot_path}")
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
+    meta = result["meta"]
+    print_table(f"sparseforge benchmark suite, {meta['mode']} ({meta['device']}), median of {repeat}",
+                suite.table_rows(result))
+
+
+@command(short_help="Time a compiled op against dense SDPA and FlexAttention; --suite: the benchmark suite.")
+@click.argument("target", metavar="DIR|PATTERN", required=False)
 @kernel_problem_options
 @click.option("--batch", type=PositiveInt(), default=1, show_default=True)
-@click.option("--repeat", type=PositiveInt(), default=10, show_default=True, help="Timed runs per method.")
+@click.option("--repeat", type=PositiveInt(), default=None,
+              help="Timed runs per method [default: 10; 3 with --suite].")
 @click.option("--backward/--no-backward", default=False, help="Time forward + backward.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def bench(target, grid_text, seq, heads, head_dim, dtype, kv_heads, batch, repeat, backward, as_json) -> None:
+@click.option("--suite", is_flag=True, help="Run the benchmark suite (benchmarks/suite.py) instead of one op.")
+@click.option("--cpu", is_flag=True, help="With --suite: the scaled-down CPU suite (exact tile counts, build, "
+              "compile and CPU op times) [default: full size on a CUDA device].")
+@click.option("--only", default=None, metavar="P1,P4", help="With --suite: only these problem ids.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="With --suite: write the result JSON here (atomically).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="With --suite: draw the speedup per problem into this PNG.")
+def bench(target, grid_text, seq, heads, head_dim, dtype, kv_heads, batch, repeat, backward, as_json, suite, cpu,
+          only, out_path, plot_path) -> None:
     """Time the compiled op of a build DIR (or of PATTERN on the given problem) against
     dense SDPA with the same mask and FlexAttention with a block mask from it. Median
-    wall time of --repeat runs on this machine (CUDA if present). A quick look, not the
-    benchmark suite (see benchmarks/)."""
+    wall time of --repeat runs on this machine (CUDA if present). A quick look; the
+    benchmark suite is --suite.
+
+    \b
+    --suite runs every problem of benchmarks/suite.py against its peers:
+      sparseforge bench --suite --cpu --only P1,P4 --out results.json --plot results.png
+    Without --cpu it needs a CUDA device (full-size problems, do_bench timings)."""
+    if suite:
+        ctx = click.get_current_context()
+        extra = [name for name in ("target", "grid_text", "seq", "heads", "head_dim", "dtype", "kv_heads", "batch",
+                                   "backward")
+                 if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)]
+        if extra:
+            raise InputError("'--suite'", f"runs its own problems; drop {', '.join(_option_name(e) for e in extra)}")
+        _bench_suite(cpu=cpu, only=only, repeat=repeat or 3, as_json=as_json, out_path=out_path,
+                     plot_path=plot_path)
+        return
+    for flag, value in (("--cpu", cpu), ("--only", only), ("--out", out_path), ("--plot", plot_path)):
+        if value:
+            raise InputError(f"'{flag}'", "belongs to the suite; add --suite")
+    if target is None:
+        raise InputError("'DIR|PATTERN'", "missing: give a build directory or a pattern, or use --suite")
+    repeat = repeat or 10
     import torch
 
     from .dsl import dense_mask

@@ -150,3 +150,13 @@ def test_bench_pattern_and_cache_clear_json(sf, cache):
 
 def test_bench_bad_pattern_is_one_line(sf, cache, clean_error):
     clean_error(sf("bench", "Neighborhood(99)", *SMALL), "'PATTERN'", "kernel_size")
+
+
+def test_check_failing_exits_1_with_the_table(sf, built, monkeypatch):
+    from sparseforge.runtime import check
+
+    monkeypatch.setitem(check.TOLERANCE, __import__("torch").float16, 0.0)  # nothing passes a zero tolerance
+    result = sf("check", str(built[0]), "--json")
+    assert result.exit_code == 1
+    info = json.loads(result.stdout)
+    assert info["passed"] is False and "internal error" not in result.stderr
