@@ -167,14 +167,25 @@ class TritonKernels:
             if self.schedule.routed is not None:
                 raise ValueError("a routed schedule's kernels need the per-call tables: pass tables= "
                                  "(codegen.routed.routed_tables(schedule, routes).kernels)")
+            if self.schedule.scattered is not None:
+                raise ValueError("a scattered schedule's kernels need the per-plan tables: pass tables= "
+                                 "(codegen.scattered.tables_from(plan.tensors(), heads))")
             tables = self.tables(values["Q"].device)
         return [values[a] if a in values else tables[a] for a in self.signature(name)]
+
+    def _n_tiles(self, n: int, side: str) -> int:
+        """Query (side "q") or key tiles a launch covers: the schedule's, or for a scattered
+        schedule those of the packed sequence of ``n`` rows (a multiple of both tiles)."""
+        g = self.schedule.geometry
+        if self.schedule.scattered is not None:
+            return n // (g.block_m if side == "q" else g.block_n)
+        return g.n_q_tiles if side == "q" else g.n_k_tiles
 
     def forward(self, q, k, v, scale: float, tables=None):
         b, h, n, _ = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-        grid = (self.schedule.geometry.n_q_tiles, b * h)
+        grid = (self._n_tiles(n, "q"), b * h)
         self._launch("fwd", grid, *self._args(
             "fwd", tables, Q=q, K=k, V=v, O=out, LSE=lse, stride_qb=q.stride(0), stride_qh=q.stride(1),
             stride_kb=k.stride(0), stride_kh=k.stride(1), stride_ob=out.stride(0), stride_oh=out.stride(1),
@@ -194,14 +205,14 @@ class TritonKernels:
     def backward_dq(self, q, k, v, dout, lse, delta, scale: float, tables=None):
         """dq [B, H, N, D] (the ``bwd_dq`` kernel alone); delta = rowsum(dO * O) fp32."""
         dq = torch.empty_like(q)
-        grid = (self.schedule.geometry.n_q_tiles, q.shape[0] * q.shape[1])
+        grid = (self._n_tiles(q.shape[2], "q"), q.shape[0] * q.shape[1])
         self._launch("bwd_dq", grid, *self._args("bwd_dq", tables, DQ=dq, **self._backward_args(q, k, v, dout, lse, delta, scale)))
         return dq
 
     def backward_dkdv(self, q, k, v, dout, lse, delta, scale: float, tables=None):
         """dk, dv [B, KVH, N, D] (the ``bwd_dkdv`` kernel alone)."""
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        grid = (self.schedule.geometry.n_k_tiles, k.shape[0] * k.shape[1])
+        grid = (self._n_tiles(k.shape[2], "k"), k.shape[0] * k.shape[1])
         self._launch("bwd_dkdv", grid, *self._args("bwd_dkdv", tables, DK=dk, DV=dv,
                                                    **self._backward_args(q, k, v, dout, lse, delta, scale)))
         return dk, dv
@@ -229,6 +240,9 @@ class TritonKernels:
             sig.update(Q=dt, K=dt, V=dt, DO=dt, LSE="*fp32", DELTA="*fp32")
             sig.update(DQ=dt) if name == "bwd_dq" else sig.update(DK=dt, DV=dt)
         sig.update({t: "*i32" for t in tables})
+        if self.schedule.scattered is not None:
+            # segment ids of the packed rows and the packed length (a multiple of 16)
+            sig.update(SEG="*i32", n_tokens="i32:16")
         strides = ["stride_qb", "stride_qh", "stride_kb", "stride_kh"]
         if name == "fwd":
             strides += ["stride_ob", "stride_oh"]

@@ -78,7 +78,9 @@ def pattern_tag(pattern: Pattern, ndim: int = 1) -> str:
         if not p.causal:
             s += "_bi"
         return s
-    from ..dsl.content import Routed
+    from ..dsl.content import Routed, Scattered
+    if isinstance(p, Scattered):
+        return f"scattered_w{_v(p.window_size)}" + ("" if _is_default(p.shift, 0) else f"_s{_v(p.shift)}")
     if isinstance(p, Routed):
         return f"routed_r{_v(p.region_size)}_k{p.topk}" + ("_ph" if p.per_head else "")
     return type(p).__name__.lower()

@@ -25,6 +25,12 @@ _env = jinja2.Environment(
 )
 
 
+# Run-time segment-id predicate (``schedule.scattered``): the kernels load the segment ids of
+# their query rows (q_seg) and key rows (k_seg); padding rows have id -1 and match nothing.
+SEGMENT_PREDICATE = "(q_seg[:, None] == k_seg[None, :]) & (k_seg[None, :] >= 0)"
+SEGMENT_PREDICATE_T = "(k_seg[:, None] == q_seg[None, :]) & (k_seg[:, None] >= 0)"
+
+
 def kernel_name(schedule: TileSchedule) -> str:
     """Prefix of the generated kernel functions: the schedule's readable name."""
     return f"sf_{schedule.name}"
@@ -53,7 +59,9 @@ def render(schedule: TileSchedule, kind: str, config=None) -> str:
     nd = len(geom.dims)
     sym = Symbols.make(nd)
     # Routed tiles never straddle regions: inside a visited tile every pair is allowed.
-    pred = sympy.true if schedule.routed is not None else predicate(schedule.pattern, prob, sym)
+    segments = schedule.scattered is not None
+    # Segments (scattered voxel windows): the predicate is the run-time segment-id compare.
+    pred = sympy.true if schedule.routed is not None or segments else predicate(schedule.pattern, prob, sym)
 
     def names(q_axis: str, k_axis: str) -> dict:
         out = {sym.qn: f"q_tok{q_axis}", sym.kn: f"k_tok{k_axis}", sym.head: "head"}
@@ -67,12 +75,15 @@ def render(schedule: TileSchedule, kind: str, config=None) -> str:
         q_tile=geom.q_tile, k_tile=geom.k_tile, fold=geom.fold,
         n_q_tiles=geom.n_q_tiles, n_k_tiles=geom.n_k_tiles, groups=schedule.groups,
         dtype=DTYPE_NAMES[prob.dtype], head_dim=prob.head_dim, block_d=block_d(prob.head_dim),
-        heads=prob.heads, group_stride_b=prob.heads if schedule.routed is not None else 0, kv_group=prob.heads // prob.kv_heads, tokens=prob.tokens,
+        heads=prob.heads, group_stride_b=prob.heads if schedule.routed is not None else 0, kv_group=prob.heads // prob.kv_heads, tokens=0 if segments else prob.tokens,
         sides=[_side(schedule, "q"), _side(schedule, "k")],
         q_coords=", ".join(f"qx{d}" for d in range(nd)), k_coords=", ".join(f"kx{d}" for d in range(nd)),
         kernel_name=kernel_name(schedule),
-        predicate=_bool_tensor(to_triton(pred, names("[:, None]", "[None, :]")), "q_valid[:, None] & k_valid[None, :]"),
-        predicate_t=_bool_tensor(to_triton(pred, names("[None, :]", "[:, None]")), "k_valid[:, None] & q_valid[None, :]"),
+        predicate=(SEGMENT_PREDICATE if segments else
+                   _bool_tensor(to_triton(pred, names("[:, None]", "[None, :]")), "q_valid[:, None] & k_valid[None, :]")),
+        predicate_t=(SEGMENT_PREDICATE_T if segments else
+                     _bool_tensor(to_triton(pred, names("[None, :]", "[:, None]")), "k_valid[:, None] & q_valid[None, :]")),
+        segments=segments, lse_stride="n_tokens" if segments else "N_TOKENS",
         routed=schedule.routed is not None,
         dot_args=', input_precision="ieee"' if prob.dtype in (torch.float32, torch.float64) else "",
         loop_bounds=schedule.loop_bounds, bounds_reason=schedule.bounds_reason,

@@ -86,6 +86,7 @@ class TileSchedule:
     bounds_reason: str
     build_seconds: float
     routed: object = None  # codegen.routed.RoutedLayout for routed attention (tables per call)
+    scattered: object = None  # codegen.scattered.ScatteredLayout for voxel windows (tables per call)
 
     def fingerprint(self) -> str:
         """Content hash: pattern, problem, tiling and the tables themselves (equal
@@ -100,6 +101,8 @@ class TileSchedule:
         h.update(f"{g.q_tile}/{g.k_tile}/{g.fold}/".encode())
         if self.routed is not None:
             h.update(f"routed/{g.dims!r}/".encode())
+        if self.scattered is not None:
+            h.update(f"scattered/{g.dims!r}/".encode())
         for arr in (self.head_group, self.forward.ptr, self.forward.idx, self.forward.full,
                     self.inverse.ptr, self.inverse.idx, self.inverse.full):
             a = np.ascontiguousarray(arr)

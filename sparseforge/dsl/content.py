@@ -1,8 +1,8 @@
 """Content-dependent families: the mask depends on run-time inputs.
 
 Routed (BiFormer bi-level routing) reads q and k; Scattered (voxel windows) reads voxel
-coordinates. Their exact meaning lives here; ``codegen.routed`` compiles Routed, Scattered
-has no kernels yet.
+coordinates. Their exact meaning lives here; ``codegen.routed`` compiles Routed,
+``codegen.scattered`` compiles Scattered.
 """
 from __future__ import annotations
 
@@ -175,8 +175,9 @@ class Scattered(Pattern):
         return (w[qi][:, None, :] == w[ki][None, :, :]).all(-1)
 
 
-def check_coords(coords) -> torch.Tensor:
-    """Validate voxel coordinates: int tensor [N, 1 + ndim] (ndim 1..3), non-negative."""
+def check_coords(coords, *, keep_device: bool = False) -> torch.Tensor:
+    """Validate voxel coordinates: int tensor [N, 1 + ndim] (ndim 1..3), non-negative.
+    Returns them as int64 on the CPU (``keep_device``: on their own device)."""
     if not isinstance(coords, torch.Tensor):
         raise TypeError(f"coords must be an integer tensor [N, 1 + ndim], got {type(coords).__name__}")
     if coords.dtype not in (torch.int16, torch.int32, torch.int64, torch.uint8, torch.int8):
@@ -186,4 +187,4 @@ def check_coords(coords) -> torch.Tensor:
                          f"got {tuple(coords.shape)}")
     if coords.numel() and coords.min() < 0:
         raise ValueError(f"coords must be non-negative, got a minimum of {int(coords.min())}")
-    return coords.long().cpu()
+    return coords.long() if keep_device else coords.long().cpu()

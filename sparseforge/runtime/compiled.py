@@ -8,9 +8,15 @@
     out = routed(q, k, v)                      # routing from q and k (detached), as the reference
     out = routed(q, k, v, routes=idx)          # or given: int [B, (H,) R, topk]
 
+    voxels = compile(Scattered(window_size=(12, 12, 1), shift=(6, 6, 0)), Problem(heads=4, head_dim=32))
+    out = voxels(q, k, v, coords=coords)       # q, k, v [N_voxels, H, D]; coords int [N, 1 + ndim]
+    plan = voxels.plan(coords)                 # the window grouping, reusable across calls/layers
+    out = voxels(q, k, v, plan=plan)
+
 Routed attention (``dsl.content.Routed``) runs region-aligned tiles whose index tables are
-built per call from the routes (``codegen.routed``); other content-dependent patterns raise
-``UnsupportedPatternError``.
+built per call from the routes (``codegen.routed``); scattered voxel windows
+(``dsl.content.Scattered``) run on the window-sorted packed sequence with tables built per
+plan (``codegen.scattered``); other content-dependent patterns raise ``UnsupportedPatternError``.
 """
 from __future__ import annotations
 
@@ -77,15 +83,19 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
     """
     check_pattern_problem(pattern, problem)
     check_backend(backend)
-    from ..dsl.content import Routed
+    from ..dsl.content import Routed, Scattered
 
     routed = isinstance(pattern, Routed)
-    if not pattern.is_static and not routed:
+    scattered = isinstance(pattern, Scattered)
+    if not pattern.is_static and not routed and not scattered:
         raise UnsupportedPatternError(
             f"{pattern!r} depends on run-time content ({', '.join(sorted(pattern.inputs_needed()))}); "
-            "of the content-dependent patterns only a Routed pattern on its own compiles so far — use "
-            "sparseforge.reference_attention for the others meanwhile")
-    if problem.grid is None:
+            "of the content-dependent patterns only a Routed or a Scattered pattern on its own compiles so far — "
+            "use sparseforge.reference_attention for the others meanwhile")
+    if scattered and problem.grid is not None:
+        raise ValueError(f"{pattern!r} takes its voxels from coords at call time: give Problem(grid=None), "
+                         f"got grid={problem.grid}")
+    if problem.grid is None and not scattered:
         raise ValueError(f"problem has no grid ({problem!r}); compiling a static pattern needs Problem(grid=...)")
     if backend in ("triton", "interpret"):
         check_triton_problem(problem, backend)
@@ -97,9 +107,9 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
         raise ValueError("autotune=True chooses the tiles and launches; do not also give config, q_tile or k_tile")
     if target is not None and not autotune:
         raise ValueError("target is the autotuner's target; it needs autotune=True")
-    if routed and autotune:
+    if (routed or scattered) and autotune:
         raise UnsupportedPatternError(f"autotune=True is not supported for {pattern!r} yet; give q_tile/k_tile "
-                                      "or a config (tiles must divide the padded region)")
+                                      "or a config")
     tuning = None
     if autotune:
         from ..autotune import tune
@@ -114,8 +124,12 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
 def schedule_for(pattern: Pattern, problem: Problem, config: KernelConfig):
     """The TileSchedule that ``config``'s tiles give ``pattern`` on ``problem`` (what
     ``compile`` and ``load`` both build)."""
-    from ..dsl.content import Routed
+    from ..dsl.content import Routed, Scattered
 
+    if isinstance(pattern, Scattered):
+        from ..codegen.scattered import build_scattered_schedule
+
+        return build_scattered_schedule(pattern, problem, q_tile=config.q_tile, k_tile=config.k_tile)
     if isinstance(pattern, Routed):
         from ..codegen.routed import build_routed_schedule
 
@@ -126,6 +140,27 @@ def schedule_for(pattern: Pattern, problem: Problem, config: KernelConfig):
     config = config.resolved(problem)
     return build_schedule(pattern, problem, q_tile=config.q_tile, k_tile=config.k_tile,
                           closed_form=config.closed_form)
+
+
+def check_voxel_qkv(q, k, v, problem: Problem, n_voxels: int) -> None:
+    """Check q [N, H, D], k/v [N, kv_heads, D] (voxel layout) against ``problem`` and the N
+    voxels of the coordinates; errors name the argument."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape [N_voxels, H, D] (voxel layout), got {tuple(t.shape)}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, t, heads in (("q", q, problem.heads), ("k", k, problem.kv_heads), ("v", v, problem.kv_heads)):
+        expected = (n_voxels, heads, problem.head_dim)
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {expected} [N_voxels (rows of coords), "
+                             f"{'H' if name == 'q' else 'kv_heads'}, D] for {problem!r}")
 
 
 class CompiledAttention:
@@ -172,6 +207,15 @@ class CompiledAttention:
                 f"name={self.name!r})")
 
     # -- calling ------------------------------------------------------------------------
+    def _scale(self, scale, return_lse) -> float:
+        if scale is None:
+            scale = self.problem.head_dim ** -0.5
+        elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite real number, got {scale!r}")
+        if not isinstance(return_lse, bool):
+            raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+        return scale
+
     def _op_backend(self, q: torch.Tensor) -> str:
         """Check q's device/dtype against the backend; the backend string the op receives."""
         problem, backend, dev = self.problem, self.backend, q.device
@@ -188,18 +232,56 @@ class CompiledAttention:
             raise TypeError(f"q has dtype {q.dtype}, expected {problem.dtype}{extra}, the dtype of {problem!r}")
         return "auto" if backend is None else backend
 
+    def plan(self, coords: torch.Tensor):
+        """The window grouping of voxel ``coords`` (int [N, 1 + ndim], batch first) for a
+        ``Scattered`` pattern: a ``codegen.scattered.ScatteredPlan`` to pass as ``plan=`` to
+        calls (and layers with the same windows); built on coords' device with torch ops."""
+        if not self._entry.scattered:
+            raise ValueError(f"plan() is only for Scattered patterns; {self.pattern!r} takes no coords")
+        from ..codegen.scattered import plan
+
+        return plan(self.schedule, coords)
+
+    def _call_scattered(self, q, k, v, scale, return_lse, coords, plan):
+        from ..codegen.scattered import ScatteredPlan
+
+        if (coords is None) == (plan is None):
+            raise ValueError(f"{self.pattern!r} needs the voxel coordinates: pass exactly one of coords= "
+                             "(int [N, 1 + ndim], batch first) or plan= (attn.plan(coords))")
+        if plan is None:
+            plan = self.plan(coords)
+        elif not isinstance(plan, ScatteredPlan):
+            raise TypeError(f"plan must be a ScatteredPlan from attn.plan(coords), got {type(plan).__name__}")
+        elif plan.pattern != self.pattern or plan.layout != self.schedule.scattered:
+            raise ValueError(f"plan was made for {plan.pattern!r} with tiles {plan.layout}, not for this op "
+                             f"({self.pattern!r}, {self.schedule.scattered}); make it with this op's plan()")
+        check_voxel_qkv(q, k, v, self.problem, plan.n_voxels)
+        if plan.device != q.device:
+            raise ValueError(f"plan (coords) is on {plan.device} but q is on {q.device}")
+        op_backend = self._op_backend(q)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, lse = self._entry.op.default(q, k, v, plan.tensors(), float(scale), op_backend)
+        return (out, lse) if return_lse else out
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-                 return_lse: bool = False, routes: torch.Tensor | None = None):
+                 return_lse: bool = False, routes: torch.Tensor | None = None, coords: torch.Tensor | None = None,
+                 plan=None):
         """Attention of q, k, v; ``routes`` (``Routed`` only: int [B, (H,) R, topk]) replaces
-        the routing computed from q and k (``dsl.content.check_routes`` checks it)."""
+        the routing computed from q and k (``dsl.content.check_routes`` checks it).
+
+        ``Scattered``: q [N, H, D], k/v [N, kv_heads, D] in voxel order and either ``coords``
+        (int [N, 1 + ndim], batch first) or ``plan`` (``self.plan(coords)``); out [N, H, D],
+        lse [N, H]."""
+        if self._entry.scattered:
+            if routes is not None:
+                raise ValueError(f"routes is only for Routed patterns; {self.pattern!r} takes coords= or plan=")
+            scale = self._scale(scale, return_lse)
+            return self._call_scattered(q, k, v, scale, return_lse, coords, plan)
+        if coords is not None or plan is not None:
+            raise ValueError(f"coords= and plan= are only for Scattered patterns; {self.pattern!r} takes neither")
         check_qkv(q, k, v, self.problem)
         op_backend = self._op_backend(q)
-        if scale is None:
-            scale = self.problem.head_dim ** -0.5
-        elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-            raise ValueError(f"scale must be a finite real number, got {scale!r}")
-        if not isinstance(return_lse, bool):
-            raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+        scale = self._scale(scale, return_lse)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if self._entry.routed:
             from ..codegen.routed import routes_for

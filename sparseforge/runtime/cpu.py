@@ -29,7 +29,8 @@ import torch
 from ..dsl.pattern import as_4d
 from ..dsl.semantics import make_context, masked_softmax_attention
 
-__all__ = ["forward", "backward", "compute_dtype", "plan_for", "routed_forward", "routed_backward"]
+__all__ = ["forward", "backward", "compute_dtype", "plan_for", "routed_forward", "routed_backward",
+           "scattered_forward", "scattered_backward"]
 
 # Total bytes of cached PARTIAL-tile masks per schedule; beyond it masks are recomputed.
 MASK_CACHE_BYTES = 256 << 20
@@ -308,3 +309,93 @@ def routed_backward(q, k, v, out, lse, dout, schedule, tables, scale: float, dls
             dk.index_add_(0, flat, (torch.matmul(ds.transpose(-1, -2), qg) * scale).reshape(-1, d))
             dv.index_add_(0, flat, torch.matmul(p.transpose(-1, -2), dog).reshape(-1, dv_dim))
     return (dq.to(q.dtype), dk.view(b, kvh, n, d).to(k.dtype), dv.view(b, kvh, n, dv_dim).to(v.dtype))
+
+
+# ------------------------------------------------------------------------------------
+# Scattered voxel windows (codegen.scattered): the packed sequence, driven by the plan's tables
+# ------------------------------------------------------------------------------------
+# Elements of one chunk's gathered scores (heads x query rows x key rows).
+SCATTERED_CHUNK_ELEMENTS = 1 << 24
+
+
+def _scattered_chunks(schedule, tables, heads: int):
+    """(query rows [c * bm], key rows [c, nk], mask [c, bm, nk]) per chunk of query tiles:
+    each query tile's key rows are its visited key tiles (``KV_PTR``/``KV_IDX``), the mask is
+    the segment-id compare (padding rows have id -1 and match nothing)."""
+    bm, bn = schedule.geometry.block_m, schedule.geometry.block_n
+    seg = tables["SEG"].long()
+    ptr, idx = tables["KV_PTR"][0].long(), tables["KV_IDX"].long()
+    dev = seg.device
+    count = ptr[1:] - ptr[:-1]
+    nq = len(count)
+    s = int(count.max()) if nq else 0
+    if s == 0:
+        return
+    slot = torch.arange(s, device=dev)
+    valid = slot[None, :] < count[:, None]                                     # [nq, S]
+    tiles = idx[(ptr[:-1, None] + slot[None, :]).clamp_max(len(idx) - 1)]      # [nq, S]
+    chunk = max(1, SCATTERED_CHUNK_ELEMENTS // max(1, heads * bm * s * bn))
+    for a in range(0, nq, chunk):
+        t = torch.arange(a, min(a + chunk, nq), device=dev)
+        qrows = (t[:, None] * bm + torch.arange(bm, device=dev)[None, :])     # [c, bm]
+        krows = (tiles[t][:, :, None] * bn + torch.arange(bn, device=dev)).reshape(len(t), -1)  # [c, nk]
+        kval = valid[t][:, :, None].expand(-1, -1, bn).reshape(len(t), -1)
+        kseg = torch.where(kval, seg[krows], torch.full_like(krows, -1))
+        mask = (seg[qrows][:, :, None] == kseg[:, None, :]) & (kseg >= 0)[:, None, :]
+        yield qrows.reshape(-1), krows, mask
+
+
+def scattered_forward(q, k, v, schedule, tables, scale: float):
+    """Attention of the packed sequence q [1, H, Np, D], k/v [1, KVH, Np, D] under the plan's
+    ``tables`` (``codegen.scattered.tables_from``); like ``forward``."""
+    ct = compute_dtype(q.dtype)
+    _, h, n, d = q.shape
+    kv_of = torch.arange(h, device=q.device) // (h // k.shape[1])
+    with torch.no_grad():
+        qc, kc, vc = q[0].to(ct), k[0].to(ct)[kv_of], v[0].to(ct)[kv_of]   # [H, Np, D]
+        out = torch.zeros(h, n, v.shape[-1], dtype=ct, device=q.device)
+        lse = torch.full((h, n), -math.inf, dtype=ct, device=q.device)
+        for qrows, krows, mask in _scattered_chunks(schedule, tables, h):
+            c, bm = mask.shape[:2]
+            qg = qc[:, qrows].view(h, c, bm, d)
+            o, l = masked_softmax_attention(qg, kc[:, krows], vc[:, krows], mask[None], scale)
+            out[:, qrows] = o.reshape(h, c * bm, -1)
+            lse[:, qrows] = l.reshape(h, c * bm)
+    return out[None].to(q.dtype), lse[None]
+
+
+def scattered_backward(q, k, v, out, lse, dout, schedule, tables, scale: float, dlse=None):
+    """Gradients (dq, dk, dv) of ``scattered_forward`` (packed layout); like ``backward``."""
+    ct = compute_dtype(q.dtype)
+    _, h, n, d = q.shape
+    kvh, dvd = k.shape[1], v.shape[-1]
+    group = h // kvh
+    dev = q.device
+    kv_of = torch.arange(h, device=dev) // group
+    with torch.no_grad():
+        qc, kc, vc = q[0].to(ct), k[0].to(ct)[kv_of], v[0].to(ct)[kv_of]
+        doc = torch.zeros_like(out[0], dtype=ct) if dout is None else dout[0].to(ct)
+        delta = (doc * out[0].to(ct)).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse[0].to(ct)
+        lse_c = lse[0].to(ct)
+        lse_c = torch.where(lse_c == -math.inf, torch.full_like(lse_c, math.inf), lse_c)
+        dq = torch.zeros(h, n, d, dtype=ct, device=dev)
+        dk = torch.zeros(kvh, n, d, dtype=ct, device=dev)
+        dv = torch.zeros(kvh, n, dvd, dtype=ct, device=dev)
+        for qrows, krows, mask in _scattered_chunks(schedule, tables, h):
+            c, bm = mask.shape[:2]
+            qg, dog = qc[:, qrows].view(h, c, bm, d), doc[:, qrows].view(h, c, bm, -1)
+            kg, vg = kc[:, krows], vc[:, krows]                               # [H, c, nk, D]
+            s = torch.matmul(qg, kg.transpose(-1, -2)) * scale
+            s = s.masked_fill(~mask[None], -math.inf)
+            p = torch.exp(s - lse_c[:, qrows].view(h, c, bm, 1))
+            dp = torch.matmul(dog, vg.transpose(-1, -2))
+            ds = p * (dp - delta[:, qrows].view(h, c, bm, 1))
+            dq[:, qrows] = (torch.matmul(ds, kg) * scale).reshape(h, c * bm, d)
+            flat = krows.reshape(-1)
+            gk = (torch.matmul(ds.transpose(-1, -2), qg) * scale).reshape(kvh, group, -1, d).sum(1)
+            gv = torch.matmul(p.transpose(-1, -2), dog).reshape(kvh, group, -1, dvd).sum(1)
+            dk.index_add_(1, flat, gk)
+            dv.index_add_(1, flat, gv)
+    return dq[None].to(q.dtype), dk[None].to(k.dtype), dv[None].to(v.dtype)

@@ -8,6 +8,11 @@
 (routed attention: ``routes`` int64 [B, H|1, R, topk] follows ``v`` in both; the index
 tables are built from it on its device per call, ``codegen.routed.routed_tables``)
 
+(scattered voxel windows: q, k, v, out are [N, H, D], lse [N, H]; the plan's tensors
+``codegen.scattered.ScatteredPlan.tensors()`` — order, seg and the CSR tables — follow ``v``
+as one list in both; the op packs q/k/v into window order [1, H, N_pad, D], runs the
+kernels or the CPU executor on the packed sequence, and scatters results back to voxel order)
+
 each with a fake (meta) function, and an autograd formula on the forward op that calls the
 backward op. They are plain ``custom_op``s with explicit fakes (not ``triton_op``), so
 ``opcheck`` and fake-tensor tracing work on CPU (see DESIGN.md, known pitfalls).
@@ -108,6 +113,52 @@ class AttentionOp:
         """Routed attention: the ops take the routes, and the tables are built per call."""
         return getattr(self.schedule, "routed", None) is not None
 
+    @property
+    def scattered(self) -> bool:
+        """Scattered voxel windows: the ops take the plan's tensors (``codegen.scattered``)."""
+        return getattr(self.schedule, "scattered", None) is not None
+
+    def run_scattered_forward(self, q, k, v, plan, scale: float, backend: str):
+        from ..codegen.scattered import pack, tables_from, unpack
+
+        which = resolve_backend(backend, q.device)
+        order, seg = plan[0], plan[1]
+        n, n_pad = q.shape[0], seg.shape[0]
+        qp, kp, vp = (pack(t, order, n_pad) for t in (q, k, v))
+        tables = tables_from(plan, q.shape[1])
+        if which == "cpu":
+            outp, lsep = cpu.scattered_forward(qp, kp, vp, self.schedule, tables, scale)
+        else:
+            outp, lsep = self.kernels(which == "interpret").forward(qp, kp, vp, scale, tables=tables)
+        return unpack(outp, order, n), unpack(lsep.to(_lse_dtype(q.dtype)), order, n)
+
+    def run_scattered_backward(self, q, k, v, plan, out, lse, dout, dlse, scale: float, backend: str):
+        from ..codegen.scattered import pack, tables_from, unpack
+
+        which = resolve_backend(backend, q.device)
+        order, seg = plan[0], plan[1]
+        n, n_pad = q.shape[0], seg.shape[0]
+        qp, kp, vp, outp = (pack(t, order, n_pad) for t in (q, k, v, out))
+        lsep = pack(lse, order, n_pad, fill=float("-inf"))
+        doutp = None if dout is None else pack(dout, order, n_pad)
+        dlsep = None if dlse is None else pack(dlse, order, n_pad)
+        tables = tables_from(plan, q.shape[1])
+        if which == "cpu":
+            grads = cpu.scattered_backward(qp, kp, vp, outp, lsep, doutp, self.schedule, tables, scale, dlse=dlsep)
+        else:
+            if doutp is None:
+                grads = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(vp)
+            else:
+                grads = self.kernels(which == "interpret").backward(qp, kp, vp, outp, lsep.float(), doutp, scale,
+                                                                     tables=tables)
+            if dlsep is not None:
+                # As run_backward: the LSE gradient's share from the torch executor.
+                cq, ck, _ = cpu.scattered_backward(qp, kp, vp, outp, lsep, None, self.schedule, tables, scale,
+                                                   dlse=dlsep)
+                grads = ((grads[0].float() + cq.float()).to(q.dtype), (grads[1].float() + ck.float()).to(k.dtype),
+                         grads[2])
+        return tuple(unpack(g, order, n) for g in grads)
+
     def _tables(self, routes):
         if not self.routed:
             return None
@@ -197,6 +248,8 @@ def _no_autocast(t: Tensor):
 def _define(entry: AttentionOp) -> None:
     if entry.routed:
         return _define_routed(entry)
+    if entry.scattered:
+        return _define_scattered(entry)
     qual = f"{NAMESPACE}::{entry.name}"
 
     @torch.library.custom_op(qual, mutates_args=())
@@ -286,6 +339,56 @@ def _define_routed(entry: AttentionOp) -> None:
             dlse = dlse.contiguous()
         dq, dk, dv = bwd(q, k, v, routes, out, lse, dout, dlse, ctx.scale, ctx.backend)
         return dq, dk, dv, None, None, None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    entry.fwd, entry.bwd = fwd, bwd
+
+
+def _define_scattered(entry: AttentionOp) -> None:
+    """The ops of a scattered schedule: q, k, v [N, H|KVH, D] (voxel order), the plan's
+    tensors (``ScatteredPlan.tensors()``, no gradient) after v; out [N, H, D], lse [N, H]."""
+    qual = f"{NAMESPACE}::{entry.name}"
+
+    @torch.library.custom_op(qual, mutates_args=())
+    def fwd(q: Tensor, k: Tensor, v: Tensor, plan: list[Tensor], scale: float, backend: str) -> tuple[Tensor, Tensor]:
+        with _no_autocast(q):
+            return entry.run_scattered_forward(q, k, v, plan, scale, backend)
+
+    @fwd.register_fake
+    def _fwd_fake(q, k, v, plan, scale, backend):
+        n, h, _ = q.shape
+        return q.new_empty((n, h, v.shape[-1])), q.new_empty((n, h), dtype=_lse_dtype(q.dtype))
+
+    @torch.library.custom_op(qual + "_bwd", mutates_args=())
+    def bwd(q: Tensor, k: Tensor, v: Tensor, plan: list[Tensor], out: Tensor, lse: Tensor, dout: Optional[Tensor],
+            dlse: Optional[Tensor], scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+        with _no_autocast(q):
+            return tuple(t.contiguous() for t in entry.run_scattered_backward(q, k, v, plan, out, lse, dout, dlse,
+                                                                               scale, backend))
+
+    @bwd.register_fake
+    def _bwd_fake(q, k, v, plan, out, lse, dout, dlse, scale, backend):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, plan, scale, backend = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, *plan)
+        ctx.n_plan = len(plan)
+        ctx.scale = scale
+        ctx.backend = backend
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, dout, dlse):
+        if dout is None and dlse is None:
+            return None, None, None, [None] * ctx.n_plan, None, None
+        q, k, v, out, lse, *plan = ctx.saved_tensors
+        if dout is not None:
+            dout = dout.contiguous()
+        if dlse is not None:
+            dlse = dlse.contiguous()
+        dq, dk, dv = bwd(q, k, v, plan, out, lse, dout, dlse, ctx.scale, ctx.backend)
+        return dq, dk, dv, [None] * len(plan), None, None
 
     fwd.register_autograd(backward, setup_context=setup_context)
     entry.fwd, entry.bwd = fwd, bwd

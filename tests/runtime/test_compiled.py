@@ -63,8 +63,8 @@ def test_bad_pattern_and_problem_types():
 
 
 def test_content_dependent_pattern_is_refused_clearly():
-    with pytest.raises(UnsupportedPatternError, match="content-dependent patterns only a Routed pattern"):
-        compile(sf.Scattered(2), P((4, 4)))
+    with pytest.raises(UnsupportedPatternError, match="only a Routed or a Scattered pattern on its own"):
+        compile(sf.PerHead([sf.Scattered(2), sf.Scattered(4)]), sf.Problem(heads=2))
     with pytest.raises(NotImplementedError):
         compile(sf.Routed(2, topk=1) | sf.Causal(), P((4, 4)))
 
