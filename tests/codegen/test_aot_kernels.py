@@ -12,6 +12,8 @@ from sparseforge.codegen import build_schedule
 from sparseforge.codegen.config import default_config
 from sparseforge.codegen.kernels import TritonKernels
 
+from ._aot import assert_tensor_cores_without_spills, compile_reports, instance_ids
+
 INSTANCES = [
     (sf.Neighborhood(7, dilation=2), sf.Problem(grid=(56, 56), heads=8, head_dim=64, dtype=torch.bfloat16)),
     (sf.PerHead([sf.Neighborhood(3), sf.Blocks(2), sf.Grid(2), sf.Causal()]),
@@ -39,12 +41,7 @@ INSTANCES = [
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     """{(instance index, kernel, target): ResourceReport}, also written as JSON for the log."""
-    out = {}
-    for i, (pattern, problem) in enumerate(INSTANCES):
-        kernels = TritonKernels(build_schedule(pattern, problem), config=default_config(problem))
-        for name in TritonKernels.KERNELS:
-            for target in ("sm_80", "sm_90"):
-                out[(i, name, target)] = kernels.aot(name, target)
+    out = compile_reports(INSTANCES, build_schedule)
     path = tmp_path_factory.mktemp("aot") / "resources.json"
     path.write_text(json.dumps({f"{INSTANCES[i][0]!r} {INSTANCES[i][1]!r} {n} {t}": r.as_dict()
                                 for (i, n, t), r in out.items()}, indent=1))
@@ -52,34 +49,21 @@ def reports(tmp_path_factory):
     return out
 
 
-def _ids():
-    return [f"{p!r}-{q.name()}" for p, q in INSTANCES]
-
-
-@pytest.mark.parametrize("index", range(len(INSTANCES)), ids=_ids())
+@pytest.mark.parametrize("index", range(len(INSTANCES)), ids=instance_ids(INSTANCES))
 def test_forward_uses_tensor_cores_without_spills(reports, index):
     problem = INSTANCES[index][1]
-    if problem.dtype != torch.float32:  # fp32 inputs run IEEE fp32 dots: no tensor cores by design
-        assert reports[(index, "fwd", "sm_80")].tensor_core == "mma"
+    fp32 = problem.dtype == torch.float32  # IEEE fp32 dots: no tensor cores by design
+    assert_tensor_cores_without_spills(reports, index, ("fwd",), tensor_cores=not fp32)
+    if not fp32:
         wgmma = math.prod(default_config(problem).q_tile) >= 64  # wgmma needs 64-row tiles
         assert reports[(index, "fwd", "sm_90")].tensor_core == ("wgmma" if wgmma else "mma")
-    for target in ("sm_80", "sm_90"):
-        r = reports[(index, "fwd", target)]
-        assert r.spills == 0, r.as_dict()
-        assert 0 < r.registers <= 255 and r.shared_bytes > 0
+    assert all(reports[(index, "fwd", t)].shared_bytes > 0 for t in ("sm_80", "sm_90"))
 
 
-@pytest.mark.parametrize("index", range(len(INSTANCES)), ids=_ids())
+@pytest.mark.parametrize("index", range(len(INSTANCES)), ids=instance_ids(INSTANCES))
 def test_backward_uses_tensor_cores_without_spills(reports, index):
-    problem = INSTANCES[index][1]
-    for name in ("bwd_dq", "bwd_dkdv"):
-        if problem.dtype != torch.float32:
-            assert reports[(index, name, "sm_80")].tensor_core == "mma"
-            assert reports[(index, name, "sm_90")].tensor_core in ("wgmma", "mma")
-        for target in ("sm_80", "sm_90"):
-            r = reports[(index, name, target)]
-            assert r.spills == 0, (name, r.as_dict())
-            assert 0 < r.registers <= 255
+    fp32 = INSTANCES[index][1].dtype == torch.float32
+    assert_tensor_cores_without_spills(reports, index, ("bwd_dq", "bwd_dkdv"), tensor_cores=not fp32)
 
 
 def test_bf16_signature():

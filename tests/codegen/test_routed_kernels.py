@@ -8,9 +8,10 @@ import torch
 
 import sparseforge as sf
 from sparseforge.codegen.config import default_config
-from sparseforge.codegen.kernels import TritonKernels
 from sparseforge.codegen.routed import build_routed_schedule, region_pad, region_tile, routed_tables
 from sparseforge.codegen.tiling import DimTiling
+
+from ._aot import assert_tensor_cores_without_spills, compile_reports, instance_ids
 
 
 def test_region_padding_coordinates():
@@ -111,25 +112,13 @@ INSTANCES = [
 
 @pytest.fixture(scope="module")
 def reports():
-    out = {}
-    for i, (pattern, problem) in enumerate(INSTANCES):
-        kernels = TritonKernels(build_routed_schedule(pattern, problem), config=default_config(problem, pattern))
-        for name in TritonKernels.KERNELS:
-            for target in ("sm_80", "sm_90"):
-                out[(i, name, target)] = kernels.aot(name, target)
-    return out
+    return compile_reports(INSTANCES, build_routed_schedule)
 
 
-@pytest.mark.parametrize("index", range(len(INSTANCES)), ids=[f"{p!r}-{q.name()}" for p, q in INSTANCES])
+@pytest.mark.parametrize("index", range(len(INSTANCES)), ids=instance_ids(INSTANCES))
 def test_routed_kernels_use_tensor_cores_without_spills(reports, index):
     pattern, problem = INSTANCES[index]
     q_rows = math.prod(default_config(problem, pattern).q_tile)
     assert q_rows >= 64
-    for name in TritonKernels.KERNELS:
-        assert reports[(index, name, "sm_80")].tensor_core == "mma", name
-        assert reports[(index, name, "sm_90")].tensor_core in ("wgmma", "mma"), name
-        for target in ("sm_80", "sm_90"):
-            r = reports[(index, name, target)]
-            assert r.spills == 0, (name, target, r.as_dict())
-            assert 0 < r.registers <= 255
+    assert_tensor_cores_without_spills(reports, index)
     assert reports[(index, "fwd", "sm_90")].tensor_core == "wgmma"

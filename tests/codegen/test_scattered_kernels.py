@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import sparseforge as sf
-from sparseforge.codegen.config import default_config
 from sparseforge.codegen.kernels import TritonKernels
 from sparseforge.codegen.scattered import build_scattered_schedule, group, pack, plan, unpack, window_ids
+
+from ._aot import assert_tensor_cores_without_spills, compile_reports, instance_ids
 
 
 def _coords(n, extent, batch, ndim, gen):
@@ -114,22 +115,10 @@ INSTANCES = [
 
 @pytest.fixture(scope="module")
 def reports():
-    out = {}
-    for i, (pattern, problem) in enumerate(INSTANCES):
-        kernels = TritonKernels(build_scattered_schedule(pattern, problem), config=default_config(problem, pattern))
-        for name in TritonKernels.KERNELS:
-            for target in ("sm_80", "sm_90"):
-                out[(i, name, target)] = kernels.aot(name, target)
-    return out
+    return compile_reports(INSTANCES, build_scattered_schedule)
 
 
-@pytest.mark.parametrize("index", range(len(INSTANCES)), ids=[f"{p!r}-{q.name()}" for p, q in INSTANCES])
+@pytest.mark.parametrize("index", range(len(INSTANCES)), ids=instance_ids(INSTANCES))
 def test_scattered_kernels_use_tensor_cores_without_spills(reports, index):
-    for name in TritonKernels.KERNELS:
-        assert reports[(index, name, "sm_80")].tensor_core == "mma", name
-        assert reports[(index, name, "sm_90")].tensor_core in ("wgmma", "mma"), name
-        for target in ("sm_80", "sm_90"):
-            r = reports[(index, name, target)]
-            assert r.spills == 0, (name, target, r.as_dict())
-            assert 0 < r.registers <= 255
+    assert_tensor_cores_without_spills(reports, index)
     assert reports[(index, "fwd", "sm_90")].tensor_core == "wgmma"

@@ -11,10 +11,7 @@ import torch._dynamo  # noqa: F401  (imports triton.language before any kernel l
 import sparseforge as sf
 from sparseforge.runtime import compile
 
-from ._common import TOL, finite_lse_err, qkv, rand, rel_err
-
-# Interpreted kernels accumulate in fp32 like the CPU executor, in another order.
-KERNEL_TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
+from ._common import KERNEL_TOL, TOL, assert_gradients_match, qkv, rand, rel_err
 
 
 def P(grid, heads=2, head_dim=16, kv_heads=None, dtype=torch.float32):
@@ -29,20 +26,13 @@ def check(pattern, problem, backend, *, batch=1, routes=None, ref_pattern=None, 
     out, lse = attn(q, k, v, return_lse=True, routes=routes)
     assert out.dtype == dtype and out.shape == q.shape and lse.shape == q.shape[:3]
     dout = rand(out.shape, dtype, torch.Generator().manual_seed(seed + 1))
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
 
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    if ref_pattern is None:
-        ref, ref_lse = sf.reference_attention(q64, k64, v64, pattern, problem, return_lse=True, routes=routes)
-    else:
-        ref, ref_lse = sf.reference_attention(q64, k64, v64, ref_pattern, problem, return_lse=True)
-    rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
-    errs = {"out": rel_err(out, ref), "lse": finite_lse_err(lse, ref_lse),
-            "dq": rel_err(dq, rq), "dk": rel_err(dk, rk), "dv": rel_err(dv, rv)}
-    bound = TOL[dtype] if backend == "cpu" else KERNEL_TOL[dtype]
-    bad = {name: e for name, e in errs.items() if not e <= bound}
-    assert not bad, f"{pattern!r} on {problem!r} ({backend}): errors {bad} above {bound}; all {errs}"
-    return errs
+    def reference(q64, k64, v64):
+        if ref_pattern is None:
+            return sf.reference_attention(q64, k64, v64, pattern, problem, return_lse=True, routes=routes)
+        return sf.reference_attention(q64, k64, v64, ref_pattern, problem, return_lse=True)
+    return assert_gradients_match(f"{pattern!r} on {problem!r} ({backend})", (q, k, v), out, lse, dout, reference,
+                                  TOL[dtype] if backend == "cpu" else KERNEL_TOL[dtype])
 
 
 # (pattern, problem): small shapes; the interpreter costs ~0.1 s per visited tile.

@@ -12,10 +12,7 @@ import torch._dynamo  # noqa: F401  (imports triton.language before any kernel l
 import sparseforge as sf
 from sparseforge.runtime import compile
 
-from ._common import TOL, finite_lse_err, rand, rel_err
-
-# Interpreted kernels accumulate in fp32 like the CPU executor, in another order.
-KERNEL_TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
+from ._common import KERNEL_TOL, TOL, assert_gradients_match, rand, rel_err
 
 
 def P(heads=2, head_dim=16, kv_heads=None, dtype=torch.float32):
@@ -45,15 +42,10 @@ def check(pattern, problem, coords, backend, *, dtype=None, seed=0, q_tile=None,
     out, lse = attn(q, k, v, coords=coords, return_lse=True)
     assert out.dtype == dtype and out.shape == q.shape and lse.shape == (n, problem.heads)
     dout = rand(out.shape, dtype, torch.Generator().manual_seed(seed + 1))
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, ref_lse = sf.reference_attention(q64, k64, v64, pattern, problem, coords=coords, return_lse=True)
-    rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
-    errs = {"out": rel_err(out, ref), "lse": finite_lse_err(lse, ref_lse),
-            "dq": rel_err(dq, rq), "dk": rel_err(dk, rk), "dv": rel_err(dv, rv)}
-    bound = TOL[dtype] if backend == "cpu" else KERNEL_TOL[dtype]
-    bad = {name: e for name, e in errs.items() if not e <= bound}
-    assert not bad, f"{pattern!r} on {problem!r} ({backend}): errors {bad} above {bound}; all {errs}"
+    assert_gradients_match(
+        f"{pattern!r} on {problem!r} ({backend})", (q, k, v), out, lse, dout,
+        lambda q64, k64, v64: sf.reference_attention(q64, k64, v64, pattern, problem, coords=coords, return_lse=True),
+        TOL[dtype] if backend == "cpu" else KERNEL_TOL[dtype])
     return attn
 
 

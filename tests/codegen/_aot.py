@@ -1,0 +1,38 @@
+"""Shared ahead-of-time checks: compile every kernel of some schedules for sm_80 and sm_90
+and assert what real GPUs need (tensor cores, no register spills)."""
+from __future__ import annotations
+
+from sparseforge.codegen.config import default_config
+from sparseforge.codegen.kernels import TritonKernels
+
+TARGETS = ("sm_80", "sm_90")
+
+
+def compile_reports(instances, schedule_of) -> dict:
+    """{(index, kernel, target): ResourceReport} for every (pattern, problem) in
+    ``instances``, its schedule from ``schedule_of(pattern, problem)``, at the default config."""
+    out = {}
+    for i, (pattern, problem) in enumerate(instances):
+        kernels = TritonKernels(schedule_of(pattern, problem), config=default_config(problem, pattern))
+        for name in TritonKernels.KERNELS:
+            for target in TARGETS:
+                out[(i, name, target)] = kernels.aot(name, target)
+    return out
+
+
+def assert_tensor_cores_without_spills(reports, index: int, kernels=TritonKernels.KERNELS,
+                                       tensor_cores: bool = True) -> None:
+    """mma on sm_80 (wgmma or mma on sm_90) unless ``tensor_cores`` is False (fp32 inputs),
+    zero spill bytes and a sane register count on both targets."""
+    for name in kernels:
+        if tensor_cores:
+            assert reports[(index, name, "sm_80")].tensor_core == "mma", name
+            assert reports[(index, name, "sm_90")].tensor_core in ("wgmma", "mma"), name
+        for target in TARGETS:
+            r = reports[(index, name, target)]
+            assert r.spills == 0, (name, target, r.as_dict())
+            assert 0 < r.registers <= 255, (name, target, r.as_dict())
+
+
+def instance_ids(instances) -> list[str]:
+    return [f"{p!r}-{q.name()}" for p, q in instances]
