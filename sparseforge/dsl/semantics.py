@@ -180,6 +180,77 @@ def reference_attention(q, k, v, pattern: Pattern, problem: Problem, *, scale: f
     return (out, lse) if return_lse else out
 
 
+def reference_linear_attention(q, k, v, pattern, coords, *, feature_map: str = "relu",
+                               neighbor_pooling: bool = False, eps: float = 1e-6):
+    """Scattered voxel-window linear attention (ScatterFormer) in float64, plainly.
+
+    q [N, H, D], k/v [N, kv_heads, D] (kv heads repeated to H), ``pattern`` a ``Scattered``,
+    ``coords`` int [N, 1 + ndim] (batch first). phi = relu (``feature_map="relu"``) or
+    elu(x) + 1 (``"elu+1"``). Per window g and head: KV_g = sum_{j in g} phi(k_j)^T v_j,
+    S_g = sum_{j in g} phi(k_j), out_i = phi(q_i) KV_g / (phi(q_i) . S_g + eps).
+    ``neighbor_pooling``: KV_g and S_g are first replaced by their sums over the windows
+    (batch, w_1 + a, w_2 + b, w_3...) for a, b in {-1, 0, 1} (1-D coords: a only) that hold
+    voxels. Loops over windows in Python: the oracle, not fast. Differentiable; float64 out.
+    """
+    from .content import Scattered, check_coords
+
+    if not isinstance(pattern, Scattered):
+        raise TypeError(f"pattern must be a sparseforge Scattered, got {pattern!r}")
+    if feature_map not in ("relu", "elu+1"):
+        raise ValueError(f"feature_map must be one of ['relu', 'elu+1'], got {feature_map!r}")
+    coords = check_coords(coords)
+    pattern.check_rank(coords)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 3 \
+                or t.shape[0] != coords.shape[0]:
+            raise ValueError(f"{name} must be a floating tensor [N={coords.shape[0]}, heads, D], "
+                             f"got {getattr(t, 'shape', type(t).__name__)}")
+    h = q.shape[1]
+    if k.shape[1] != v.shape[1] or h % k.shape[1]:
+        raise ValueError(f"k/v heads {k.shape[1]}/{v.shape[1]} do not divide q's {h}")
+
+    def phi(x):
+        return torch.relu(x) if feature_map == "relu" else torch.where(x > 0, x + 1, torch.exp(x))
+
+    q64 = q.double().cpu()
+    k64 = k.double().cpu().repeat_interleave(h // k.shape[1], dim=1)
+    v64 = v.double().cpu().repeat_interleave(h // v.shape[1], dim=1)
+    fq, fk = phi(q64), phi(k64)
+    ids = [tuple(int(x) for x in row) for row in pattern.window_ids(coords)]
+    members: dict[tuple, list[int]] = {}
+    for i, w in enumerate(ids):
+        members.setdefault(w, []).append(i)
+    kv, sums = {}, {}
+    for w, rows in members.items():
+        kv[w] = torch.einsum("nhd,nhe->hde", fk[rows], v64[rows])
+        sums[w] = fk[rows].sum(0)
+    if neighbor_pooling:
+        two = len(ids[0]) > 2 if ids else False
+        pooled_kv, pooled_s = {}, {}
+        for w in members:
+            total_kv, total_s = torch.zeros_like(kv[w]), torch.zeros_like(sums[w])
+            for a in (-1, 0, 1):
+                for b in ((-1, 0, 1) if two else (0,)):
+                    other = list(w)
+                    other[1] += a
+                    if two:
+                        other[2] += b
+                    other = tuple(other)
+                    if other in members:
+                        total_kv = total_kv + kv[other]
+                        total_s = total_s + sums[other]
+            pooled_kv[w], pooled_s[w] = total_kv, total_s
+        kv, sums = pooled_kv, pooled_s
+    out = []
+    for i, w in enumerate(ids):
+        num = torch.einsum("hd,hde->he", fq[i], kv[w])
+        den = (fq[i] * sums[w]).sum(-1, keepdim=True) + eps
+        out.append(num / den)
+    if not out:
+        return q64.new_zeros(0, h, v.shape[2]) + 0 * (q64.sum() + k64.sum() + v64.sum())
+    return torch.stack(out).to(q.device)
+
+
 # ------------------------------------------------------------------------------------
 # Statistics
 # ------------------------------------------------------------------------------------

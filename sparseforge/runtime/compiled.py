@@ -13,6 +13,10 @@
     plan = voxels.plan(coords)                 # the window grouping, reusable across calls/layers
     out = voxels(q, k, v, plan=plan)
 
+    lin = compile(Scattered(window_size=(12, 12, 1)), problem, attention="linear",  # ScatterFormer
+                  feature_map="elu+1", neighbor_pooling=True)  # -> runtime.linear.ScatteredLinearAttention
+    out = lin(q, k, v, coords=coords)          # or plan=lin.plan(coords); torch ops, no LSE
+
 Routed attention (``dsl.content.Routed``) runs region-aligned tiles whose index tables are
 built per call from the routes (``codegen.routed``); scattered voxel windows
 (``dsl.content.Scattered``) run on the window-sorted packed sequence with tables built per
@@ -23,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import typing
 
 import torch
 
@@ -31,6 +36,9 @@ from ..dsl.problem import DTYPE_NAMES, Problem
 from ..dsl.semantics import check_pattern_problem, check_qkv
 from ..codegen.config import KernelConfig
 from . import op as _op
+
+if typing.TYPE_CHECKING:
+    from .linear import ScatteredLinearAttention
 
 __all__ = ["BACKENDS", "CompiledAttention", "TRITON_HEAD_DIMS", "UnsupportedPatternError", "compile"]
 
@@ -41,6 +49,8 @@ TRITON_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
 #: Input dtypes the generated Triton kernels support.
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SOURCE_KINDS = ("fwd", "bwd")
+#: Values of ``compile(..., attention=)``.
+ATTENTIONS = ("softmax", "linear")
 
 
 class UnsupportedPatternError(NotImplementedError, ValueError):
@@ -69,7 +79,9 @@ def check_triton_problem(problem: Problem, backend: str) -> None:
 
 
 def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q_tile=None, k_tile=None,
-            config: KernelConfig | None = None, autotune: bool = False, target=None) -> "CompiledAttention":
+            config: KernelConfig | None = None, autotune: bool = False, target=None, attention: str = "softmax",
+            feature_map: str | None = None,
+            neighbor_pooling: bool | None = None) -> "CompiledAttention | ScatteredLinearAttention":
     """Lower ``pattern`` on ``problem`` to a tile schedule and wrap it as a torch op.
 
     backend:  None (CUDA tensors -> generated Triton kernels, CPU tensors -> the CPU
@@ -80,10 +92,29 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
     autotune: take the config from the tuning database, tuning first if it has none
               (``sparseforge.autotune.tune``: timed on a GPU of the target, predicted by the
               cost model otherwise); ``target`` ("sm_80", "sm_90", ...) as in ``tune``.
+    attention: "softmax" (default) or "linear": ScatterFormer's scattered linear attention,
+              ``Scattered`` patterns only, returning a ``runtime.linear.ScatteredLinearAttention``
+              (torch ops, no kernel yet); ``feature_map`` ("relu" default, or "elu+1") and
+              ``neighbor_pooling`` (bool, default False) apply to it only.
     """
     check_pattern_problem(pattern, problem)
     check_backend(backend)
     from ..dsl.content import Routed, Scattered
+
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {list(ATTENTIONS)}, got {attention!r}")
+    if attention == "linear" or feature_map is not None or neighbor_pooling is not None:
+        if not isinstance(pattern, Scattered):
+            given = "attention='linear'" if attention == "linear" else \
+                ("feature_map" if feature_map is not None else "neighbor_pooling")
+            raise ValueError(f"{given} is only for Scattered patterns (scattered linear attention), "
+                             f"got {pattern!r}")
+        if attention != "linear":
+            given = "feature_map" if feature_map is not None else "neighbor_pooling"
+            raise ValueError(f"{given} is only for attention='linear', got attention={attention!r}")
+        return compile_linear(pattern, problem, backend=backend, q_tile=q_tile, k_tile=k_tile, config=config,
+                              autotune=autotune, target=target, feature_map=feature_map,
+                              neighbor_pooling=neighbor_pooling)
 
     routed = isinstance(pattern, Routed)
     scattered = isinstance(pattern, Scattered)
@@ -119,6 +150,28 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
     elif config is None:
         config = KernelConfig(q_tile=q_tile, k_tile=k_tile)
     return CompiledAttention(schedule_for(pattern, problem, config), backend, config, tuning=tuning)
+
+
+def compile_linear(pattern, problem: Problem, *, backend, q_tile, k_tile, config, autotune, target, feature_map,
+                   neighbor_pooling):
+    """``compile(..., attention="linear")``: checks, then a ``ScatteredLinearAttention``."""
+    from .linear import ScatteredLinearAttention
+
+    if problem.grid is not None:
+        raise ValueError(f"{pattern!r} takes its voxels from coords at call time: give Problem(grid=None), "
+                         f"got grid={problem.grid}")
+    if backend not in (None, "cpu"):
+        raise ValueError(f"backend={backend!r} is not available for attention='linear': it runs as torch ops on "
+                         "the inputs' device (no Triton kernel yet); give backend=None (or 'cpu' to insist on "
+                         "CPU tensors)")
+    for name, value in (("q_tile", q_tile), ("k_tile", k_tile), ("config", config), ("target", target)):
+        if value is not None:
+            raise ValueError(f"{name} is not used by attention='linear' (no kernel tiles); leave it None")
+    if autotune:
+        raise ValueError("autotune=True is not available for attention='linear' (no kernel to tune)")
+    return ScatteredLinearAttention(pattern, problem, backend=backend,
+                                    feature_map="relu" if feature_map is None else feature_map,
+                                    neighbor_pooling=False if neighbor_pooling is None else neighbor_pooling)
 
 
 def schedule_for(pattern: Pattern, problem: Problem, config: KernelConfig):

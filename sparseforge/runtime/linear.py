@@ -1,0 +1,91 @@
+"""``compile(Scattered(...), problem, attention="linear")``: ScatterFormer's scattered
+linear attention (``codegen.scattered_linear``), run as differentiable torch ops on the
+inputs' device (no custom kernel yet: a fused Triton kernel is future work).
+
+    lin = compile(Scattered(window_size=(12, 12, 1)), Problem(heads=4, head_dim=32), attention="linear")
+    out = lin(q, k, v, coords=coords)          # q [N, H, D], k/v [N, kv_heads, D]
+    plan = lin.plan(coords)                    # reusable across calls / layers
+    out = lin(q, k, v, plan=plan)
+"""
+from __future__ import annotations
+
+import torch
+
+from ..dsl.content import Scattered
+from ..dsl.problem import DTYPE_NAMES, Problem
+
+
+class ScatteredLinearAttention:
+    """Scattered voxel-window linear attention of ``pattern`` on ``problem``.
+
+    backend: None (torch ops on the inputs' device) or "cpu" (CPU tensors only).
+    feature_map: "relu" or "elu+1"; neighbor_pooling: sum each window's KV and S over its
+    3 x 3 window neighbourhood (exact rule: ``codegen.scattered_linear``). No softmax, so
+    no LSE: ``return_lse=True`` raises, and so does ``scale`` (linear attention has none).
+    """
+
+    attention = "linear"
+
+    def __init__(self, pattern: Scattered, problem: Problem, *, feature_map: str = "relu",
+                 neighbor_pooling: bool = False, backend: str | None = None):
+        from ..codegen.scattered_linear import check_feature_map
+
+        if not isinstance(pattern, Scattered):
+            raise ValueError(f"attention='linear' is only for Scattered patterns, got {pattern!r}")
+        if not isinstance(neighbor_pooling, bool):
+            raise TypeError(f"neighbor_pooling must be a bool, got {neighbor_pooling!r}")
+        self.pattern = pattern
+        self.problem = problem
+        self.feature_map = check_feature_map(feature_map)
+        self.neighbor_pooling = neighbor_pooling
+        if backend not in (None, "cpu"):
+            raise ValueError(f"backend must be None or 'cpu' for attention='linear' (torch ops), got {backend!r}")
+        self.backend = backend
+
+    def __repr__(self) -> str:
+        return (f"ScatteredLinearAttention({self.pattern!r}, {self.problem!r}, feature_map={self.feature_map!r}, "
+                f"neighbor_pooling={self.neighbor_pooling}, backend={self.backend!r})")
+
+    def plan(self, coords):
+        """The window grouping (and neighbour table) of voxel ``coords`` (int [N, 1 + ndim],
+        batch first): a ``ScatteredLinearPlan`` to pass as ``plan=``."""
+        from ..codegen.scattered_linear import plan
+
+        return plan(self.pattern, coords, self.neighbor_pooling)
+
+    def __call__(self, q, k, v, *, coords=None, plan=None, return_lse: bool = False, scale=None, routes=None):
+        """out [N, H, D] of q [N, H, D], k/v [N, kv_heads, D] (voxel order) and either
+        ``coords`` or ``plan`` (``self.plan(coords)``)."""
+        from ..codegen.scattered_linear import ScatteredLinearPlan, linear_attention
+        from .compiled import check_voxel_qkv
+
+        if return_lse is not False:
+            raise ValueError("return_lse=True is not available for attention='linear': linear attention has no "
+                             "softmax and so no log-sum-exp")
+        if scale is not None:
+            raise ValueError("scale is not used by attention='linear' (no softmax); leave it None")
+        if routes is not None:
+            raise ValueError(f"routes is only for Routed patterns; {self.pattern!r} takes coords= or plan=")
+        if (coords is None) == (plan is None):
+            raise ValueError(f"{self.pattern!r} needs the voxel coordinates: pass exactly one of coords= "
+                             "(int [N, 1 + ndim], batch first) or plan= (lin.plan(coords))")
+        if plan is None:
+            plan = self.plan(coords)
+        elif not isinstance(plan, ScatteredLinearPlan):
+            raise TypeError(f"plan must be a ScatteredLinearPlan from lin.plan(coords), got {type(plan).__name__}")
+        elif plan.pattern != self.pattern or plan.neighbor_pooling != self.neighbor_pooling:
+            raise ValueError(f"plan was made for {plan.pattern!r} with neighbor_pooling={plan.neighbor_pooling}, "
+                             f"not for this op ({self.pattern!r}, neighbor_pooling={self.neighbor_pooling}); "
+                             "make it with this op's plan()")
+        check_voxel_qkv(q, k, v, self.problem, plan.n_voxels)
+        if self.backend == "cpu" and q.device.type != "cpu":
+            raise ValueError(f"q is on {q.device} but this op was compiled with backend='cpu'")
+        if plan.device != q.device:
+            raise ValueError(f"plan (coords) is on {plan.device} but q is on {q.device}")
+        if q.dtype not in (self.problem.dtype, torch.float64):
+            want = DTYPE_NAMES.get(self.problem.dtype, self.problem.dtype)
+            raise TypeError(f"q has dtype {q.dtype}, expected {want} (or float64), the dtype of {self.problem!r}")
+        group = self.problem.heads // self.problem.kv_heads
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return linear_attention(q, k, v, plan, self.feature_map)
