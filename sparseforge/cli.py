@@ -215,6 +215,7 @@ def runtime_inputs(pattern, problem):
     """Inputs a content-dependent pattern reads, made up for a picture, and notes saying so.
 
     Routed: random q, k from a fixed seed. Scattered: every grid cell a voxel of batch 0.
+    Grouped: the tokens cut into 4 contiguous groups (packed documents).
     """
     import torch
 
@@ -233,6 +234,11 @@ def runtime_inputs(pattern, problem):
         inputs["coords"] = torch.cat([torch.zeros(len(cells), 1, dtype=torch.long), cells], dim=1)
         notes.append(f"voxels: every cell of the {'x'.join(map(str, problem.grid))} grid is a voxel of batch 0 "
                      "(coords built from --grid)")
+    if "groups" in needs:
+        n = problem.tokens
+        inputs["groups"] = (torch.arange(n) * min(4, n) // n)[None]
+        notes.append(f"groups: the {n} tokens cut into {min(4, n)} contiguous groups of equal size "
+                     "(one example of run-time group ids)")
     return inputs, notes
 
 

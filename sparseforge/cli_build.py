@@ -48,6 +48,15 @@ def kernel_problem(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads):
                        kv_heads=base.heads if kv_heads is None else kv_heads)
 
 
+def _refuse_grouped(pattern) -> None:
+    """Grouped patterns compile in Python only (``runtime.grouped``): no build directory or bench yet."""
+    if "groups" in pattern.inputs_needed():
+        from .runtime.compiled import UnsupportedPatternError
+
+        raise UnsupportedPatternError(f"{pattern!r} reads group ids at call time and has no build directory or "
+                                      "bench support yet; use sparseforge.compile(...)(q, k, v, groups=ids) in Python")
+
+
 def tile_option(name: str):
     return click.option(f"--{name}", f"{name.replace('-', '_')}_text", default=None, metavar="AxB",
                         help=f"{'Query' if name == 'q-tile' else 'Key'} tile extents per grid dimension, "
@@ -160,6 +169,7 @@ def compile_cmd(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads, q_til
                 config = tuning.config
             else:
                 config = KernelConfig(q_tile=q_tile, k_tile=k_tile)
+            _refuse_grouped(pat)
             attn = sf_compile(pat, problem, config=config)
         attn.tuning = tuning
         out = Path(out_dir) if out_dir else envvars.cache_dir() / "builds" / attn.name
@@ -354,6 +364,7 @@ def bench(target, grid_text, seq, heads, head_dim, dtype, kv_heads, batch, repea
         pat = load_pattern_arg(target)
         problem = kernel_problem(pat, grid_text, seq, heads, head_dim, dtype, kv_heads)
         with user_errors(f"'PATTERN' on {problem!r}"):
+            _refuse_grouped(pat)
             attn = sf_compile(pat, problem)
     problem = attn.problem
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

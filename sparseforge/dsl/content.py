@@ -1,8 +1,9 @@
 """Content-dependent families: the mask depends on run-time inputs.
 
 Routed (BiFormer bi-level routing) reads q and k; Scattered (voxel windows) reads voxel
-coordinates. Their exact meaning lives here; ``codegen.routed`` compiles Routed,
-``codegen.scattered`` compiles Scattered.
+coordinates; Grouped (clusters, packed documents) reads run-time group ids. Their exact
+meaning lives here; ``codegen.routed`` compiles Routed, ``codegen.scattered`` compiles
+Scattered, and ``runtime.grouped`` runs Grouped on the Scattered kernels.
 """
 from __future__ import annotations
 
@@ -188,3 +189,51 @@ def check_coords(coords, *, keep_device: bool = False) -> torch.Tensor:
     if coords.numel() and coords.min() < 0:
         raise ValueError(f"coords must be non-negative, got a minimum of {int(coords.min())}")
     return coords.long() if keep_device else coords.long().cpu()
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Grouped(Pattern):
+    """Attention within run-time groups (Routing Transformer clusters, packed documents).
+
+    Query i may attend key j iff ``groups[b, i] == groups[b, j]`` (and ``j <= i`` with
+    ``causal=True``). ``groups`` is int [B, N] (one grouping for all heads) or [B, H, N]
+    (per head); a negative id puts a token in no group: its row is empty and it is never a
+    key. Needs ``groups``.
+    """
+
+    needs = frozenset({"groups"})
+
+    causal: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"causal must be a bool, got {self.causal!r}")
+
+    def mask(self, ctx, qi, ki):
+        if ctx.groups is None:
+            raise ValueError(f"{self!r} needs group ids: pass groups= (int [B, N] or [B, H, N])")
+        g = ctx.groups  # int64 [B, 1|H, N]
+        gq, gk = g[:, :, qi], g[:, :, ki]
+        m = (gq[..., :, None] == gk[..., None, :]) & (gq >= 0)[..., :, None]
+        if self.causal:
+            m = m & (ki[None, :] <= qi[:, None])
+        return m
+
+
+def check_groups(groups, batch: int | None, heads: int, n: int, *, keep_device: bool = False) -> torch.Tensor:
+    """Validate group ids: int tensor [B, N] or [B, H, N] matching the problem (``batch``
+    None: any B). Returns them as int64 [B, 1 or H, N] on the CPU (``keep_device``: on
+    their own device)."""
+    if not isinstance(groups, torch.Tensor):
+        raise TypeError(f"groups must be an integer tensor [B, N] or [B, H, N], got {type(groups).__name__}")
+    if groups.dtype not in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
+        raise TypeError(f"groups must have an integer dtype, got {groups.dtype}")
+    shape = tuple(groups.shape)
+    if groups.dim() == 2:
+        groups = groups[:, None]
+    if groups.dim() != 3 or groups.shape[1] not in (1, heads) or groups.shape[2] != n \
+            or (batch is not None and groups.shape[0] != batch):
+        b = "B" if batch is None else f"B={batch}"
+        raise ValueError(f"groups must have shape [{b}, N={n}] or [{b}, H={heads}, N={n}], "
+                         f"got {shape}")
+    return groups.long() if keep_device else groups.long().cpu()

@@ -28,6 +28,7 @@ class MaskContext:
     q, k:    float64 [B, H, N, D] (k already expanded from kv_heads to heads), for routing.
     coords:  int64 [N, 1 + ndim] voxel coordinates (batch first), for ``Scattered``.
     routes:  int64 [B, H or 1, R, topk] routing given by the caller instead of computed.
+    groups:  int64 [B, H or 1, N] group ids (negative: no group), for ``Grouped``.
     """
 
     problem: Problem
@@ -36,6 +37,7 @@ class MaskContext:
     k: torch.Tensor | None = None
     coords: torch.Tensor | None = None
     routes: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
     cache: dict = dataclasses.field(default_factory=dict)
 
     def grid_coord(self, idx: torch.Tensor, dim: int) -> torch.Tensor:
@@ -58,7 +60,7 @@ class Pattern:
     """Base class of every sparsity pattern. Subclasses are frozen dataclasses.
 
     Class attributes a family sets:
-      ``needs``:   run-time inputs its mask reads: subset of {"qk", "coords"}.
+      ``needs``:   run-time inputs its mask reads: subset of {"qk", "coords", "groups"}.
       ``needs_grid``: False for patterns defined on run-time tokens (voxels).
     """
 

@@ -25,7 +25,8 @@ def check_pattern_problem(pattern, problem) -> None:
         raise TypeError(f"problem must be a sparseforge Problem, got {problem!r} ({type(problem).__name__})")
 
 
-def make_context(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=None, routes=None) -> MaskContext:
+def make_context(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=None, routes=None,
+                 groups=None) -> MaskContext:
     """Check ``pattern`` against ``problem`` and the run-time inputs; build the mask context."""
     check_pattern_problem(pattern, problem)
     for name, t in (("q", q), ("k", k)):
@@ -49,6 +50,12 @@ def make_context(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=N
     else:
         tokens = problem.tokens
     pattern.check(problem)
+    if "groups" in needs:
+        if groups is None:
+            raise ValueError(f"{pattern!r} needs group ids: pass groups= (int [B, N] or [B, H, N])")
+        from .content import check_groups
+        batch = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
+        groups = check_groups(groups, batch, problem.heads, tokens)
     q64 = k64 = None
     if "qk" in needs and routes is None:
         if q is None or k is None:
@@ -59,7 +66,7 @@ def make_context(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=N
             k64 = k64.repeat_interleave(q64.shape[1] // k64.shape[1], dim=1)
     elif q is not None:
         q64 = q.detach()
-    return MaskContext(problem=problem, tokens=tokens, q=q64, k=k64, coords=coords, routes=routes)
+    return MaskContext(problem=problem, tokens=tokens, q=q64, k=k64, coords=coords, routes=routes, groups=groups)
 
 
 def _check_routing_qk(q: torch.Tensor, k: torch.Tensor, problem: Problem, tokens: int) -> None:
@@ -92,15 +99,20 @@ def _row_chunks(ctx: MaskContext):
         yield torch.arange(start, min(start + step, ctx.tokens))
 
 
-def dense_mask(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=None, routes=None) -> torch.Tensor:
-    """The exact mask: bool [H, N, N], or [B, H, N, N] for patterns that route on q/k.
+def dense_mask(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=None, routes=None,
+               groups=None) -> torch.Tensor:
+    """The exact mask: bool [H, N, N], or [B, H, N, N] for patterns that route on q/k or
+    read group ids.
 
     ``q``/``k`` ([B, H, N, D]) are needed by ``Routed`` (or ``routes``), ``coords`` by
-    ``Scattered``; they are ignored by static patterns.
+    ``Scattered``, ``groups`` by ``Grouped``; they are ignored by static patterns.
     """
-    ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes)
+    ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes, groups=groups)
     m = mask_rows(pattern, ctx, torch.arange(ctx.tokens))
-    return m if "qk" in pattern.inputs_needed() else m[0]
+    needs = pattern.inputs_needed()
+    if "groups" in needs:
+        return m.expand(ctx.groups.shape[0], *m.shape[1:])
+    return m if "qk" in needs else m[0]
 
 
 # ------------------------------------------------------------------------------------
@@ -148,19 +160,20 @@ def masked_softmax_attention(q, k, v, mask, scale):
 
 
 def reference_attention(q, k, v, pattern: Pattern, problem: Problem, *, scale: float | None = None,
-                        coords=None, routes=None, return_lse: bool = False):
+                        coords=None, routes=None, groups=None, return_lse: bool = False):
     """Attention under ``pattern`` in float64: [B, H, N, D] in, float64 [B, H, N, D] out.
 
     k/v may have ``problem.kv_heads`` heads (GQA). ``scale`` defaults to D**-0.5. With
     ``return_lse`` also returns the natural-log LSE [B, H, N] (-inf for empty rows).
     Voxel patterns also accept [N, H, D] tensors (one batch; ``coords`` carries the batch id).
+    ``Grouped`` takes ``groups`` (int [B, N] or [B, H, N]).
     Differentiable with respect to q, k and v.
     """
     check_pattern_problem(pattern, problem)
     voxel_layout = isinstance(q, torch.Tensor) and q.dim() == 3
     if voxel_layout:
         q, k, v = (t.permute(1, 0, 2).unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in (q, k, v))
-    ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes)
+    ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes, groups=groups)
     check_qkv(q, k, v, problem, tokens=ctx.tokens)
     if scale is None:
         scale = problem.head_dim ** -0.5
@@ -300,9 +313,10 @@ class PatternStats:
         return "\n".join(lines)
 
 
-def describe(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=None, routes=None) -> PatternStats:
+def describe(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=None, routes=None,
+             groups=None) -> PatternStats:
     """Density per head, keys per query (min/mean/max) and empty rows, computed exactly."""
-    ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes)
+    ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes, groups=groups)
     h = problem.heads
     kmin = torch.full((h,), ctx.tokens, dtype=torch.long)
     kmax = torch.zeros(h, dtype=torch.long)

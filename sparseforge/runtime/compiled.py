@@ -20,7 +20,9 @@
 Routed attention (``dsl.content.Routed``) runs region-aligned tiles whose index tables are
 built per call from the routes (``codegen.routed``); scattered voxel windows
 (``dsl.content.Scattered``) run on the window-sorted packed sequence with tables built per
-plan (``codegen.scattered``); other content-dependent patterns raise ``UnsupportedPatternError``.
+plan (``codegen.scattered``); ``dsl.content.Grouped`` (run-time group ids) runs on those same
+scattered kernels (``runtime.grouped.GroupedAttention``: ``attn(q, k, v, groups=ids)``, causal=False
+only); other content-dependent patterns raise ``UnsupportedPatternError``.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from ..codegen.config import KernelConfig
 from . import op as _op
 
 if typing.TYPE_CHECKING:
+    from .grouped import GroupedAttention
     from .linear import ScatteredLinearAttention
 
 __all__ = ["BACKENDS", "CompiledAttention", "TRITON_HEAD_DIMS", "UnsupportedPatternError", "compile"]
@@ -81,7 +84,7 @@ def check_triton_problem(problem: Problem, backend: str) -> None:
 def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q_tile=None, k_tile=None,
             config: KernelConfig | None = None, autotune: bool = False, target=None, attention: str = "softmax",
             feature_map: str | None = None,
-            neighbor_pooling: bool | None = None) -> "CompiledAttention | ScatteredLinearAttention":
+            neighbor_pooling: bool | None = None) -> "CompiledAttention | ScatteredLinearAttention | GroupedAttention":
     """Lower ``pattern`` on ``problem`` to a tile schedule and wrap it as a torch op.
 
     backend:  None (CUDA tensors -> generated Triton kernels, CPU tensors -> the CPU
@@ -116,12 +119,18 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
                               autotune=autotune, target=target, feature_map=feature_map,
                               neighbor_pooling=neighbor_pooling)
 
+    from ..dsl.content import Grouped
+
+    if isinstance(pattern, Grouped):
+        return compile_grouped(pattern, problem, backend=backend, q_tile=q_tile, k_tile=k_tile, config=config,
+                               autotune=autotune, target=target)
     routed = isinstance(pattern, Routed)
     scattered = isinstance(pattern, Scattered)
     if not pattern.is_static and not routed and not scattered:
         raise UnsupportedPatternError(
             f"{pattern!r} depends on run-time content ({', '.join(sorted(pattern.inputs_needed()))}); "
-            "of the content-dependent patterns only a Routed or a Scattered pattern on its own compiles so far — "
+            "of the content-dependent patterns only a Routed or a Scattered pattern on its own compiles so far "
+            "(and a Grouped one) — "
             "use sparseforge.reference_attention for the others meanwhile")
     if scattered and problem.grid is not None:
         raise ValueError(f"{pattern!r} takes its voxels from coords at call time: give Problem(grid=None), "
@@ -150,6 +159,28 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
     elif config is None:
         config = KernelConfig(q_tile=q_tile, k_tile=k_tile)
     return CompiledAttention(schedule_for(pattern, problem, config), backend, config, tuning=tuning)
+
+
+def compile_grouped(pattern, problem: Problem, *, backend, q_tile, k_tile, config, autotune, target):
+    """``compile(Grouped(...), problem)``: checks, then a ``runtime.grouped.GroupedAttention``."""
+    from .grouped import GroupedAttention
+
+    if pattern.causal:
+        raise UnsupportedPatternError(f"{pattern!r} does not compile yet: the packed-segment kernels only test "
+                                      "group equality; compile Grouped() (causal=False), or use "
+                                      "sparseforge.reference_attention(..., groups=) for the causal variant")
+    if problem.grid is None:
+        raise ValueError(f"{pattern!r} needs the number of tokens: give Problem(grid=N), got {problem!r}")
+    if autotune or target is not None:
+        raise UnsupportedPatternError(f"autotune=True is not supported for {pattern!r} yet; give q_tile/k_tile "
+                                      "or a config")
+    if backend in ("triton", "interpret"):
+        check_triton_problem(problem, backend)
+    if config is not None and not isinstance(config, KernelConfig):
+        raise TypeError(f"config must be a sparseforge KernelConfig, got {config!r}")
+    if config is not None and (q_tile is not None or k_tile is not None):
+        raise ValueError("give either config or q_tile/k_tile, not both (the config holds the tiles)")
+    return GroupedAttention(pattern, problem, backend=backend, q_tile=q_tile, k_tile=k_tile, config=config)
 
 
 def compile_linear(pattern, problem: Problem, *, backend, q_tile, k_tile, config, autotune, target, feature_map,
