@@ -85,6 +85,22 @@ def assert_gradients_match(what: str, inputs, out, lse, dout, reference, bound: 
 KERNEL_TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
 
 
+def coords_of(n, extent, batch, gen):
+    """n voxels: random batch ids, random coordinates below ``extent`` per dimension."""
+    cols = [torch.randint(0, batch, (n, 1), generator=gen)]
+    cols += [torch.randint(0, e, (n, 1), generator=gen) for e in extent]
+    return torch.cat(cols, 1)
+
+
+def voxel_qkv(problem, n, dtype, seed, requires_grad=True):
+    """Voxel-layout q [n, H, D], k and v [n, kv_heads, D]: fresh N(0, 1) values."""
+    gen = torch.Generator().manual_seed(seed)
+    d = problem.head_dim
+    return (rand((n, problem.heads, d), dtype, gen, requires_grad),
+            rand((n, problem.kv_heads, d), dtype, gen, requires_grad),
+            rand((n, problem.kv_heads, d), dtype, gen, requires_grad))
+
+
 def empty_rows(pattern, problem) -> torch.Tensor:
     """bool [H, N]: query rows with no visible key."""
     return ~sf.dense_mask(pattern, problem).any(-1)
@@ -94,5 +110,5 @@ def inf_to_zero(t: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
 
 
-__all__ = ["KERNEL_TOL", "TOL", "assert_gradients_match", "check_executor", "empty_rows", "finite_lse_err",
-           "inf_to_zero", "qkv", "rand", "rel_err"]
+__all__ = ["KERNEL_TOL", "TOL", "assert_gradients_match", "check_executor", "coords_of", "empty_rows",
+           "finite_lse_err", "inf_to_zero", "qkv", "rand", "rel_err", "voxel_qkv"]

@@ -12,26 +12,11 @@ import torch._dynamo  # noqa: F401  (imports triton.language before any kernel l
 import sparseforge as sf
 from sparseforge.runtime import compile
 
-from ._common import KERNEL_TOL, TOL, assert_gradients_match, rand, rel_err
+from ._common import KERNEL_TOL, TOL, assert_gradients_match, coords_of, rand, rel_err, voxel_qkv
 
 
 def P(heads=2, head_dim=16, kv_heads=None, dtype=torch.float32):
     return sf.Problem(heads=heads, head_dim=head_dim, dtype=dtype, kv_heads=kv_heads)
-
-
-def coords_of(n, extent, batch, gen):
-    """n voxels: random batch ids, random coordinates below ``extent`` per dimension."""
-    cols = [torch.randint(0, batch, (n, 1), generator=gen)]
-    cols += [torch.randint(0, e, (n, 1), generator=gen) for e in extent]
-    return torch.cat(cols, 1)
-
-
-def voxel_qkv(problem, n, dtype, seed, requires_grad=True):
-    gen = torch.Generator().manual_seed(seed)
-    d = problem.head_dim
-    return (rand((n, problem.heads, d), dtype, gen, requires_grad),
-            rand((n, problem.kv_heads, d), dtype, gen, requires_grad),
-            rand((n, problem.kv_heads, d), dtype, gen, requires_grad))
 
 
 def check(pattern, problem, coords, backend, *, dtype=None, seed=0, q_tile=None, k_tile=None):

@@ -10,27 +10,13 @@ import torch
 
 import sparseforge as sf
 
-from ._common import rand, rel_err
+from ._common import coords_of, rand, rel_err, voxel_qkv
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3}
 
 
 def P(heads=2, head_dim=8, kv_heads=None, dtype=torch.float32):
     return sf.Problem(heads=heads, head_dim=head_dim, dtype=dtype, kv_heads=kv_heads)
-
-
-def coords_of(n, extent, batch, gen):
-    cols = [torch.randint(0, batch, (n, 1), generator=gen)]
-    cols += [torch.randint(0, e, (n, 1), generator=gen) for e in extent]
-    return torch.cat(cols, 1)
-
-
-def voxel_qkv(problem, n, dtype, seed, requires_grad=True):
-    gen = torch.Generator().manual_seed(seed)
-    d = problem.head_dim
-    return (rand((n, problem.heads, d), dtype, gen, requires_grad),
-            rand((n, problem.kv_heads, d), dtype, gen, requires_grad),
-            rand((n, problem.kv_heads, d), dtype, gen, requires_grad))
 
 
 CASES = {
