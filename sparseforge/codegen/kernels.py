@@ -73,13 +73,6 @@ def _interpretable_library_functions():
     finally:
         JITFunction.__call__ = original
         _restore_language(snapshot)
-        # Rewriting a function injects the interpreter's globals (``interpreter_semantic``,
-        # ...) into its module once and caches the rewrite; the restore above removed those
-        # globals from triton.language, so its cached rewrites must go too (else the next
-        # interpreted launch meets "name 'interpreter_semantic' is not defined").
-        cache = InterpretedFunction.rewritten_fn
-        for fn in [f for f in cache if getattr(f, "__module__", "").startswith("triton.language")]:
-            del cache[fn]
 
 
 class TritonKernels:
