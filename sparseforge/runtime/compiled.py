@@ -132,17 +132,11 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
             "of the content-dependent patterns only a Routed or a Scattered pattern on its own compiles so far "
             "(and a Grouped one) — "
             "use sparseforge.reference_attention for the others meanwhile")
-    if scattered and problem.grid is not None:
-        raise ValueError(f"{pattern!r} takes its voxels from coords at call time: give Problem(grid=None), "
-                         f"got grid={problem.grid}")
+    if scattered:
+        _check_voxel_problem(pattern, problem)
     if problem.grid is None and not scattered:
         raise ValueError(f"problem has no grid ({problem!r}); compiling a static pattern needs Problem(grid=...)")
-    if backend in ("triton", "interpret"):
-        check_triton_problem(problem, backend)
-    if config is not None and not isinstance(config, KernelConfig):
-        raise TypeError(f"config must be a sparseforge KernelConfig, got {config!r}")
-    if config is not None and (q_tile is not None or k_tile is not None):
-        raise ValueError("give either config or q_tile/k_tile, not both (the config holds the tiles)")
+    _check_kernel_options(problem, backend, config, q_tile, k_tile)
     if autotune and (config is not None or q_tile is not None or k_tile is not None):
         raise ValueError("autotune=True chooses the tiles and launches; do not also give config, q_tile or k_tile")
     if target is not None and not autotune:
@@ -161,6 +155,23 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
     return CompiledAttention(schedule_for(pattern, problem, config), backend, config, tuning=tuning)
 
 
+def _check_kernel_options(problem: Problem, backend, config, q_tile, k_tile) -> None:
+    """The checks every kernel-backed compile shares: the problem against the backend, and
+    config vs q_tile/k_tile."""
+    if backend in ("triton", "interpret"):
+        check_triton_problem(problem, backend)
+    if config is not None and not isinstance(config, KernelConfig):
+        raise TypeError(f"config must be a sparseforge KernelConfig, got {config!r}")
+    if config is not None and (q_tile is not None or k_tile is not None):
+        raise ValueError("give either config or q_tile/k_tile, not both (the config holds the tiles)")
+
+
+def _check_voxel_problem(pattern, problem: Problem) -> None:
+    if problem.grid is not None:
+        raise ValueError(f"{pattern!r} takes its voxels from coords at call time: give Problem(grid=None), "
+                         f"got grid={problem.grid}")
+
+
 def compile_grouped(pattern, problem: Problem, *, backend, q_tile, k_tile, config, autotune, target):
     """``compile(Grouped(...), problem)``: checks, then a ``runtime.grouped.GroupedAttention``."""
     from .grouped import GroupedAttention
@@ -174,12 +185,7 @@ def compile_grouped(pattern, problem: Problem, *, backend, q_tile, k_tile, confi
     if autotune or target is not None:
         raise UnsupportedPatternError(f"autotune=True is not supported for {pattern!r} yet; give q_tile/k_tile "
                                       "or a config")
-    if backend in ("triton", "interpret"):
-        check_triton_problem(problem, backend)
-    if config is not None and not isinstance(config, KernelConfig):
-        raise TypeError(f"config must be a sparseforge KernelConfig, got {config!r}")
-    if config is not None and (q_tile is not None or k_tile is not None):
-        raise ValueError("give either config or q_tile/k_tile, not both (the config holds the tiles)")
+    _check_kernel_options(problem, backend, config, q_tile, k_tile)
     return GroupedAttention(pattern, problem, backend=backend, q_tile=q_tile, k_tile=k_tile, config=config)
 
 
@@ -188,9 +194,7 @@ def compile_linear(pattern, problem: Problem, *, backend, q_tile, k_tile, config
     """``compile(..., attention="linear")``: checks, then a ``ScatteredLinearAttention``."""
     from .linear import ScatteredLinearAttention
 
-    if problem.grid is not None:
-        raise ValueError(f"{pattern!r} takes its voxels from coords at call time: give Problem(grid=None), "
-                         f"got grid={problem.grid}")
+    _check_voxel_problem(pattern, problem)
     if backend not in (None, "cpu"):
         raise ValueError(f"backend={backend!r} is not available for attention='linear': it runs as torch ops on "
                          "the inputs' device (no Triton kernel yet); give backend=None (or 'cpu' to insist on "
