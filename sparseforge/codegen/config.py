@@ -139,8 +139,8 @@ def default_config(problem, pattern=None) -> KernelConfig:
     8 warps; the backward kernels of 16-bit 32 < head_dim <= 128 problems run one stage
     (prefetching the next query tile is what spills them).
 
-    ``pattern``: scattered voxel windows (``dsl.content.Scattered``) take the same tiles as
-    1-D rows of the packed sequence (the problem has no grid); routed attention
+    ``pattern``: scattered voxel windows (``dsl.content.Scattered``) and run-time groups
+    (``Grouped``, on the same kernels) take the same tiles as 1-D rows of the packed sequence; routed attention
     (``dsl.content.Routed``) changes the defaults: tiles
     cut from the padded region (``codegen.routed``) and one stage for every kernel (its
     region-padding arithmetic pushes the two-stage kernels of some regions over ptxas's
@@ -158,12 +158,10 @@ def default_config(problem, pattern=None) -> KernelConfig:
         return KernelConfig(q_tile=q_tile, k_tile=k_tile, fwd=one, bwd_dq=one, bwd_dkdv=one)
 
     q, k = default_tile_tokens(problem)
-    from ..dsl.content import Scattered
-    if isinstance(pattern, Scattered):  # 1-D tiles of the packed voxel sequence (codegen.scattered)
-        one_stage = problem.dtype != torch.float32 and 32 < problem.head_dim <= 128
-        bwd = Launch(8, 1 if one_stage else 2)
-        return KernelConfig(q_tile=(q,), k_tile=(k,), fwd=Launch(8, 2), bwd_dq=bwd, bwd_dkdv=bwd)
     one_stage = problem.dtype != torch.float32 and 32 < problem.head_dim <= 128
     bwd = Launch(8, 1 if one_stage else 2)
+    from ..dsl.content import Grouped, Scattered
+    if isinstance(pattern, (Scattered, Grouped)):  # 1-D tiles of the packed sequence (codegen.scattered)
+        return KernelConfig(q_tile=(q,), k_tile=(k,), fwd=Launch(8, 2), bwd_dq=bwd, bwd_dkdv=bwd)
     return KernelConfig(q_tile=default_tile(problem, q), k_tile=default_tile(problem, k), fwd=Launch(8, 2),
                         bwd_dq=bwd, bwd_dkdv=bwd)

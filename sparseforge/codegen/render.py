@@ -29,6 +29,9 @@ _env = jinja2.Environment(
 # their query rows (q_seg) and key rows (k_seg); padding rows have id -1 and match nothing.
 SEGMENT_PREDICATE = "(q_seg[:, None] == k_seg[None, :]) & (k_seg[None, :] >= 0)"
 SEGMENT_PREDICATE_T = "(k_seg[:, None] == q_seg[None, :]) & (k_seg[:, None] >= 0)"
+# Causal segments (``ScatteredLayout.causal``): also key row <= query row of the packed sequence.
+SEGMENT_CAUSAL = " & (k_tok[None, :] <= q_tok[:, None])"
+SEGMENT_CAUSAL_T = " & (k_tok[:, None] <= q_tok[None, :])"
 
 
 def kernel_name(schedule: TileSchedule) -> str:
@@ -60,6 +63,7 @@ def render(schedule: TileSchedule, kind: str, config=None) -> str:
     sym = Symbols.make(nd)
     # Routed tiles never straddle regions: inside a visited tile every pair is allowed.
     segments = schedule.scattered is not None
+    causal_segments = segments and schedule.scattered.causal
     # Segments (scattered voxel windows): the predicate is the run-time segment-id compare.
     pred = sympy.true if schedule.routed is not None or segments else predicate(schedule.pattern, prob, sym)
 
@@ -79,9 +83,9 @@ def render(schedule: TileSchedule, kind: str, config=None) -> str:
         sides=[_side(schedule, "q"), _side(schedule, "k")],
         q_coords=", ".join(f"qx{d}" for d in range(nd)), k_coords=", ".join(f"kx{d}" for d in range(nd)),
         kernel_name=kernel_name(schedule),
-        predicate=(SEGMENT_PREDICATE if segments else
+        predicate=(SEGMENT_PREDICATE + SEGMENT_CAUSAL * causal_segments if segments else
                    _bool_tensor(to_triton(pred, names("[:, None]", "[None, :]")), "q_valid[:, None] & k_valid[None, :]")),
-        predicate_t=(SEGMENT_PREDICATE_T if segments else
+        predicate_t=(SEGMENT_PREDICATE_T + SEGMENT_CAUSAL_T * causal_segments if segments else
                      _bool_tensor(to_triton(pred, names("[None, :]", "[:, None]")), "k_valid[:, None] & q_valid[None, :]")),
         segments=segments, lse_stride="n_tokens" if segments else "N_TOKENS",
         routed=schedule.routed is not None,

@@ -43,6 +43,7 @@ class ScatteredLayout:
 
     block_m: int
     block_n: int
+    causal: bool = False  # also require key row <= query row (packed order; ``Grouped(causal=True)``)
 
     @property
     def multiple(self) -> int:
@@ -55,9 +56,13 @@ def scattered_default_tiles(problem: Problem) -> tuple[tuple[int], tuple[int]]:
     return (q,), (k,)
 
 
-def build_scattered_schedule(pattern: Scattered, problem: Problem, *, q_tile=None, k_tile=None) -> TileSchedule:
+def build_scattered_schedule(pattern: Scattered, problem: Problem, *, q_tile=None, k_tile=None,
+                             causal: bool = False) -> TileSchedule:
     """``TileSchedule`` of ``pattern`` on the packed sequence (its ``scattered`` field holds
-    the ``ScatteredLayout``; its CSR tables are empty: they come with each plan)."""
+    the ``ScatteredLayout``; its CSR tables are empty: they come with each plan).
+
+    causal: pairs must also have key row <= query row in packed order. The packing sort is
+    stable, so within a segment that is the voxels' (tokens') own order: ``Grouped(causal=True)``."""
     t0 = time.perf_counter()
     if not isinstance(pattern, Scattered):
         raise TypeError(f"pattern must be a sparseforge Scattered, got {pattern!r}")
@@ -67,16 +72,18 @@ def build_scattered_schedule(pattern: Scattered, problem: Problem, *, q_tile=Non
     for name, t in (("q_tile", q_tile), ("k_tile", k_tile)):
         if len(t) != 1 or int(t[0]) < 16 or int(t[0]) & (int(t[0]) - 1):
             raise ValueError(f"{name}={t} must be one power-of-two extent >= 16 (rows of the packed voxel sequence)")
-    layout = ScatteredLayout(int(q_tile[0]), int(k_tile[0]))
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    layout = ScatteredLayout(int(q_tile[0]), int(k_tile[0]), causal)
     geom = TileGeometry.make((layout.multiple,), q_tile, k_tile)
     heads = problem.heads
 
     def empty(rows):
         return CSR(np.zeros((1, rows + 1), np.int32), np.zeros(0, np.int32), np.zeros((1, rows), np.int32))
 
+    why = "scattered: key tiles come from index tables built per plan from the voxel coordinates"
     return TileSchedule(pattern, problem, geom, np.zeros(heads, np.int32), (0,), empty(geom.n_q_tiles),
-                        empty(geom.n_k_tiles), None,
-                        "scattered: key tiles come from index tables built per plan from the voxel coordinates",
+                        empty(geom.n_k_tiles), None, why + (", causal within segments" if causal else ""),
                         time.perf_counter() - t0, scattered=layout)
 
 
@@ -130,10 +137,13 @@ def window_ids(pattern: Scattered, coords: torch.Tensor) -> torch.Tensor:
 
 
 def _tile_ranges(start: torch.Tensor, end: torch.Tensor, seg: torch.Tensor, n: int, rows: int, cols: int,
-                 n_row_tiles: int):
+                 n_row_tiles: int, causal: str | None = None):
     """For every tile of ``rows`` packed rows: the contiguous range of ``cols``-row tiles it
     visits (lo, count) and its FULL sub-range (full_lo, n_full); start/end [N] are the
-    window bounds of every real row."""
+    window bounds of every real row.
+
+    causal: None, "query rows" (the rows are queries: only keys at or before the row) or
+    "key rows" (the rows are keys: only queries at or after the row)."""
     dev = start.device
     t = torch.arange(n_row_tiles, device=dev)
     first = t * rows
@@ -142,10 +152,18 @@ def _tile_ranges(start: torch.Tensor, end: torch.Tensor, seg: torch.Tensor, n: i
     r1 = (first + rows - 1).clamp_max(max(n - 1, 0))
     lo = torch.div(start[r0], cols, rounding_mode="floor")
     hi = torch.div(end[r1] - 1, cols, rounding_mode="floor")
-    count = torch.where(real, hi - lo + 1, torch.zeros_like(lo))
     one = real & (first + rows <= n) & (seg[r0] == seg[r1])   # the tile lies inside one window
     flo = torch.div(start[r0] + cols - 1, cols, rounding_mode="floor")
     fhi = torch.div(end[r0], cols, rounding_mode="floor") - 1
+    if causal == "query rows":      # keys <= the tile's last row; FULL keys <= its first row
+        hi = torch.div(r1, cols, rounding_mode="floor")
+        fhi = torch.minimum(fhi, torch.div(first + 1, cols, rounding_mode="floor") - 1)
+    elif causal == "key rows":      # queries >= the tile's first row; FULL queries >= its last row
+        lo = torch.div(r0, cols, rounding_mode="floor")
+        flo = torch.maximum(flo, torch.div(first + rows - 1 + cols - 1, cols, rounding_mode="floor"))
+    elif causal is not None:
+        raise ValueError(f"causal must be None, 'query rows' or 'key rows', got {causal!r}")
+    count = torch.where(real, hi - lo + 1, torch.zeros_like(lo))
     n_full = torch.where(one, (fhi - flo + 1).clamp_min(0), torch.zeros_like(lo))
     flo = torch.where(n_full > 0, flo, hi + 1)
     return lo, count, flo, n_full
@@ -211,8 +229,9 @@ def plan(schedule: TileSchedule, coords: torch.Tensor) -> ScatteredPlan:
     seg = torch.full((n_pad,), -1, dtype=torch.int32, device=dev)
     seg[:n] = seg_real[:n].to(torch.int32)
     bm, bn = layout.block_m, layout.block_n
-    kv = _csr(*_tile_ranges(start, end, seg_real, n, bm, bn, n_pad // bm))
-    inv = _csr(*_tile_ranges(start, end, seg_real, n, bn, bm, n_pad // bn))
+    causal = layout.causal
+    kv = _csr(*_tile_ranges(start, end, seg_real, n, bm, bn, n_pad // bm, "query rows" if causal else None))
+    inv = _csr(*_tile_ranges(start, end, seg_real, n, bn, bm, n_pad // bn, "key rows" if causal else None))
     head_group = torch.zeros(schedule.problem.heads, dtype=torch.int32, device=dev)
     tables = dict(KV_PTR=kv[0], KV_IDX=kv[1], KV_FULL=kv[2], Q_PTR=inv[0], Q_IDX=inv[1], Q_FULL=inv[2],
                   HEAD_GROUP=head_group)

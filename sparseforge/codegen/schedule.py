@@ -103,6 +103,8 @@ class TileSchedule:
             h.update(f"routed/{g.dims!r}/".encode())
         if self.scattered is not None:
             h.update(f"scattered/{g.dims!r}/".encode())
+            if self.scattered.causal:
+                h.update(b"causal/")
         for arr in (self.head_group, self.forward.ptr, self.forward.idx, self.forward.full,
                     self.inverse.ptr, self.inverse.idx, self.inverse.full):
             a = np.ascontiguousarray(arr)

@@ -21,8 +21,8 @@ Routed attention (``dsl.content.Routed``) runs region-aligned tiles whose index 
 built per call from the routes (``codegen.routed``); scattered voxel windows
 (``dsl.content.Scattered``) run on the window-sorted packed sequence with tables built per
 plan (``codegen.scattered``); ``dsl.content.Grouped`` (run-time group ids) runs on those same
-scattered kernels (``runtime.grouped.GroupedAttention``: ``attn(q, k, v, groups=ids)``, causal=False
-only); other content-dependent patterns raise ``UnsupportedPatternError``.
+scattered kernels (``runtime.grouped.GroupedAttention``: ``attn(q, k, v, groups=ids)``, causal
+or not); other content-dependent patterns raise ``UnsupportedPatternError``.
 """
 from __future__ import annotations
 
@@ -176,10 +176,6 @@ def compile_grouped(pattern, problem: Problem, *, backend, q_tile, k_tile, confi
     """``compile(Grouped(...), problem)``: checks, then a ``runtime.grouped.GroupedAttention``."""
     from .grouped import GroupedAttention
 
-    if pattern.causal:
-        raise UnsupportedPatternError(f"{pattern!r} does not compile yet: the packed-segment kernels only test "
-                                      "group equality; compile Grouped() (causal=False), or use "
-                                      "sparseforge.reference_attention(..., groups=) for the causal variant")
     if problem.grid is None:
         raise ValueError(f"{pattern!r} needs the number of tokens: give Problem(grid=N), got {problem!r}")
     if autotune or target is not None:

@@ -321,7 +321,8 @@ SCATTERED_CHUNK_ELEMENTS = 1 << 24
 def _scattered_chunks(schedule, tables, heads: int):
     """(query rows [c * bm], key rows [c, nk], mask [c, bm, nk]) per chunk of query tiles:
     each query tile's key rows are its visited key tiles (``KV_PTR``/``KV_IDX``), the mask is
-    the segment-id compare (padding rows have id -1 and match nothing)."""
+    the segment-id compare (padding rows have id -1 and match nothing), and key row <= query
+    row for a causal layout."""
     bm, bn = schedule.geometry.block_m, schedule.geometry.block_n
     seg = tables["SEG"].long()
     ptr, idx = tables["KV_PTR"][0].long(), tables["KV_IDX"].long()
@@ -342,6 +343,8 @@ def _scattered_chunks(schedule, tables, heads: int):
         kval = valid[t][:, :, None].expand(-1, -1, bn).reshape(len(t), -1)
         kseg = torch.where(kval, seg[krows], torch.full_like(krows, -1))
         mask = (seg[qrows][:, :, None] == kseg[:, None, :]) & (kseg >= 0)[:, None, :]
+        if schedule.scattered.causal:
+            mask &= krows[:, None, :] <= qrows[:, :, None]
         yield qrows.reshape(-1), krows, mask
 
 

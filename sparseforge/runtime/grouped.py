@@ -1,8 +1,10 @@
 """``compile(Grouped(), problem)``: attention within run-time group ids, on the Scattered kernels.
 
-    attn = compile(Grouped(), Problem(grid=N, heads=H, head_dim=D))
+    attn = compile(Grouped(), Problem(grid=N, heads=H, head_dim=D))      # or Grouped(causal=True)
     out = attn(q, k, v, groups=ids)            # q [B, H, N, D], k/v [B, kv_heads, N, D]
     out, lse = attn(q, k, v, groups=ids, return_lse=True)
+    plan = attn.plan(ids)                      # the packing, reusable across calls / layers
+    out = attn(q, k, v, plan=plan)
 
 ``ids`` is int [B, N] (one grouping for every head) or [B, H, N] (per head); tokens with a
 negative id belong to no group: their rows are zeros with LSE = -inf and they are never keys.
@@ -10,13 +12,15 @@ negative id belong to no group: their rows are zeros with LSE = -inf and they ar
 No kernel of its own: a group is a scattered "window". The tokens with an id >= 0 become
 voxels with coordinates ``(b, id)`` (per-head ids: ``(b * H + h, id)``, one head per voxel,
 k/v repeated to H heads); ``codegen.scattered`` sorts them stably by (batch, group, position)
-into contiguous segments and the ordinary templates run with the segment-id predicate
-(``runtime.compiled.CompiledAttention`` on a ``Scattered(window_size=1)``). Outputs and
-gradients are scattered back by autograd through the gathers. ``causal=True`` is not
-compiled yet (the segment predicate is equality only): ``UnsupportedPatternError``.
+into contiguous segments and the ordinary templates run with the segment-id predicate on a
+``Scattered(window_size=1)`` schedule. ``causal=True`` adds key row <= query row of the
+packed sequence to that predicate (``ScatteredLayout.causal``): the sort is stable, so inside
+a segment the packed order is the token order and that is exactly ``j <= i``. Outputs and
+gradients are scattered back by autograd through the gathers.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -25,7 +29,35 @@ from ..dsl.content import Grouped, Scattered, check_groups
 from ..dsl.problem import Problem
 from ..dsl.semantics import check_qkv
 
-__all__ = ["GroupedAttention"]
+__all__ = ["GroupedAttention", "GroupedPlan"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GroupedPlan:
+    """The packing of one set of group ids, reusable across calls (and layers with the same
+    groups): ``attn(q, k, v, plan=attn.plan(ids))``.
+
+    shape:  (B, H or 1, N) of the ids (1: one grouping for every head)
+    index:  int64 [M] tensors (b, n) — per-head ids: (b, h, n) — of the M grouped tokens
+    inner:  the ``codegen.scattered.ScatteredPlan`` of their (batch, group) coordinates
+    """
+
+    pattern: Grouped
+    shape: tuple[int, int, int]
+    index: tuple[torch.Tensor, ...]
+    inner: object
+
+    @property
+    def per_head(self) -> bool:
+        return len(self.index) == 3
+
+    @property
+    def device(self) -> torch.device:
+        return self.index[0].device
+
+    def __repr__(self) -> str:
+        return (f"GroupedPlan({self.pattern!r}, shape={self.shape}, tokens={int(self.index[0].numel())}, "
+                f"groups={self.inner.n_windows}, device={self.device})")
 
 
 class GroupedAttention:
@@ -48,20 +80,42 @@ class GroupedAttention:
         return f"GroupedAttention({self.pattern!r}, {self.problem!r}, backend={self.backend!r})"
 
     def _inner(self, per_head: bool):
-        """The Scattered op on the packed grouped tokens (per-head ids: one head per voxel)."""
+        """The segment op on the packed grouped tokens (per-head ids: one head per voxel)."""
         if per_head not in self._inner_ops:
-            from .compiled import compile
+            from ..codegen.config import KernelConfig
+            from ..codegen.scattered import build_scattered_schedule
+            from .compiled import CompiledAttention
 
             p = self.problem
             heads, kv_heads = (1, 1) if per_head else (p.heads, p.kv_heads)
             inner = Problem(heads=heads, kv_heads=kv_heads, head_dim=p.head_dim, dtype=p.dtype)
-            self._inner_ops[per_head] = compile(Scattered(window_size=1), inner, backend=self.backend,
-                                                **self._tiles)
+            config = self._tiles["config"]
+            if config is None:
+                config = KernelConfig(q_tile=self._tiles["q_tile"], k_tile=self._tiles["k_tile"])
+            schedule = build_scattered_schedule(Scattered(window_size=1), inner, q_tile=config.q_tile,
+                                                k_tile=config.k_tile, causal=self.pattern.causal)
+            self._inner_ops[per_head] = CompiledAttention(schedule, self.backend, config)
         return self._inner_ops[per_head]
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, groups: torch.Tensor,
-                 scale: float | None = None, return_lse: bool = False):
-        """out [B, H, N, D] (and the natural-log LSE [B, H, N], -inf on empty rows)."""
+    def plan(self, groups: torch.Tensor) -> GroupedPlan:
+        """The packing of group ids ``groups`` (int [B, N] or [B, H, N]; negative = no group),
+        built on their device with torch ops: a ``GroupedPlan`` to pass as ``plan=``."""
+        p = self.problem
+        g = check_groups(groups, None, p.heads, p.tokens, keep_device=True)
+        b, n = g.shape[0], g.shape[2]
+        if g.shape[1] == 1:
+            index = (g[:, 0] >= 0).nonzero(as_tuple=True)                  # (b, n), in token order
+            coords = torch.stack([index[0], g[:, 0][index]], dim=1)
+        else:
+            index = (g >= 0).nonzero(as_tuple=True)                        # (b, h, n), in token order
+            coords = torch.stack([index[0] * p.heads + index[1], g[index]], dim=1)
+        inner = self._inner(g.shape[1] != 1).plan(coords)
+        return GroupedPlan(self.pattern, (b, g.shape[1], n), tuple(i.contiguous() for i in index), inner)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, groups: torch.Tensor | None = None,
+                 plan: GroupedPlan | None = None, scale: float | None = None, return_lse: bool = False):
+        """out [B, H, N, D] (and the natural-log LSE [B, H, N], -inf on empty rows) of q, k, v
+        and exactly one of ``groups`` (int [B, N] or [B, H, N]) or ``plan`` (``self.plan(groups)``)."""
         p = self.problem
         check_qkv(q, k, v, p)
         if scale is None:
@@ -70,26 +124,33 @@ class GroupedAttention:
             raise ValueError(f"scale must be a finite real number, got {scale!r}")
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+        if (groups is None) == (plan is None):
+            raise ValueError(f"{self.pattern!r} needs the group ids: pass exactly one of groups= (int [B, N] or "
+                             "[B, H, N]) or plan= (attn.plan(groups))")
         b, h, n, d = q.shape
-        g = check_groups(groups, b, h, n, keep_device=True).to(q.device)
-        per_head = g.shape[1] != 1
-        inner = self._inner(per_head)
-        if not per_head:
-            valid = g[:, 0] >= 0                                   # [B, N]
-            bi, ni = valid.nonzero(as_tuple=True)
-            coords = torch.stack([bi, g[:, 0][bi, ni]], dim=1)
+        if plan is None:
+            check_groups(groups, b, h, n, keep_device=True)  # the error names q's batch
+            plan = self.plan(groups.to(q.device))
+        elif not isinstance(plan, GroupedPlan):
+            raise TypeError(f"plan must be a GroupedPlan from attn.plan(groups), got {type(plan).__name__}")
+        elif plan.pattern != self.pattern or plan.shape[0] != b or plan.shape[2] != n:
+            raise ValueError(f"plan was made for {plan.pattern!r} and ids of shape {plan.shape}, not for this op "
+                             f"({self.pattern!r}) and q of shape {tuple(q.shape)}; make it with this op's plan()")
+        elif plan.device != q.device:
+            raise ValueError(f"plan (groups) is on {plan.device} but q is on {q.device}")
+        inner = self._inner(plan.per_head)
+        if not plan.per_head:
+            bi, ni = plan.index
             qv, kv, vv = (t.permute(0, 2, 1, 3)[bi, ni] for t in (q, k, v))  # [M, heads, D]
-            out_v, lse_v = inner(qv, kv, vv, coords=coords, scale=float(scale), return_lse=True)
+            out_v, lse_v = inner(qv, kv, vv, plan=plan.inner, scale=float(scale), return_lse=True)
             out = q.new_zeros(b, n, h, d).index_put((bi, ni), out_v).permute(0, 2, 1, 3)
             lse = lse_v.new_full((b, n, h), -math.inf).index_put((bi, ni), lse_v).permute(0, 2, 1)
         else:
             rep = h // p.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            valid = g >= 0                                         # [B, H, N]
-            bi, hi, ni = valid.nonzero(as_tuple=True)
-            coords = torch.stack([bi * h + hi, g[bi, hi, ni]], dim=1)
+            bi, hi, ni = plan.index
             qv, kv, vv = (t[bi, hi, ni][:, None] for t in (q, k, v))      # [M, 1, D]
-            out_v, lse_v = inner(qv, kv, vv, coords=coords, scale=float(scale), return_lse=True)
+            out_v, lse_v = inner(qv, kv, vv, plan=plan.inner, scale=float(scale), return_lse=True)
             out = q.new_zeros(b, h, n, d).index_put((bi, hi, ni), out_v[:, 0])
             lse = lse_v.new_full((b, h, n), -math.inf).index_put((bi, hi, ni), lse_v[:, 0])
         out = out.contiguous()

@@ -106,16 +106,33 @@ def test_generated_source_has_the_segment_predicate():
     assert "n_tokens" in k.signature("fwd") and k.signature("bwd_dkdv")["SEG"] == "*i32"
 
 
+def test_causal_segments_add_the_position_compare():
+    problem = sf.Problem(heads=2, head_dim=32)
+    plain = TritonKernels(build_scattered_schedule(sf.Scattered(1), problem))
+    causal = TritonKernels(build_scattered_schedule(sf.Scattered(1), problem, causal=True))
+    assert causal.schedule.name != plain.schedule.name
+    for kind, compare in (("fwd", "(k_tok[None, :] <= q_tok[:, None])"), ("bwd", "(k_tok[:, None] <= q_tok[None, :])")):
+        assert compare in causal.source(kind) and compare not in plain.source(kind)
+
+
+def schedule_of(pattern, problem):
+    """Scattered patterns as they are; ``Grouped`` as the runtime lowers it (window 1, causal)."""
+    if isinstance(pattern, sf.Grouped):
+        return build_scattered_schedule(sf.Scattered(1), problem, causal=pattern.causal)
+    return build_scattered_schedule(pattern, problem)
+
+
 INSTANCES = [
     (sf.Scattered((12, 12, 1), shift=(6, 6, 0)), sf.Problem(heads=4, head_dim=32, dtype=torch.float16)),
     (sf.Scattered((8, 8)), sf.Problem(heads=8, head_dim=64, dtype=torch.bfloat16)),
     (sf.Scattered((8, 8)), sf.Problem(heads=8, head_dim=128, dtype=torch.float16, kv_heads=2)),
+    (sf.Grouped(causal=True), sf.Problem(heads=8, head_dim=64, dtype=torch.bfloat16)),
 ]
 
 
 @pytest.fixture(scope="module")
 def reports():
-    return compile_reports(INSTANCES, build_scattered_schedule)
+    return compile_reports(INSTANCES, schedule_of)
 
 
 @pytest.mark.parametrize("index", range(len(INSTANCES)), ids=instance_ids(INSTANCES))
