@@ -38,6 +38,23 @@ def tile_choices(problem: Problem, tokens=None, transposed: bool = False) -> lis
     return out or [(default_tile(problem, tokens[0][0]), default_tile(problem, tokens[0][1]))]
 
 
+def routed_tile_choices(pattern, problem: Problem, tokens=None) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(q_tile, k_tile) shapes for routed attention: the same token budgets, each cut from
+    the padded region (``codegen.routed.region_tile``), no duplicates."""
+    from ..codegen.routed import region_pad, region_tile
+    from ..dsl.args import expand
+
+    if tokens is None:
+        tokens = TILE_TOKENS.get(block_d(problem.head_dim), TILE_TOKENS["default"])
+    pad = region_pad(expand("region_size", pattern.region_size, problem.ndim))
+    out: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    for q_tokens, k_tokens in tokens:
+        pair = (region_tile(pad, q_tokens), region_tile(pad, k_tokens))
+        if pair not in out:
+            out.append(pair)
+    return out
+
+
 def _fits(problem: Problem, pair) -> bool:
     """Tiles no larger than twice the grid along any dimension (more is only padding)."""
     return all(t <= 2 * n for tile in pair for t, n in zip(tile, problem.grid))

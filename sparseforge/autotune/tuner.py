@@ -11,6 +11,14 @@
    by ``cost.predict_us`` and the choice is reported as predicted, not measured.
 4. The winner goes to the tuning database (``db.TuningDB``); the next ``tune`` of the same
    key returns it without compiling anything.
+
+Routed attention (``dsl.content.Routed``) is tuned too: its tiles are cut from the padded
+region (``space.routed_tile_choices``) and its tables come per call from the routes, so the
+cost model (and GPU timing) use the tables of balanced routes (``codegen.routed.balanced_routes``:
+every region routed to topk times). The number of visited tiles does not depend on the routes;
+their balance over key tiles (the dK/dV kernel) does, and balanced is the representative case.
+Scattered and Grouped patterns are not tuned: their tables depend on the voxel (token)
+distribution, known only at call time.
 """
 from __future__ import annotations
 
@@ -24,7 +32,8 @@ import torch
 from ..codegen.aot import ResourceReport, parse_target
 from ..codegen.config import KERNELS, KernelConfig, Launch
 from ..codegen.kernels import TritonKernels
-from ..codegen.schedule import build_schedule
+from ..codegen.schedule import TileSchedule, build_schedule
+from ..dsl.content import Routed
 from ..dsl.pattern import Pattern
 from ..dsl.problem import DTYPE_NAMES, Problem
 from . import cost, space
@@ -151,15 +160,19 @@ def tune(pattern: Pattern, problem: Problem, *, target=None, db: TuningDB | None
     launches = tuple(space.LAUNCHES if launches is None else launches)
     candidates: list[Candidate] = []
     choices = []  # (total score, config, schedule) per tile choice whose kernels all survive
-    tiles = space.tile_choices(problem) if tiles is None else list(tiles)
+    if tiles is None:
+        tiles = space.routed_tile_choices(pattern, problem) if isinstance(pattern, Routed) else \
+            space.tile_choices(problem)
+    tiles = list(tiles)
     total = len(tiles) * len(KERNELS) * len(launches)
     for q_tile, k_tile in tiles:
-        schedule = build_schedule(pattern, problem, q_tile=q_tile, k_tile=k_tile)
+        schedule = candidate_schedule(pattern, problem, q_tile, k_tile)
+        costed = representative(schedule)
         chosen: dict[str, tuple[float, Launch]] = {}
         for kernel in KERNELS:
             for launch in launches:
                 say(f"q{q_tile} k{k_tile} {kernel} {launch.tag()} sm_{cap}", len(candidates), total)
-                cand = _static_candidate(schedule, kernel, launch, cap, spec)
+                cand = _static_candidate(schedule, costed, kernel, launch, cap, spec)
                 if cand.rejected is None and measure:
                     cand = dataclasses.replace(cand, measured_ms=_time_kernel(schedule, kernel, launch, device))
                 candidates.append(cand)
@@ -182,7 +195,28 @@ def tune(pattern: Pattern, problem: Problem, *, target=None, db: TuningDB | None
     raise TuningError(f"no config for {pattern!r} on {problem!r} survived on sm_{cap}: {'; '.join(reasons[:5])}")
 
 
-def _static_candidate(schedule, kernel: str, launch: Launch, cap: int, spec: cost.TargetSpec) -> Candidate:
+def candidate_schedule(pattern: Pattern, problem: Problem, q_tile, k_tile) -> TileSchedule:
+    """The schedule a candidate's tiles give (the one its kernels are compiled from)."""
+    if isinstance(pattern, Routed):
+        from ..codegen.routed import build_routed_schedule
+
+        return build_routed_schedule(pattern, problem, q_tile=q_tile, k_tile=k_tile)
+    return build_schedule(pattern, problem, q_tile=q_tile, k_tile=k_tile)
+
+
+def representative(schedule: TileSchedule) -> TileSchedule:
+    """What the cost model reads: the schedule itself, or for routed attention the schedule
+    with the tables of balanced routes (its own tables come per call)."""
+    if schedule.routed is None:
+        return schedule
+    from ..codegen.routed import balanced_routes, with_tables
+
+    return with_tables(schedule, balanced_routes(schedule))
+
+
+def _static_candidate(schedule, costed, kernel: str, launch: Launch, cap: int, spec: cost.TargetSpec) -> Candidate:
+    """AOT-compile ``kernel`` of ``schedule`` under ``launch``; prune, and predict its time
+    from ``costed`` (``representative(schedule)``)."""
     geom = schedule.geometry
     config = KernelConfig(geom.q_tile, geom.k_tile, True, **{kernel: launch})
     try:
@@ -195,7 +229,7 @@ def _static_candidate(schedule, kernel: str, launch: Launch, cap: int, spec: cos
         rejected = f"spills {report.spills} B of registers"
     elif report.shared_bytes > spec.shared_per_block:
         rejected = f"needs {report.shared_bytes} B of shared memory, more than {spec.shared_per_block}"
-    predicted = cost.predict_us(schedule, kernel, report, spec)
+    predicted = cost.predict_us(costed, kernel, report, spec)
     if rejected is None and math.isinf(predicted):
         rejected = "cannot be resident on an SM"
     return Candidate(geom.q_tile, geom.k_tile, kernel, launch, report, rejected, predicted)
@@ -218,11 +252,16 @@ def _time_kernel(schedule, kernel: str, launch: Launch, device) -> float:  # pra
     kernels = TritonKernels(schedule, config=KernelConfig(geom.q_tile, geom.k_tile, True, **{kernel: launch}))
     q, k, v, dout = _inputs(schedule.problem, device)
     scale = schedule.problem.head_dim ** -0.5
-    out, lse = kernels.forward(q, k, v, scale)
+    tables = None
+    if schedule.routed is not None:  # the tables of balanced routes, built on the device
+        from ..codegen.routed import balanced_routes, routed_tables
+
+        tables = routed_tables(schedule, balanced_routes(schedule).to(device)).kernels
+    out, lse = kernels.forward(q, k, v, scale, tables=tables)
     delta = (dout.float() * out.float()).sum(-1)
-    run = {"fwd": lambda: kernels.forward(q, k, v, scale),
-           "bwd_dq": lambda: kernels.backward_dq(q, k, v, dout, lse, delta, scale),
-           "bwd_dkdv": lambda: kernels.backward_dkdv(q, k, v, dout, lse, delta, scale)}[kernel]
+    run = {"fwd": lambda: kernels.forward(q, k, v, scale, tables=tables),
+           "bwd_dq": lambda: kernels.backward_dq(q, k, v, dout, lse, delta, scale, tables=tables),
+           "bwd_dkdv": lambda: kernels.backward_dkdv(q, k, v, dout, lse, delta, scale, tables=tables)}[kernel]
     return float(triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median"))
 
 

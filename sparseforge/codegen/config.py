@@ -117,7 +117,8 @@ class KernelConfig:
     def describe(self) -> str:
         tiles = f"q {self.q_tile or 'default'} x k {self.k_tile or 'default'}"
         launches = ", ".join(f"{k} {self.launch(k).tag() if self.launch(k) else 'default'}" for k in KERNELS)
-        return f"{tiles}, {'closed-form bounds' if self.closed_form else 'index tables'}, {launches}"
+        bounds = "closed-form bounds where derivable" if self.closed_form else "index tables"
+        return f"{tiles}, {bounds}, {launches}"
 
 
 def default_tile_tokens(problem) -> tuple[int, int]:

@@ -240,3 +240,34 @@ def routed_tables(schedule: TileSchedule, routes: torch.Tensor) -> RoutedTables:
     kernels = dict(KV_PTR=kv[0], KV_IDX=kv[1], KV_FULL=kv[2], Q_PTR=inv[0], Q_IDX=inv[1], Q_FULL=inv[2],
                    HEAD_GROUP=head_group.to(torch.int32).contiguous())
     return RoutedTables(kernels, tiles, valid, head_group)
+
+
+# ------------------------------------------------------------------------------------
+# A representative static schedule (what the autotuner's cost model reads)
+# ------------------------------------------------------------------------------------
+def balanced_routes(schedule: TileSchedule, batch: int = 1) -> torch.Tensor:
+    """int64 [batch, 1, R, topk] routes where query region r routes to regions r, r+1, ...,
+    r+topk-1 (mod R): every region is routed to exactly topk times, so the inverse tables
+    are as even as the forward ones. The visited-tile count does not depend on the routes
+    (topk distinct regions per query tile), only the dK/dV balance does."""
+    layout: RoutedLayout = schedule.routed
+    r = torch.arange(layout.n_regions)[:, None] + torch.arange(layout.topk)[None, :]
+    return (r % layout.n_regions).expand(batch, 1, -1, -1).contiguous()
+
+
+def with_tables(schedule: TileSchedule, routes: torch.Tensor) -> TileSchedule:
+    """``schedule`` (routed) with the tables of one batch element's ``routes`` [1, H|1, R,
+    topk] as its static CSR (numpy), so tile statistics and the cost model can read them."""
+    if routes.shape[0] != 1:
+        raise ValueError(f"with_tables takes the routes of one batch element, got shape {tuple(routes.shape)}")
+    t = routed_tables(schedule, routes.cpu()).kernels
+
+    def csr(prefix):
+        return CSR(t[f"{prefix}_PTR"].numpy(), t[f"{prefix}_IDX"][:int(t[f"{prefix}_PTR"][-1, -1])].numpy(),
+                   t[f"{prefix}_FULL"].numpy())
+
+    head_group = t["HEAD_GROUP"][0].numpy().astype(np.int32)
+    groups = int(head_group.max()) + 1
+    group_heads = tuple(int(np.flatnonzero(head_group == g)[0]) for g in range(groups))
+    return dataclasses.replace(schedule, head_group=head_group, group_heads=group_heads,
+                               forward=csr("KV"), inverse=csr("Q"))

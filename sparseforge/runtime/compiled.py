@@ -141,9 +141,10 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
         raise ValueError("autotune=True chooses the tiles and launches; do not also give config, q_tile or k_tile")
     if target is not None and not autotune:
         raise ValueError("target is the autotuner's target; it needs autotune=True")
-    if (routed or scattered) and autotune:
-        raise UnsupportedPatternError(f"autotune=True is not supported for {pattern!r} yet; give q_tile/k_tile "
-                                      "or a config")
+    if scattered and autotune:
+        raise UnsupportedPatternError(f"autotune=True is not supported for {pattern!r}: its tile tables depend on "
+                                      "the voxel coordinates, known only at call time; give q_tile/k_tile or a "
+                                      "config")
     tuning = None
     if autotune:
         from ..autotune import tune
@@ -179,8 +180,8 @@ def compile_grouped(pattern, problem: Problem, *, backend, q_tile, k_tile, confi
     if problem.grid is None:
         raise ValueError(f"{pattern!r} needs the number of tokens: give Problem(grid=N), got {problem!r}")
     if autotune or target is not None:
-        raise UnsupportedPatternError(f"autotune=True is not supported for {pattern!r} yet; give q_tile/k_tile "
-                                      "or a config")
+        raise UnsupportedPatternError(f"autotune=True is not supported for {pattern!r}: its tile tables depend on "
+                                      "the group ids, known only at call time; give q_tile/k_tile or a config")
     _check_kernel_options(problem, backend, config, q_tile, k_tile)
     return GroupedAttention(pattern, problem, backend=backend, q_tile=q_tile, k_tile=k_tile, config=config)
 

@@ -169,3 +169,50 @@ def test_measured_tuning_on_gpu(db):
     result = tune(PATTERN, sf.Problem(grid=(32, 32), heads=2, head_dim=64, dtype=torch.float16), db=db,
                   launches=LAUNCHES[:2])
     assert result.measured and result.metric > 0 and result.basis == "measured"
+
+
+ROUTED = sf.Routed(8, 2)
+ROUTED_PROBLEM = sf.Problem(grid=(16, 24), heads=2, head_dim=32, dtype=torch.float16)
+
+
+def test_routed_tiles_are_cut_from_the_region():
+    from sparseforge.autotune.space import routed_tile_choices
+
+    choices = routed_tile_choices(sf.Routed((6, 8), 2), ROUTED_PROBLEM)
+    assert choices and len(set(choices)) == len(choices)
+    for q, k in choices:  # region 6x8 pads to 8x8: every tile divides it
+        assert all(8 % t == 0 for t in q + k)
+    assert ((8, 8), (4, 8)) in choices
+
+
+def test_routed_cost_reads_the_tables_of_balanced_routes():
+    from sparseforge.autotune.tuner import candidate_schedule, representative
+
+    schedule = candidate_schedule(ROUTED, ROUTED_PROBLEM, (8, 8), (4, 8))
+    assert schedule.visited_tiles == 0  # its own tables come per call
+    costed = representative(schedule)
+    # 6 query regions x topk 2 x 2 key tiles per region, one routing for both heads
+    assert costed.visited_tiles == 6 * 2 * 2 * 2 and costed.full_tiles == costed.visited_tiles
+    per_key_tile = costed.inverse.ptr[0, 1:] - costed.inverse.ptr[0, :-1]
+    assert set(per_key_tile.tolist()) == {2}  # balanced: every key tile is visited by 2 query tiles
+
+
+def test_routed_autotune_compiles_and_matches_the_reference(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSEFORGE_CACHE_DIR", str(tmp_path))
+    result = tune(ROUTED, ROUTED_PROBLEM, target="sm_90", launches=[Launch(8, 1)])
+    assert not result.measured and result.candidates and all(c.rejected is None for c in result.candidates)
+    attn = sf.compile(ROUTED, ROUTED_PROBLEM, autotune=True, target="sm_90", backend="cpu")
+    assert attn.tuning.cached and attn.config == result.config
+    assert attn.schedule.geometry.q_tile == result.config.q_tile
+    q, k, v = (torch.randn(1, 2, 16 * 24, 32, dtype=torch.float64) for _ in range(3))
+    ref = sf.reference_attention(q, k, v, ROUTED, ROUTED_PROBLEM)
+    assert ((attn(q, k, v) - ref).norm() / ref.norm()).item() < 1e-10
+
+
+@pytest.mark.parametrize("pattern,problem", [
+    (sf.Scattered(4), sf.Problem(heads=2, head_dim=16)),
+    (sf.Grouped(), sf.Problem(grid=32, heads=2, head_dim=16)),
+])
+def test_autotune_refused_where_tables_depend_on_call_inputs(pattern, problem):
+    with pytest.raises(sf.UnsupportedPatternError, match="known only at call time"):
+        sf.compile(pattern, problem, autotune=True)

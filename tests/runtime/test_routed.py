@@ -129,8 +129,8 @@ def test_topk_larger_than_regions_and_other_misuse():
     with pytest.raises(ValueError, match=r"q_tile=\(4, 4\) must have power-of-two extents dividing the padded "
                                          r"region 2 in dimension 0"):
         compile(sf.Routed((2, 4), 2), P((4, 8)), q_tile=(4, 4))
-    with pytest.raises(NotImplementedError, match="autotune"):
-        compile(sf.Routed((2, 4), 2), P((4, 8)), autotune=True)
+    with pytest.raises(ValueError, match="autotune=True chooses the tiles"):
+        compile(sf.Routed((2, 4), 2), P((4, 8)), autotune=True, q_tile=(2, 4))
     attn = compile(sf.Full(), P((4, 8)), backend="cpu")
     q, k, v = qkv(P((4, 8)), 1)
     with pytest.raises(ValueError, match="routes is only for Routed patterns"):
