@@ -27,7 +27,9 @@ The per-window products run as batched matmuls on ``BLOCK``-row blocks of the
 window-sorted voxels (every window cut into blocks, the last one zero-padded; block results
 summed into their windows), in chunks of blocks, so no per-voxel [H, D, D] tensor is ever
 made for all voxels. Memory: KV is W x H x D x D (W non-empty windows), and pooling keeps
-a second one. No custom kernel: a fused Triton kernel is future work.
+a second one. This torch path is what runs on CPU tensors (and float64); CUDA tensors and
+``backend="interpret"`` run the fused Triton kernels of ``codegen.linear_kernels`` on the
+plan's ``chunks`` (every window cut into runs of at most ``CHUNK_ROWS`` window-sorted rows).
 """
 from __future__ import annotations
 
@@ -46,6 +48,9 @@ EPS = 1e-6
 CHUNK_ELEMENTS = 1 << 24
 #: Rows per block of the batched per-window matmuls.
 BLOCK = 8
+#: Most window-sorted rows one Triton program handles (``codegen.linear_kernels``); a window
+#: with more rows is cut into several chunks whose results are added atomically.
+CHUNK_ROWS = 256
 
 
 def check_feature_map(feature_map) -> str:
@@ -76,6 +81,8 @@ class ScatteredLinearPlan:
     slot, block_win, n_blocks: every window cut into ``BLOCK``-row blocks (last one padded):
                int64 [N] the padded row (block * BLOCK + row) of every voxel, int64
                [n_blocks] the window of every block — the batched matmuls' layout
+    chunks:    the Triton kernels' layout (``LinearChunks``): windows cut into runs of at
+               most ``CHUNK_ROWS`` rows of the window-sorted voxel order
     """
 
     pattern: Scattered
@@ -88,6 +95,7 @@ class ScatteredLinearPlan:
     slot: torch.Tensor | None = None
     block_win: torch.Tensor | None = None
     n_blocks: int = 0
+    chunks: "LinearChunks | None" = None
 
     @property
     def blocks(self):
@@ -100,6 +108,43 @@ class ScatteredLinearPlan:
     def __repr__(self) -> str:
         return (f"ScatteredLinearPlan({self.pattern!r}, neighbor_pooling={self.neighbor_pooling}, "
                 f"voxels={self.n_voxels}, windows={self.n_windows}, device={self.device})")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LinearChunks:
+    """Every window cut into chunks of at most ``rows`` consecutive rows of the window-sorted
+    voxel order (one Triton program per chunk and head).
+
+    order: int32 [N] the voxel at every sorted position (windows contiguous, ascending)
+    start, end, win: int32 [n_chunks] sorted positions [start, end) of each chunk and its window
+    """
+
+    order: torch.Tensor
+    start: torch.Tensor
+    end: torch.Tensor
+    win: torch.Tensor
+    n_chunks: int
+    rows: int
+
+
+def chunk_windows(order, win_start, win_len, rows: int) -> LinearChunks:
+    """``LinearChunks`` of windows w occupying sorted positions [win_start[w], win_start[w] +
+    win_len[w]) (int64 [W] each); ``order`` int64 [N] from ``group``."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"chunk_rows must be an int >= 1, got {rows!r}")
+    if order.numel() >= 2 ** 31:
+        raise ValueError(f"{order.numel()} voxels: the linear-attention kernels index rows with int32 "
+                         "(fewer than 2**31 voxels); split the batch")
+    dev = order.device
+    per = torch.div(win_len + rows - 1, rows, rounding_mode="floor")            # chunks per window
+    n_chunks = int(per.sum()) if per.numel() else 0
+    win = torch.repeat_interleave(torch.arange(per.numel(), device=dev), per, output_size=n_chunks)
+    first = torch.cumsum(per, 0) - per                                           # first chunk of each window
+    start = win_start[win] + (torch.arange(n_chunks, device=dev) - first[win]) * rows
+    end = torch.minimum(start + rows, (win_start + win_len)[win])
+    i32 = torch.int32
+    return LinearChunks(order.to(i32).contiguous(), start.to(i32).contiguous(), end.to(i32).contiguous(),
+                        win.to(i32).contiguous(), n_chunks, rows)
 
 
 def neighbor_table(keys: torch.Tensor) -> torch.Tensor:
@@ -133,8 +178,10 @@ def neighbor_table(keys: torch.Tensor) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
-def plan(pattern: Scattered, coords: torch.Tensor, neighbor_pooling: bool) -> ScatteredLinearPlan:
-    """The grouping of ``coords`` (int [N, 1 + ndim], batch first; checked) on their device."""
+def plan(pattern: Scattered, coords: torch.Tensor, neighbor_pooling: bool,
+         chunk_rows: int = CHUNK_ROWS) -> ScatteredLinearPlan:
+    """The grouping of ``coords`` (int [N, 1 + ndim], batch first; checked) on their device;
+    ``chunk_rows``: the most rows of one window a Triton program takes (``LinearChunks``)."""
     coords = check_coords(coords, keep_device=True)
     n = coords.shape[0]
     pattern.check_rank(coords)
@@ -156,6 +203,7 @@ def plan(pattern: Scattered, coords: torch.Tensor, neighbor_pooling: bool) -> Sc
     slot = torch.empty(n, dtype=torch.long, device=dev)
     slot[order] = slot_packed
     block_win = torch.repeat_interleave(torch.arange(n_windows, device=dev), per_window, output_size=n_blocks)
+    chunks = chunk_windows(order, start[first], end[first] - start[first], chunk_rows)
     neighbors = index = None
     if neighbor_pooling:
         first = torch.ones(n, dtype=torch.bool, device=coords.device)
@@ -165,7 +213,7 @@ def plan(pattern: Scattered, coords: torch.Tensor, neighbor_pooling: bool) -> Sc
         neighbors = neighbor_table(keys)
         index = pool_index(neighbors)
     return ScatteredLinearPlan(pattern, bool(neighbor_pooling), n, n_windows, win.contiguous(), neighbors, index,
-                               slot.contiguous(), block_win.contiguous(), n_blocks)
+                               slot.contiguous(), block_win.contiguous(), n_blocks, chunks)
 
 
 def _chunks(n: int, per_row: int):

@@ -15,7 +15,7 @@
 
     lin = compile(Scattered(window_size=(12, 12, 1)), problem, attention="linear",  # ScatterFormer
                   feature_map="elu+1", neighbor_pooling=True)  # -> runtime.linear.ScatteredLinearAttention
-    out = lin(q, k, v, coords=coords)          # or plan=lin.plan(coords); torch ops, no LSE
+    out = lin(q, k, v, coords=coords)          # or plan=lin.plan(coords); no LSE (no softmax)
 
 Routed attention (``dsl.content.Routed``) runs region-aligned tiles whose index tables are
 built per call from the routes (``codegen.routed``); scattered voxel windows
@@ -97,7 +97,7 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
               cost model otherwise); ``target`` ("sm_80", "sm_90", ...) as in ``tune``.
     attention: "softmax" (default) or "linear": ScatterFormer's scattered linear attention,
               ``Scattered`` patterns only, returning a ``runtime.linear.ScatteredLinearAttention``
-              (torch ops, no kernel yet); ``feature_map`` ("relu" default, or "elu+1") and
+              (Triton kernels on CUDA, torch ops on CPU); ``feature_map`` ("relu" default, or "elu+1") and
               ``neighbor_pooling`` (bool, default False) apply to it only.
     """
     check_pattern_problem(pattern, problem)
@@ -189,18 +189,17 @@ def compile_grouped(pattern, problem: Problem, *, backend, q_tile, k_tile, confi
 def compile_linear(pattern, problem: Problem, *, backend, q_tile, k_tile, config, autotune, target, feature_map,
                    neighbor_pooling):
     """``compile(..., attention="linear")``: checks, then a ``ScatteredLinearAttention``."""
-    from .linear import ScatteredLinearAttention
+    from .linear import ScatteredLinearAttention, check_linear_backend
 
     _check_voxel_problem(pattern, problem)
-    if backend not in (None, "cpu"):
-        raise ValueError(f"backend={backend!r} is not available for attention='linear': it runs as torch ops on "
-                         "the inputs' device (no Triton kernel yet); give backend=None (or 'cpu' to insist on "
-                         "CPU tensors)")
+    check_linear_backend(problem, backend)  # None/"cpu": torch ops on CPU; "triton"/"interpret": kernels
     for name, value in (("q_tile", q_tile), ("k_tile", k_tile), ("config", config), ("target", target)):
         if value is not None:
-            raise ValueError(f"{name} is not used by attention='linear' (no kernel tiles); leave it None")
+            raise ValueError(f"{name} is not used by attention='linear' (its kernels take no tile config); "
+                             "leave it None")
     if autotune:
-        raise ValueError("autotune=True is not available for attention='linear' (no kernel to tune)")
+        raise ValueError("autotune=True is not available for attention='linear' (its kernels have fixed "
+                         "launches per head dim)")
     return ScatteredLinearAttention(pattern, problem, backend=backend,
                                     feature_map="relu" if feature_map is None else feature_map,
                                     neighbor_pooling=False if neighbor_pooling is None else neighbor_pooling)

@@ -79,6 +79,22 @@ def test_gqa_and_fp16(pooling):
     assert out["out"] < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("feature_map", ["relu", "elu+1"])
+def test_interpret_backend_matches_cpu_backend(feature_map):
+    """backend='interpret' (the Triton kernels, codegen.linear_kernels) against backend='cpu'
+    (torch ops) and the oracle on 3-D shifted windows with pooling and GQA."""
+    pattern, coords = CASES["shifted_3d"](torch.Generator().manual_seed(11))
+    coords = coords[:60]
+    problem = P(heads=4, kv_heads=2, head_dim=16)
+    q, k, v = voxel_qkv(problem, 60, torch.float32, 12, requires_grad=False)
+    outs = [sf.compile(pattern, problem, attention="linear", feature_map=feature_map, neighbor_pooling=True,
+                       backend=backend)(q, k, v, coords=coords) for backend in ("cpu", "interpret")]
+    assert rel_err(outs[1], outs[0]) < 1e-5
+    ref = sf.reference_linear_attention(q.double(), k.double(), v.double(), pattern, coords,
+                                        feature_map=feature_map, neighbor_pooling=True)
+    assert rel_err(outs[1], ref) < 1e-5
+
+
 def test_pooling_changes_results_and_gradcheck():
     pattern, coords = CASES["batches_shifted_2d"](torch.Generator().manual_seed(2))
     problem = P(dtype=torch.float64)
@@ -178,8 +194,21 @@ def test_errors_name_the_argument():
         sf.compile(pattern, problem, feature_map="relu")
     with pytest.raises(ValueError, match="neighbor_pooling is only for attention='linear'"):
         sf.compile(pattern, problem, neighbor_pooling=False)
-    with pytest.raises(ValueError, match="backend='triton' is not available for attention='linear'"):
-        sf.compile(pattern, problem, attention="linear", backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sf.compile(pattern, problem, attention="linear", backend="cuda")
+    with pytest.raises(ValueError, match="dtype=bf16 cannot run under backend='interpret'.*11584"):
+        sf.compile(pattern, P(dtype=torch.bfloat16), attention="linear", backend="interpret")
+    with pytest.raises(ValueError, match="head_dim=160 is not supported by backend='triton'"):
+        sf.compile(pattern, P(head_dim=160), attention="linear", backend="triton")
+    with pytest.raises(ValueError, match="dtype=fp64 is not supported by backend='interpret'"):
+        sf.compile(pattern, P(dtype=torch.float64), attention="linear", backend="interpret")
+    on_gpu = sf.compile(pattern, problem, attention="linear", backend="triton")
+    q, k, v = voxel_qkv(problem, coords.shape[0], torch.float32, 0, requires_grad=False)
+    with pytest.raises(ValueError, match="compiled with backend='triton' \\(CUDA tensors\\)"):
+        on_gpu(q, k, v, coords=coords)
+    interp = sf.compile(pattern, problem, attention="linear", backend="interpret")
+    with pytest.raises(TypeError, match="q has dtype torch.float64, expected fp32.*runs Triton kernels"):
+        interp(q.double(), k.double(), v.double(), coords=coords)
     with pytest.raises(ValueError, match="q_tile is not used"):
         sf.compile(pattern, problem, attention="linear", q_tile=(16,))
     with pytest.raises(ValueError, match="give Problem\\(grid=None\\)"):
