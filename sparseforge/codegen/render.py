@@ -39,8 +39,9 @@ def kernel_name(schedule: TileSchedule) -> str:
     return f"sf_{schedule.name}"
 
 
-def _side(schedule: TileSchedule, name: str) -> dict:
-    geom = schedule.geometry
+def _side(geom, name: str, suffix: str = "") -> dict:
+    """What the rows macro needs for the ``name`` ("q" or "k") tiles of ``geom``; the
+    function is ``_{name}_rows{suffix}``."""
     tiles = [d.q_tiles if name == "q" else d.k_tiles for d in geom.dims]
     extents = [d.tq if name == "q" else d.tk for d in geom.dims]
     dims = []
@@ -49,8 +50,28 @@ def _side(schedule: TileSchedule, name: str) -> dict:
                          region=d.region, region_pad=d.region_pad,
                          tiles=tiles[i], tiles_after=math.prod(tiles[i + 1:]), rows_after=math.prod(extents[i + 1:]),
                          stride=geom.strides[i]))
-    return dict(name=name, block=math.prod(extents), dims=dims,
+    return dict(name=name, fn=f"_{name}_rows{suffix}", block=math.prod(extents), dims=dims,
+                fold_note=f" under fold {geom.fold}" if suffix else "",
                 coords=", ".join(f"x{i}" for i in range(len(geom.dims))))
+
+
+def _row_functions(schedule: TileSchedule) -> tuple[list[dict], list[dict]]:
+    """(sides, row_dispatch): the ``_q_rows``/``_k_rows`` functions of the schedule. With
+    per-group folds (``schedule.group_geometry``) every distinct fold gets its own pair
+    (``_q_rows_f0``, ...) and ``_q_rows(tile, group)`` dispatches on the head group."""
+    if schedule.group_geometry is None:
+        return [_side(schedule.geometry, "q"), _side(schedule.geometry, "k")], []
+    folds = list(dict.fromkeys(schedule.group_folds))   # distinct, in group order
+    geoms = {g.fold: g for g in schedule.group_geometry}
+    sides, dispatch = [], []
+    for name in ("q", "k"):
+        variants = []
+        for i, fold in enumerate(folds):
+            sides.append(_side(geoms[fold], name, f"_f{i}"))
+            groups = [g for g, f in enumerate(schedule.group_folds) if f == fold]
+            variants.append(dict(fn=sides[-1]["fn"], condition=" | ".join(f"(group == {g})" for g in groups)))
+        dispatch.append(dict(name=name, variants=variants, coords=sides[-1]["coords"]))
+    return sides, dispatch
 
 
 def render(schedule: TileSchedule, kind: str, config=None) -> str:
@@ -67,6 +88,8 @@ def render(schedule: TileSchedule, kind: str, config=None) -> str:
     # Segments (scattered voxel windows): the predicate is the run-time segment-id compare.
     pred = sympy.true if schedule.routed is not None or segments else predicate(schedule.pattern, prob, sym)
 
+    sides, row_dispatch = _row_functions(schedule)
+
     def names(q_axis: str, k_axis: str) -> dict:
         out = {sym.qn: f"q_tok{q_axis}", sym.kn: f"k_tok{k_axis}", sym.head: "head"}
         for d in range(nd):
@@ -76,11 +99,12 @@ def render(schedule: TileSchedule, kind: str, config=None) -> str:
 
     context = dict(
         version=_version(), pattern=repr(schedule.pattern), problem=repr(prob),
-        q_tile=geom.q_tile, k_tile=geom.k_tile, fold=geom.fold,
+        q_tile=geom.q_tile, k_tile=geom.k_tile,
+        fold=geom.fold if schedule.group_geometry is None else f"per head group {list(schedule.group_folds)}",
         n_q_tiles=geom.n_q_tiles, n_k_tiles=geom.n_k_tiles, groups=schedule.groups,
         dtype=DTYPE_NAMES[prob.dtype], head_dim=prob.head_dim, block_d=block_d(prob.head_dim),
         heads=prob.heads, group_stride_b=prob.heads if schedule.routed is not None else 0, kv_group=prob.heads // prob.kv_heads, tokens=0 if segments else prob.tokens,
-        sides=[_side(schedule, "q"), _side(schedule, "k")],
+        sides=sides, row_dispatch=row_dispatch, rows_group=", group" if row_dispatch else "",
         q_coords=", ".join(f"qx{d}" for d in range(nd)), k_coords=", ".join(f"kx{d}" for d in range(nd)),
         kernel_name=kernel_name(schedule),
         predicate=(SEGMENT_PREDICATE + SEGMENT_CAUSAL * causal_segments if segments else

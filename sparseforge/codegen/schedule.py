@@ -73,6 +73,10 @@ class TileSchedule:
     bounds:     the closed-form key-tile bounds (``codegen.bounds``) the forward and dQ
                 kernels loop over, or None where the kernels read the forward tables;
                 ``bounds_reason`` says why. The dK/dV kernel always reads the inverse tables.
+    group_geometry: None (every group tiles the grid as ``geometry``), or one geometry per
+                group: head groups whose patterns want different folds (``PerHead`` of Blocks
+                and Grid) each get their own fold, with the same tiles and tile counts
+                (``geometry`` is then group 0's). The kernels pick the rows of a tile by group.
     """
 
     pattern: Pattern
@@ -87,6 +91,16 @@ class TileSchedule:
     build_seconds: float
     routed: object = None  # codegen.routed.RoutedLayout for routed attention (tables per call)
     scattered: object = None  # codegen.scattered.ScatteredLayout for voxel windows (tables per call)
+    group_geometry: tuple[TileGeometry, ...] | None = None
+
+    def geometry_of(self, group: int) -> TileGeometry:
+        """The tiling of head group ``group``."""
+        return self.geometry if self.group_geometry is None else self.group_geometry[group]
+
+    @property
+    def group_folds(self) -> tuple[tuple[int, ...], ...] | None:
+        """The fold of every head group, or None when they share ``geometry``."""
+        return None if self.group_geometry is None else tuple(g.fold for g in self.group_geometry)
 
     def fingerprint(self) -> str:
         """Content hash: pattern, problem, tiling and the tables themselves (equal
@@ -101,6 +115,8 @@ class TileSchedule:
         h.update(f"{g.q_tile}/{g.k_tile}/{g.fold}/".encode())
         if self.routed is not None:
             h.update(f"routed/{g.dims!r}/".encode())
+        if self.group_geometry is not None:
+            h.update(f"group-folds/{self.group_folds}/".encode())
         if self.scattered is not None:
             h.update(f"scattered/{g.dims!r}/".encode())
             if self.scattered.causal:
@@ -151,11 +167,12 @@ class TileSchedule:
     def visits(self, group: int):
         """The work of head group ``group``, one ``Visit`` per query tile with key tiles to
         visit (tokens as int64 tensors, padding dropped, FULL tiles' keys first)."""
-        q_table = torch.from_numpy(self.geometry.token_table("q"))
-        k_table = torch.from_numpy(self.geometry.token_table("k"))
+        geom = self.geometry_of(group)
+        q_table = torch.from_numpy(geom.token_table("q"))
+        k_table = torch.from_numpy(geom.token_table("k"))
         ptr, full = self.forward.ptr[group], self.forward.full[group]
         idx = torch.from_numpy(self.forward.idx).long()
-        for qt in range(self.geometry.n_q_tiles):
+        for qt in range(geom.n_q_tiles):
             a, b, f = int(ptr[qt]), int(ptr[qt + 1]), int(full[qt])
             q_tokens = q_table[qt][q_table[qt] >= 0]
             if a == b or len(q_tokens) == 0:
@@ -198,9 +215,10 @@ class TileSchedule:
 
     def summary(self) -> str:
         g = self.geometry
+        fold = g.fold if self.group_geometry is None else f"per head group {list(self.group_folds)}"
         lines = [
             f"schedule for {self.pattern!r} on {self.problem!r}",
-            f"  tiles: query {g.q_tile} x key {g.k_tile}, fold {g.fold}; {g.n_q_tiles} query tiles, "
+            f"  tiles: query {g.q_tile} x key {g.k_tile}, fold {fold}; {g.n_q_tiles} query tiles, "
             f"{g.n_k_tiles} key tiles, {self.groups} head group(s)",
             f"  visited tile pairs: {self.visited_tiles} ({self.full_tiles} full, "
             f"{self.visited_tiles - self.full_tiles} partial) of {g.n_q_tiles * g.n_k_tiles * self.problem.heads}",
@@ -241,25 +259,49 @@ def build_schedule(pattern: Pattern, problem: Problem, *, q_tile=None, k_tile=No
         k_tile = default_tile(problem, k_tokens) if k_tile is None else k_tile
     q_tile = tuple(q_tile)
     k_tile = q_tile if k_tile is None else tuple(k_tile)
-    fold = tuple(fold) if fold is not None else choose_fold(pattern, problem)
-    geom = TileGeometry.make(problem.grid, q_tile, k_tile, fold)
-
     signatures: dict = {}
     head_group = np.zeros(problem.heads, dtype=np.int32)
     for h in range(problem.heads):
         head_group[h] = signatures.setdefault(head_signature(pattern, problem, h), len(signatures))
     group_heads = tuple(int(np.argmax(head_group == g)) for g in range(len(signatures)))
 
-    classifier = _Classifier(problem, geom)
-    classes = [classifier.pattern(leaf_for_head(pattern, h), h) for h in group_heads]
-    classes = [classifier.apply_padding(c) for c in classes]
+    group_geometry = None
+    if fold is None:
+        group_geometry = _group_geometries(pattern, problem, head_group, group_heads, q_tile, k_tile)
+    fold = tuple(fold) if fold is not None else choose_fold(pattern, problem)
+    geom = TileGeometry.make(problem.grid, q_tile, k_tile, fold) if group_geometry is None else group_geometry[0]
+
+    classifiers: dict = {}
+    classes = []
+    for g, h in enumerate(group_heads):
+        gg = geom if group_geometry is None else group_geometry[g]
+        classifier = classifiers.setdefault(gg.fold, _Classifier(problem, gg))
+        classes.append(classifier.apply_padding(classifier.pattern(leaf_for_head(pattern, h), h)))
     forward, inverse = _csr_pair(classes)
     if closed_form:
         bounds, reason = derive_bounds(pattern, problem, geom)
     else:
         bounds, reason = None, "index tables chosen by the kernel config (closed_form=False)"
     return TileSchedule(pattern, problem, geom, head_group, group_heads, forward, inverse, bounds, reason,
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, group_geometry=group_geometry)
+
+
+def _group_geometries(pattern: Pattern, problem: Problem, head_group, group_heads, q_tile, k_tile):
+    """One geometry per head group, each with the fold its own pattern wants, or None when
+    they all want the same fold or it cannot be done: the groups must keep the same tile
+    counts (one launch grid, one table layout), and the query heads of one key/value head
+    must share a fold (the dK/dV kernel loads a key tile once for all of them)."""
+    folds = [choose_fold(leaf_for_head(pattern, h), problem) for h in group_heads]
+    if len(set(folds)) == 1:
+        return None
+    geoms = tuple(TileGeometry.make(problem.grid, q_tile, k_tile, f) for f in folds)
+    if len({(g.n_q_tiles, g.n_k_tiles) for g in geoms}) > 1:
+        return None
+    per_kv = problem.heads // problem.kv_heads
+    for kv in range(problem.kv_heads):
+        if len({folds[head_group[h]] for h in range(kv * per_kv, (kv + 1) * per_kv)}) > 1:
+            return None
+    return geoms
 
 
 def _csr_pair(classes: list[np.ndarray]) -> tuple[CSR, CSR]:

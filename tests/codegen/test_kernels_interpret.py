@@ -23,6 +23,9 @@ CASES = [
     (sf.GlobalTokens([0, 9]) | sf.SlidingWindow(2, 2), (20,), (8,), 1, 1),
     (sf.StridedShards(4, 2, 3, dense_heads=1), (30,), (8,), 4, 2),
     (sf.PerHead([sf.Neighborhood(3), sf.Blocks(2), sf.Grid(2), sf.Causal()]), (4, 6), (2, 4), 4, 4),
+    # per-group folds (schedule.group_geometry): Grid heads folded, the others not; with GQA
+    (sf.PerHead([sf.Blocks(4), sf.Grid(4), sf.Blocks(4), sf.Neighborhood(3)]), (16, 16), (4, 4), 4, 4),
+    (sf.PerHead([sf.Blocks(4), sf.Blocks(4), sf.Grid(4), sf.Grid(4)]), (16, 8), (4, 4), 4, 2),
 ]
 
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
@@ -35,7 +38,10 @@ def rel(a, b):
 def run_case(pattern, grid, tile, heads, kv_heads, dtype, batch=1, head_dim=16):
     torch.manual_seed(0)
     problem = sf.Problem(grid=grid, heads=heads, head_dim=head_dim, dtype=dtype, kv_heads=kv_heads)
-    kernels = TritonKernels(build_schedule(pattern, problem, q_tile=tile), interpret=True)
+    schedule = build_schedule(pattern, problem, q_tile=tile)
+    if isinstance(pattern, sf.PerHead) and grid[0] == 16:  # the per-group-fold cases really are
+        assert schedule.group_folds is not None
+    kernels = TritonKernels(schedule, interpret=True)
     n = problem.tokens
     q = torch.randn(batch, heads, n, head_dim, dtype=dtype)
     k = torch.randn(batch, kv_heads, n, head_dim, dtype=dtype)

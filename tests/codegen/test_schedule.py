@@ -2,6 +2,7 @@
 tile, FULL tiles are all-allowed (and hold no padding), EMPTY tiles are all-masked."""
 import numpy as np
 import pytest
+import torch
 
 import sparseforge as sf
 from sparseforge.codegen import build_schedule, default_tile
@@ -117,6 +118,40 @@ def test_perhead_groups_share_schedules():
     mix = sf.PerHead([sf.Neighborhood(3)] * 2 + [sf.Blocks(2)] * 2)
     s = build_schedule(mix, sf.Problem(grid=(8, 8), heads=4))
     assert s.groups == 2 and list(s.head_group) == [0, 0, 1, 1]
+
+
+MAXVIT = sf.PerHead([sf.Blocks(8)] * 2 + [sf.Grid(8)] * 2)
+
+
+def test_perhead_groups_get_their_own_fold():
+    # MaxViT: Blocks heads want no fold, Grid heads fold 8; one shared fold would cost 16x tiles
+    problem = sf.Problem(grid=(64, 64), heads=4, head_dim=32, dtype=torch.bfloat16)
+    s = build_schedule(MAXVIT, problem)
+    assert s.group_folds == ((1, 1), (8, 8)) and list(s.head_group) == [0, 0, 1, 1]
+    assert s.tile_efficiency == 1.0 and s.visited_tiles == 4 * 64 * 2
+    shared = build_schedule(MAXVIT, problem, fold=(1, 1))
+    assert shared.group_folds is None and shared.visited_tiles == 16640
+    assert "per head group [(1, 1), (8, 8)]" in s.summary()
+    assert s.fingerprint() != shared.fingerprint()
+
+
+@pytest.mark.parametrize("heads,kv_heads,why", [
+    (4, 2, None),                         # each kv head's query heads share a fold: per-group folds
+    (4, 1, "one kv head for Blocks and Grid heads: its key tile is loaded once for both"),
+])
+def test_perhead_folds_respect_gqa(heads, kv_heads, why):
+    problem = sf.Problem(grid=(64, 64), heads=heads, kv_heads=kv_heads, head_dim=32, dtype=torch.bfloat16)
+    s = build_schedule(MAXVIT, problem)
+    assert (s.group_folds is None) == (why is not None)
+
+
+def test_perhead_folds_need_equal_tile_counts():
+    # Grid(5) on 20x20 folds 5 (groups of 4 padded to 8 with 8x8 tiles): more tiles than
+    # Blocks(4) unfolded, so the groups keep one shared fold
+    problem = sf.Problem(grid=(20, 20), heads=2, head_dim=32, dtype=torch.float16)
+    s = build_schedule(sf.PerHead([sf.Blocks(4), sf.Grid(5)]), problem, q_tile=(8, 8))
+    folds = [build_schedule(p, problem, q_tile=(8, 8)).geometry for p in (sf.Blocks(4), sf.Grid(5))]
+    assert (folds[0].n_q_tiles != folds[1].n_q_tiles) == (s.group_folds is None)
 
 
 def test_content_patterns_are_refused():

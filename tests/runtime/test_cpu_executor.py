@@ -51,11 +51,17 @@ CASES = [
     ("perhead_gqa", sf.PerHead([sf.Causal(), sf.Causal(), sf.SlidingWindow(2), sf.Documents((10, 20))]),
      P(30, heads=4, kv_heads=2), (8,), (8,)),
     ("empty_rows", sf.Blocks(4) & sf.GlobalTokens((1,)), P(19), (4,), (8,)),
+    # per-group folds: the Grid heads' tiles are folded, the Blocks/Neighborhood heads' are not
+    ("perhead_folds", sf.PerHead([sf.Blocks(4), sf.Grid(4), sf.Neighborhood(3), sf.Grid(4)]),
+     P((16, 16), heads=4), (4, 4), (4, 4)),
 ]
 
 
 @pytest.mark.parametrize("pattern, problem, q_tile, k_tile", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_fp32_matches_reference(pattern, problem, q_tile, k_tile):
+    if isinstance(pattern, sf.PerHead) and problem.grid == (16, 16):
+        from sparseforge.codegen import build_schedule
+        assert build_schedule(pattern, problem, q_tile=q_tile, k_tile=k_tile).group_folds is not None
     check_executor(pattern, problem, q_tile=q_tile, k_tile=k_tile)
 
 
