@@ -44,6 +44,14 @@ def _restore_language(snapshot) -> None:
 
 
 @contextlib.contextmanager
+def interpreted_launch():
+    """The context an interpreted kernel launch runs in: ``TRITON_INTERPRET`` set for the
+    call only, and ``triton.language``'s helpers callable and restored afterwards."""
+    with envvars.triton_interpreter(True), _interpretable_library_functions():
+        yield
+
+
+@contextlib.contextmanager
 def _interpretable_library_functions():
     """Let interpreted kernels call ``triton.language``'s own ``@jit`` helpers (``tl.max``,
     ``tl.sum``, ...), and leave ``triton.language`` as it was afterwards.
@@ -124,7 +132,7 @@ class TritonKernels:
         if not self.interpret:
             self.kernel(name)[grid](*args, **self._meta(name))
             return
-        with envvars.triton_interpreter(True), _interpretable_library_functions():
+        with interpreted_launch():
             self.kernel(name)[grid](*args, **self._meta(name))
 
     def tables(self, device: torch.device) -> dict[str, torch.Tensor]:

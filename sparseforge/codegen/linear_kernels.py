@@ -283,9 +283,9 @@ def launch(name: str, grid, *args, interpret: bool, head_dim: int, feature: int,
     if not interpret:
         globals()[name][grid](*args, **meta, num_warps=cfg["num_warps"])
         return
-    from .kernels import _interpretable_library_functions
+    from .kernels import interpreted_launch
 
-    with envvars.triton_interpreter(True), _interpretable_library_functions():
+    with interpreted_launch():
         _interpreted(name)[grid](*args, **meta)
 
 
