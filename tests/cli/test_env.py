@@ -69,3 +69,13 @@ def test_version_and_help(sf):
     result = sf("--help")
     assert result.exit_code == 0
     assert "show" in result.stdout and "env" in result.stdout
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "sparseforge", "show", "Blocks(4)", "--grid", "8x8", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert '"density"' in r.stdout
