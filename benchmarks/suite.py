@@ -14,16 +14,34 @@ Problems (B, H, grid, D at full size; the peers of the issue):
 | P4  | 2-D neighborhood, small kernel | 128, 2, 56x56, 32         | Neighborhood(7); Neighborhood(7, dilation=8) | FlexAttention, NATTEN     |
 | P5  | 3-D neighborhood               | 1, 24, 30x48x80, 128      | Neighborhood((18, 24, 24))                  | FlexAttention, NATTEN      |
 | P6  | S2 strided shards, causal      | 1, 32, 32768 / 131072, 128 | StridedShards(64, 16, 16)                  | FlexAttention, same layout |
-| P7  | routed regions (BiFormer)      | 8, 8, 64x64, 64           | Routed(8, 8)                                | not runnable (content-dependent) |
-| P8  | scattered voxel softmax        | (not given in the table)  | Scattered(...)                              | not runnable (content-dependent) |
-| P9  | scattered linear               | (not given in the table)  | Scattered(...)                              | not runnable (content-dependent) |
+| P7  | routed regions (BiFormer)      | 8, 8, 64x64, 64           | Routed((8, 8), 8): regions 8x8, top-8       | BiFormer gather + matmul, FlexAttention (block mask from the routes per call) |
+| P8  | scattered voxel softmax        | 131072 voxels, H 4, D 32  | Scattered((12, 12)): windows 12x12          | padded-window SDPA, FlexAttention (document mask) |
+| P9  | scattered linear               | 131072 voxels, H 4, D 32  | Scattered((12, 12)), attention="linear"     | torch index_add scatter reference |
 | P10 | HaloNet                        | 32, 4, 64x64, 64          | Halo(8, 3)                                  | FlexAttention, unfold HaloAttention |
 | P11 | MaxViT block + grid            | 32, 4, 64x64, 32          | PerHead([Blocks(8)] * 2 + [Grid(8)] * 2)    | reshape + SDPA, FlexAttention |
 
 A problem with two patterns (or sequence lengths) runs as two cases, ``P1`` and ``P1b``;
-``--only P1`` selects both. P7-P8 compile (Routed, Scattered) but the suite has no harness for
-their run-time inputs yet, and P9 (linear attention) is not implemented: they are reported as
+``--only P1`` selects both. A content-dependent problem without a harness would be reported as
 "not runnable: <reason>", never estimated.
+
+Content-dependent problems (harnesses in this file, peers in ``benchmarks/peers.py``, shared
+with ``benchmarks/memory.py``):
+
+- P7: random q, k, v; our op routes inside every call (``attn(q, k, v)``); the peers are
+  BiFormer's released gather implementation (``nchwBRA``: region means, top-k, ``torch.gather``
+  of K/V per routed region, matmul / softmax / matmul) and FlexAttention with a block mask
+  built from BiFormer's routes in every call (set-up counted). Allowed pairs, exact: N x topk
+  x region tokens per head and batch element (from the routes of random q, k).
+- P8: a synthetic, spatially clustered voxel set (``peers.make_voxels``, seeded: 4 batch
+  elements, 2-D, 131072 voxels, windows of 12x12 cells holding 24-144 voxels, mean 50; the
+  result reports the statistics), q, k, v [N, H, D] in shuffled voxel order. Ours:
+  ``attn(q, k, v, coords=coords)`` (grouping in every call) and ``attn(q, k, v, plan=plan)`` (a
+  reused plan); peers: every window padded to the largest with a key padding mask and one SDPA,
+  and FlexAttention with a document mask over the window-sorted voxels (grouping and block mask
+  in every call). Allowed pairs: the sum over windows of size^2, per head.
+- P9: P8's voxels with ``sf.compile(..., attention="linear")``; peer: ScatterFormer's
+  per-window KV / S sums with ``index_add``. No tiles (tile efficiency not applicable); the
+  FLOP model is 4 N H D^2.
 
 CPU mode (``--cpu``) measures what is exact on a CPU:
 
@@ -54,13 +72,23 @@ result's ``scaled`` entry):
     P4  1,2,56x56,32  Neighborhood(7)              P4b 1,2,56x56,32  Neighborhood(7, dilation=8)
     P5  1,2,15x12x20,64  Neighborhood((9, 6, 6))
     P6  1,2,4096,64   StridedShards(8, 16, 16)     P6b 1,2,4096,64   StridedShards(2, 16, 16)
+    P7  1,2,64x64,64  Routed((8, 8), 8)            (64x64 is already 4096 tokens: grid, regions, top-k kept)
+    P8  4096 voxels (2 batch elements), 2 heads, D 32, Scattered((12, 12))   (windows keep mean ~50 voxels)
+    P9  as P8, attention="linear"
     P10 1,2,64x64,64  Halo(8, 3)                   P11 1,2,64x64,32  PerHead([Blocks(8), Grid(8)])
+
+For P7 and P8 the tile efficiency is exact at FULL size (P7: routes of random q, k; P8: the
+full voxel set; P8 also gives the padded-window peer's efficiency: allowed pairs / padded
+pairs); the set-up steps (``setup``: our per-call route tables or plan vs the peers' routing /
+grouping and ``create_block_mask``) replace ``schedule_build``.
 
 GPU mode (no ``--cpu``): full-size problems on CUDA in bf16: forward and forward + backward
 time with ``triton.testing.do_bench`` (median, L2 flushed), set-up time (compile / block
 mask), peak memory, effective TFLOP/s from the exact allowed-pair count (forward
 4 * pairs * D FLOP, backward 2.5x forward), speedup over the best peer and the ratio to
-dense SDPA time x density. A peer that is not installed is reported as not run, with the
+dense SDPA time x density. P7-P9 report set-up steps, times, the extra peak memory of each
+call and TFLOP/s (P9: from the FLOP model), with the peers' agreement with ours. A peer
+that is not installed is reported as not run, with the
 reason. Without a CUDA device it stops with "no CUDA device: use --cpu".
 """
 from __future__ import annotations
@@ -125,8 +153,11 @@ class Case:
     pattern: sf.Pattern
     full: Shape
     peers: tuple[str, ...]      # peers of the issue (names in PEERS)
-    cpu_pattern: sf.Pattern | None = None   # the scaled pattern (None: content-dependent)
+    cpu_pattern: sf.Pattern | None = None   # the scaled pattern (content-dependent cases: the same pattern)
     cpu: Shape | None = None
+    voxels: tuple[int, int] | None = None       # voxel problems: (voxels, batch elements of the coords), full
+    cpu_voxels: tuple[int, int] | None = None   # and scaled
+    attention: str = "softmax"                  # "linear": sf.compile(..., attention="linear")
 
 
 def _maxvit(heads: int) -> sf.Pattern:
@@ -134,6 +165,7 @@ def _maxvit(heads: int) -> sf.Pattern:
 
 
 FLEX, NATTEN, SDPA, HALO, MAXVIT = "flex_attention", "natten", "sdpa", "halo_unfold", "maxvit_reshape_sdpa"
+GATHER, PADDED, SCATTER_LINEAR = "biformer_gather", "padded_window_sdpa", "scatter_linear_torch"
 CASES: tuple[Case, ...] = (
     Case("P1", "P1", "1-D neighborhood, window 2048", sf.Neighborhood(2048), Shape(1, 16, (32768,), 128),
          (FLEX, NATTEN, SDPA), sf.Neighborhood(256), Shape(1, 2, (4096,), 64)),
@@ -155,9 +187,14 @@ CASES: tuple[Case, ...] = (
          (FLEX,), sf.StridedShards(8, 16, 16), Shape(1, 2, (4096,), 64)),
     Case("P6b", "P6", "S2 strided shards causal, 128k", sf.StridedShards(64, 16, 16), Shape(1, 32, (131072,), 128),
          (FLEX,), sf.StridedShards(2, 16, 16), Shape(1, 2, (4096,), 64)),
-    Case("P7", "P7", "routed regions 8x8, top-8 (BiFormer)", sf.Routed(8, 8), Shape(8, 8, (64, 64), 64), ()),
-    Case("P8", "P8", "scattered voxel softmax (SST/DSVT)", sf.Scattered(12), Shape(1, 8, None, 64), ()),
-    Case("P9", "P9", "scattered linear", sf.Scattered(64), Shape(1, 8, None, 64), ()),
+    Case("P7", "P7", "routed regions 8x8, top-8 (BiFormer)", sf.Routed((8, 8), 8), Shape(8, 8, (64, 64), 64),
+         (GATHER, FLEX), sf.Routed((8, 8), 8), Shape(1, 2, (64, 64), 64)),
+    Case("P8", "P8", "scattered voxel softmax, windows 12x12 (SST/DSVT)", sf.Scattered((12, 12)),
+         Shape(1, 4, None, 32), (PADDED, FLEX), sf.Scattered((12, 12)), Shape(1, 2, None, 32),
+         voxels=(131072, 4), cpu_voxels=(4096, 2)),
+    Case("P9", "P9", "scattered linear, windows 12x12 (ScatterFormer)", sf.Scattered((12, 12)),
+         Shape(1, 4, None, 32), (SCATTER_LINEAR,), sf.Scattered((12, 12)), Shape(1, 2, None, 32),
+         voxels=(131072, 4), cpu_voxels=(4096, 2), attention="linear"),
     Case("P10", "P10", "HaloNet 64x64, block 8 halo 3", sf.Halo(8, 3), Shape(32, 4, (64, 64), 64),
          (FLEX, HALO), sf.Halo(8, 3), Shape(1, 2, (64, 64), 64)),
     Case("P11", "P11", "MaxViT block 8 + grid 8 (per head)", _maxvit(4), Shape(32, 4, (64, 64), 32),
@@ -179,22 +216,25 @@ def select(only: str | None) -> list[Case]:
     return [c for c in CASES if c.problem in wanted or c.id.upper() in wanted]
 
 
+def has_harness(case: Case) -> bool:
+    """Content-dependent cases the suite feeds run-time content: Routed (routes from q and k)
+    and Scattered (synthetic voxel coordinates, softmax or linear attention)."""
+    return isinstance(case.pattern, sf.Routed) or (isinstance(case.pattern, sf.Scattered) and case.voxels is not None)
+
+
 def not_runnable_reason(case: Case) -> str | None:
-    """Why the case cannot run here, or None. Content-dependent patterns: sf.compile's
-    UnsupportedPatternError; where sf.compile accepts one, the suite still lacks a harness
-    that feeds it run-time content (routes, voxel coordinates), and says so."""
-    if case.pattern.is_static:
+    """Why the case cannot run here, or None. Content-dependent patterns without a harness:
+    sf.compile's UnsupportedPatternError, or that the suite has no harness for them."""
+    if case.pattern.is_static or has_harness(case):
         return None
-    if case.id == "P9":
-        return "scattered linear attention (attention='linear') is not implemented yet; nothing is estimated"
     try:
         sf.compile(case.pattern, case.full.problem(torch.float16))
     except sf.UnsupportedPatternError as exc:
         return str(exc)
     except Exception as exc:  # noqa: BLE001
         return f"sf.compile failed: {_why(exc)}"
-    return (f"sf.compile accepts {case.pattern!r}, but this suite has no harness for content-dependent "
-            "inputs yet (routes / voxel coordinates per run); nothing is estimated")
+    return (f"sf.compile accepts {case.pattern!r}, but this suite has no harness for its content-dependent "
+            "inputs; nothing is estimated")
 
 
 # ------------------------------------------------------------------------------------
@@ -596,16 +636,369 @@ def measure_cpu_ops(case: Case, attn: sf.CompiledAttention, repeat: int, flex) -
 
 
 def speedups(op_times: dict, ours: str = "sparseforge") -> dict:
-    """Per direction: best peer's median / ours (> 1: we are faster) and which peer."""
+    """Per direction: best peer's median / ours (> 1: we are faster) and which peer (names
+    starting with ``ours``, such as ``sparseforge_plan``, are ours, not peers)."""
     out = {}
     for key in ("forward", "forward_backward"):
         mine = op_times.get(ours, {}).get(key, {}).get("median_ms")
         peers = {n: t[key]["median_ms"] for n, t in op_times.items()
-                 if n != ours and "median_ms" in t.get(key, {})}
+                 if not n.startswith(ours) and "median_ms" in t.get(key, {})}
         if mine and peers:
             best = min(peers, key=peers.get)
             out[key] = dict(best_peer=best, speedup_x=peers[best] / mine)
     return out
+
+
+# ------------------------------------------------------------------------------------
+# Content-dependent cases: P7 routed (routes from q and k), P8 / P9 scattered voxels
+# ------------------------------------------------------------------------------------
+def _load_peers():
+    """benchmarks/peers.py (the torch peers shared with benchmarks/memory.py), by path: the
+    suite itself is loaded by path (``cli_build.load_suite``)."""
+    import importlib.util
+    from pathlib import Path
+
+    name = "sparseforge_bench_peers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "peers.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+peers = _load_peers()
+
+
+def _window(pattern: sf.Scattered) -> int:
+    return _scalar(pattern.window_size, "window_size")
+
+
+def voxel_coords(case: Case, size: str) -> torch.Tensor:
+    """The case's synthetic voxel set (``peers.make_voxels``, seed 0) at ``size`` "full" or "scaled"."""
+    n, batch = case.voxels if size == "full" else case.cpu_voxels
+    return peers.make_voxels(n, batch=batch, window=_window(case.pattern))
+
+
+def voxel_stats(coords: torch.Tensor, pattern: sf.Scattered) -> dict:
+    sizes = peers.window_groups(coords, _window(pattern))["sizes"]
+    return dict(voxels=int(coords.shape[0]), batch_elements=int(coords[:, 0].max()) + 1, windows=int(sizes.numel()),
+                window_voxels=dict(mean=float(sizes.float().mean()), min=int(sizes.min()), max=int(sizes.max()),
+                                   median=float(sizes.float().median())),
+                generator="benchmarks/peers.py make_voxels(seed=0): 2-D, spatially clustered occupancy")
+
+
+def voxel_allowed_pairs(coords: torch.Tensor, pattern: sf.Scattered, heads: int) -> int:
+    """Allowed (query, key) pairs, summed over heads: sum over windows of size^2, x heads."""
+    sizes = peers.window_groups(coords, _window(pattern))["sizes"]
+    return int((sizes.long() ** 2).sum()) * heads
+
+
+def routed_allowed_pairs(pattern: sf.Routed, problem: sf.Problem, routes: torch.Tensor) -> int:
+    """Allowed pairs over batch and heads for ``routes`` [B, H|1, R, topk] (distinct per row):
+    every query region's tokens x the tokens of its routed key regions (N * topk *
+    region_tokens per head when the regions divide the grid)."""
+    ids, n_regions = pattern.regions(problem.grid)
+    sizes = torch.bincount(ids, minlength=n_regions).long()
+    per = (sizes[routes.cpu()].sum(-1) * sizes).sum(-1)     # [B, H|1]
+    return int(per.sum()) * (problem.heads if routes.shape[1] == 1 else 1)
+
+
+def routed_tile_efficiency(case: Case, shape: Shape, size: str, seed: int = 0) -> dict:
+    """Tile efficiency of our routed kernels (bf16 default tiles) and of 1-D 128x128 tiles of
+    the row-major sequence (FlexAttention's block mask), exact, for the routes of random q, k."""
+    from sparseforge.codegen.routed import build_routed_schedule, routed_tables, routes_for
+
+    problem = shape.problem(torch.bfloat16)
+    pattern = case.pattern
+    q, k, _ = random_qkv(shape, torch.float32, "cpu", False, seed)
+    routes = routes_for(pattern, problem, q, k)
+    t0 = time.perf_counter()
+    schedule = build_routed_schedule(pattern, problem)
+    tables = routed_tables(schedule, routes)
+    build_s = time.perf_counter() - t0
+    heads_per_route = 1 if routes.shape[1] > 1 else problem.heads
+    visited = int(tables.valid.sum()) * heads_per_route
+    allowed = routed_allowed_pairs(pattern, problem, routes)
+    ids, n_regions = pattern.regions(problem.grid)
+    n = problem.tokens
+    blocks = -(-n // ONE_D_TILE)
+    member = torch.zeros(blocks, n_regions)
+    member[torch.arange(n) // ONE_D_TILE, ids] = 1.0
+    layout = torch.zeros(*routes.shape[:2], n_regions, n_regions)
+    layout.scatter_(-1, routes, 1.0)
+    visited_1d = int(((member @ layout @ member.T) > 0).sum()) * heads_per_route
+    g = schedule.geometry
+    ours = allowed / (visited * g.block_m * g.block_n)
+    base = allowed / (visited_1d * ONE_D_TILE ** 2)
+    return dict(size=size, problem=repr(problem), q_tile=list(g.q_tile), k_tile=list(g.k_tile), allowed_pairs=allowed,
+                density=allowed / (shape.batch * problem.heads * n * n), ours=ours, one_d_128=base, gain_x=ours / base,
+                visited_tiles=visited, visited_tiles_1d_128=visited_1d, schedule_build_s=build_s,
+                method=dict(allowed_pairs="region sizes x routed region sizes, routes of random q, k (seed 0)",
+                            one_d="region membership of 128-token blocks x routed region layout"))
+
+
+def voxel_tile_efficiency(case: Case, shape: Shape, coords: torch.Tensor, size: str) -> dict:
+    """Tile efficiency of our scattered kernels (bf16 default tiles on the packed sequence),
+    of 1-D 128x128 tiles of the window-sorted sequence (FlexAttention's document mask) and
+    of the padded-window peer (every window padded to the largest)."""
+    problem = shape.problem(torch.bfloat16)
+    heads = problem.heads
+    attn = sf.compile(case.pattern, problem)
+    t0 = time.perf_counter()
+    plan = attn.plan(coords)
+    build_s = time.perf_counter() - t0
+    visited = int(plan.tables["KV_PTR"][0, -1]) * heads
+    sizes = peers.window_groups(coords, _window(case.pattern))["sizes"].long()
+    allowed = int((sizes ** 2).sum()) * heads
+    ends = torch.cumsum(sizes, 0)
+    first, last = (ends - sizes) // ONE_D_TILE, (ends - 1) // ONE_D_TILE
+    blocks = -(-int(coords.shape[0]) // ONE_D_TILE)
+    hit = torch.zeros(blocks, blocks, dtype=torch.bool)
+    for a, b in zip(first.tolist(), last.tolist()):
+        hit[a:b + 1, a:b + 1] = True
+    visited_1d = int(hit.sum()) * heads
+    layout = plan.layout
+    ours = allowed / (visited * layout.block_m * layout.block_n)
+    base = allowed / (visited_1d * ONE_D_TILE ** 2)
+    return dict(size=size, problem=repr(problem), q_tile=[layout.block_m], k_tile=[layout.block_n],
+                allowed_pairs=allowed, ours=ours, one_d_128=base, gain_x=ours / base, visited_tiles=visited,
+                visited_tiles_1d_128=visited_1d,
+                padded_window_sdpa=allowed / (heads * sizes.numel() * int(sizes.max()) ** 2),
+                schedule_build_s=build_s,
+                method=dict(allowed_pairs="sum over windows of size^2, x heads",
+                            ours="index-table entries of the plan (KV_PTR) x heads",
+                            one_d="128-token blocks spanned by each window of the sorted sequence"))
+
+
+@dataclasses.dataclass
+class ContentRun:
+    """One content-dependent case on one device and dtype: its inputs, methods and set-ups."""
+
+    qkv: Callable[[bool], tuple]                  # requires_grad -> (q, k, v)
+    methods: Callable[..., dict]                  # (q, k, v) -> name -> forward() or a reason it does not run
+    setups: dict                                  # name -> zero-arg set-up step (timed alone)
+    info: dict                                    # allowed pairs / flop model, voxel statistics, ...
+    attn: object
+
+
+def content_run(case: Case, shape: Shape, dtype, device: str, flex, size: str) -> ContentRun:
+    """Inputs, methods (ours and the peers) and set-up steps of a content-dependent case."""
+    import functools
+
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    block_mask = functools.partial(create_block_mask, _compile=device == "cuda")  # no dense N x N mask on CUDA
+    flex_fn = flex[0]
+    pattern = case.pattern
+    problem = shape.problem(dtype)
+    gen_seed = 0
+    if isinstance(pattern, sf.Routed):
+        from sparseforge.codegen.routed import routed_tables, routes_for
+        from sparseforge.dsl.args import expand
+
+        attn = sf.compile(pattern, problem)
+        grid, topk = shape.grid, pattern.topk
+        region = tuple(expand("region_size", pattern.region_size, len(grid)))
+        n = problem.tokens
+
+        def qkv(requires_grad):
+            return random_qkv(shape, dtype, device, requires_grad, gen_seed)
+
+        def flex_forward(q, k, v):
+            routes = peers.biformer_routing(q, k, grid, region, topk)
+            bm = block_mask(peers.biformer_block_mask_mod(routes, grid, region), q.shape[0], None, n, n, device=device)
+            return flex_fn(q, k, v, block_mask=bm)
+
+        def methods(q, k, v):
+            return {"sparseforge": lambda: attn(q, k, v),
+                    GATHER: lambda: peers.biformer_gather_attention(q, k, v, grid, region, topk),
+                    FLEX: lambda: flex_forward(q, k, v)}
+        q0, k0, _ = qkv(False)
+        routes = routes_for(pattern, problem, q0, k0)
+        setups = {"sparseforge_routes_and_tables": lambda: routed_tables(attn.schedule,
+                                                                         routes_for(pattern, problem, q0, k0)),
+                  "flex_routes_and_create_block_mask": lambda: block_mask(
+                      peers.biformer_block_mask_mod(peers.biformer_routing(q0, k0, grid, region, topk), grid, region),
+                      shape.batch, None, n, n, device=device)}
+        allowed = routed_allowed_pairs(pattern, problem, routes)
+        info = dict(allowed_pairs=allowed, density=allowed / (shape.batch * problem.heads * n * n),
+                    flop_forward=4 * allowed * shape.head_dim,
+                    routing="ours: float64 region means (sparseforge routes_for); the peers: BiFormer's routing in "
+                            "the inputs' dtype (benchmarks/peers.py biformer_routing)")
+        return ContentRun(qkv, methods, setups, info, attn)
+
+    coords = voxel_coords(case, size).to(device)
+    window = _window(pattern)
+    n_vox = int(coords.shape[0])
+    linear = case.attention == "linear"
+    attn = sf.compile(pattern, problem, attention="linear") if linear else sf.compile(pattern, problem)
+    plan = attn.plan(coords)
+
+    def qkv(requires_grad):
+        gen = torch.Generator().manual_seed(gen_seed)
+        return tuple(torch.randn(n_vox, shape.heads, shape.head_dim, generator=gen).to(device, dtype)
+                     .requires_grad_(requires_grad) for _ in range(3))
+
+    def methods(q, k, v):
+        ours = {"sparseforge": lambda: attn(q, k, v, coords=coords),
+                "sparseforge_plan": lambda: attn(q, k, v, plan=plan)}
+        if linear:
+            return ours | {SCATTER_LINEAR: lambda: peers.scatter_linear_attention(
+                q, k, v, peers.window_groups(coords, window))}
+        return ours | {PADDED: lambda: peers.padded_window_sdpa(q, k, v, peers.window_groups(coords, window)),
+                       FLEX: lambda: peers.flex_document_attention(q, k, v, peers.window_groups(coords, window),
+                                                                   flex_fn, block_mask, device)}
+
+    def flex_setup():
+        order, n_pad, doc = peers.flex_document_inputs(peers.window_groups(coords, window))
+        return block_mask(lambda b, h, qi, ki: doc[qi] == doc[ki], None, None, n_pad, n_pad, device=device)
+    setups = {"sparseforge_plan": lambda: attn.plan(coords), "peers_window_grouping": lambda: peers.window_groups(
+        coords, window)}
+    if not linear:
+        setups["flex_grouping_and_create_block_mask"] = flex_setup
+    info = voxel_stats(coords.cpu(), pattern)
+    if linear:
+        d = shape.head_dim
+        info["flop_forward_model"] = 4 * n_vox * shape.heads * d * d
+        info["flop_model"] = ("4 N H D^2: per head phi(k)^T v summed per window (2 N D^2) and phi(q) KV (2 N D^2); "
+                              "no (query, key) pairs in linear attention")
+    else:
+        allowed = voxel_allowed_pairs(coords.cpu(), pattern, shape.heads)
+        info.update(allowed_pairs=allowed, flop_forward=4 * allowed * shape.head_dim)
+    return ContentRun(qkv, methods, setups, info, attn)
+
+
+def numerics_vs_ours(run: ContentRun) -> dict:
+    """Max |method - sparseforge| of every method's forward on the run's inputs (fp32)."""
+    q, k, v = run.qkv(False)
+    out = {}
+    with torch.no_grad():
+        methods = run.methods(q, k, v)
+        ref = methods["sparseforge"]().float()
+        for name, fn in methods.items():
+            if name != "sparseforge" and not isinstance(fn, str):
+                try:
+                    out[name] = (fn().float() - ref).abs().max().item()
+                except Exception as exc:  # noqa: BLE001
+                    out[name] = f"failed: {_why(exc)}"
+    return out
+
+
+def measure_content_compile(case: Case, problem: sf.Problem) -> dict:
+    """Cold / warm sf.compile of a content-dependent case (attention="linear" for P9)."""
+    kw = dict(attention="linear") if case.attention == "linear" else {}
+    with fresh_cache_dir():
+        t0 = time.perf_counter()
+        sf.compile(case.pattern, problem, **kw)
+        cold = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sf.compile(case.pattern, problem, **kw)
+        warm = time.perf_counter() - t0
+    return dict(problem=repr(problem), cold_s=cold, warm_s=warm,
+                note="cold: empty SPARSEFORGE_CACHE_DIR, first sf.compile of this pattern in the process")
+
+
+def run_cpu_content_case(case: Case, repeat: int, flex) -> dict:
+    """A content-dependent case in CPU mode: exact tile efficiency at full size (routes of
+    random q, k / the synthetic voxels), set-up times, compile, op times at the scaled size."""
+    out = dict(scaled=case.cpu.as_dict(), scaled_pattern=repr(case.cpu_pattern))
+    if case.voxels is not None:
+        out["scaled"]["voxels"], out["scaled"]["voxel_batch_elements"] = case.cpu_voxels
+    log(f"{case.id}: tile efficiency")
+    if isinstance(case.pattern, sf.Routed):
+        out["tile_efficiency"] = routed_tile_efficiency(case, case.full, "full")
+    elif case.attention == "linear":
+        out["tile_efficiency_note"] = ("not applicable: linear attention visits no (query, key) tiles; its cost is "
+                                       "O(N H D^2) segment sums")
+    else:
+        full_coords = voxel_coords(case, "full")
+        out["voxels_full"] = voxel_stats(full_coords, case.pattern)
+        out["tile_efficiency"] = voxel_tile_efficiency(case, case.full, full_coords, "full")
+    log(f"{case.id}: sf.compile cold / warm")
+    out["compile"] = measure_content_compile(case, case.cpu.problem(torch.float32))
+    run = content_run(case, case.cpu, torch.float32, "cpu", flex, "scaled")
+    out["inputs"] = run.info
+    out["max_abs_diff_vs_sparseforge"] = numerics_vs_ours(run)
+    log(f"{case.id}: set-up steps")
+    out["setup"] = {}
+    for name, fn in run.setups.items():
+        try:
+            out["setup"][name + "_s"] = _median_s(fn, repeat)
+        except Exception as exc:  # noqa: BLE001
+            out["setup"][name + "_error"] = _why(exc)
+    results = {}
+    for backward in (False, True):
+        key = "forward_backward" if backward else "forward"
+        q, k, v = run.qkv(backward)
+        for name, fn in run.methods(q, k, v).items():
+            entry = results.setdefault(name, {})
+            if backward and name == FLEX:
+                entry[key] = dict(skipped="not supported: FlexAttention has no backward on CPU "
+                                          "(torch raises NotImplementedError)")
+                continue
+            log(f"  {case.id}: timing {name} {key.replace('_', ' + ')}")
+            try:
+                entry[key] = _timed_ms(_step(fn, backward, (q, k, v)), repeat)
+            except Exception as exc:  # noqa: BLE001 - a failing method is reported, the rest go on
+                entry[key] = dict(skipped=f"failed: {_why(exc)}")
+    if FLEX in results:
+        results[FLEX]["variant"] = flex[1] + "; block mask built in every call (set-up counted)"
+    results["sparseforge"]["variant"] = ("sf.compile(attention='linear'): torch segment ops" if case.attention == "linear"
+                                         else "sf.compile CPU executor") + "; routing / grouping in every call"
+    if "sparseforge_plan" in results:
+        results["sparseforge_plan"]["variant"] = "as sparseforge, with a reused plan (attn.plan(coords))"
+    out["op_time_cpu"] = results
+    out["speedup_vs_best_peer"] = speedups(results)
+    return out
+
+
+def run_gpu_content_case(case: Case, flex) -> dict:  # pragma: no cover - needs a CUDA device
+    """A content-dependent case at full size, bf16, on CUDA: set-up times, do_bench times,
+    peak memory and TFLOP/s from the exact allowed pairs (P9: the flop model)."""
+    import triton.testing
+
+    shape = case.full
+    run = content_run(case, shape, torch.bfloat16, "cuda", flex, "full")
+    flop_fwd = run.info.get("flop_forward", run.info.get("flop_forward_model"))
+
+    def bench(fn) -> float:
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def peak(fn) -> int:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    setups = {}
+    for name, fn in run.setups.items():
+        try:
+            setups[name + "_s"] = bench(fn) * 1e-3
+        except Exception as exc:  # noqa: BLE001
+            setups[name + "_error"] = _why(exc)
+    results = {}
+    for backward in (False, True):
+        key = "forward_backward" if backward else "forward"
+        q, k, v = run.qkv(backward)
+        for name, fn in run.methods(q, k, v).items():
+            entry = results.setdefault(name, {})
+            step = _step(fn, backward, (q, k, v))
+            try:
+                ms = bench(step)
+                flop = flop_fwd * (3.5 if backward else 1.0)
+                entry[key] = dict(median_ms=ms, peak_memory_extra_bytes=peak(step), tflops=flop / (ms * 1e-3) / 1e12)
+            except Exception as exc:  # noqa: BLE001
+                entry[key] = dict(skipped=f"failed: {_why(exc)}")
+    if FLEX in results:
+        results[FLEX]["variant"] = flex[1] + "; block mask built in every call (set-up counted)"
+    return dict(op_time_cuda=results, setup=setups, inputs=run.info, numerics=numerics_vs_ours(run),
+                allowed_pairs=run.info.get("allowed_pairs"), density=run.info.get("density"),
+                tflops_basis="exact allowed pairs: 4 * pairs * D forward, x3.5 forward + backward"
+                if "flop_forward" in run.info else run.info.get("flop_model"),
+                speedup_vs_best_peer=speedups(results))
 
 
 # ------------------------------------------------------------------------------------
@@ -616,6 +1009,8 @@ def log(text: str) -> None:
 
 
 def run_cpu_case(case: Case, repeat: int, flex) -> dict:
+    if not case.pattern.is_static:
+        return run_cpu_content_case(case, repeat, flex)
     scaled = case.cpu.problem(torch.float32)
     out = dict(scaled=case.cpu.as_dict(), scaled_pattern=repr(case.cpu_pattern))
     log(f"{case.id}: tile efficiency")
@@ -636,6 +1031,8 @@ def run_cpu_case(case: Case, repeat: int, flex) -> dict:
 
 def run_gpu_case(case: Case, flex) -> dict:  # pragma: no cover - needs a CUDA device
     """Full size, bf16, on CUDA: times with do_bench, set-up, peak memory, TFLOP/s."""
+    if not case.pattern.is_static:
+        return run_gpu_content_case(case, flex)
     import triton.testing
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -794,6 +1191,10 @@ def run_suite(only: str | None = None, *, cpu: bool = True, repeat: int = 3, com
             continue
         if flex is None:
             flex = make_flex("cpu" if cpu else "cuda")
+        elif FLEX_COMPILE:
+            # A fresh compile cache per case: otherwise the cases' shapes and block masks pile up
+            # recompiles until torch.compile hits its recompile limit and silently runs eager.
+            torch._dynamo.reset()
         t0 = time.perf_counter()
         try:
             row.update(run_cpu_case(case, repeat, flex) if cpu else run_gpu_case(case, flex))
@@ -840,6 +1241,10 @@ def table_rows(result: dict) -> list[tuple[str, str]]:
             flex_b = b.get("flex_create_block_mask_s")
             parts.append(f"build {b['sparseforge_build_schedule_s'] * 1e3:.1f} ms vs block mask "
                          + (f"{flex_b * 1e3:.1f} ms" if flex_b is not None else "-"))
+        setup = c.get("setup")
+        if setup:
+            parts.append("set-up " + ", ".join(f"{k[:-2]} {v * 1e3:.1f} ms" for k, v in setup.items()
+                                                if k.endswith("_s")))
         comp = c.get("compile")
         if comp:
             parts.append(f"compile cold {comp['cold_s'] * 1e3:.0f} ms / warm {comp['warm_s'] * 1e3:.1f} ms")
