@@ -31,7 +31,7 @@ import torch
 
 from ..codegen.aot import ResourceReport, parse_target
 from ..codegen.config import KERNELS, KernelConfig, Launch
-from ..codegen.kernels import TritonKernels
+from ..codegen.kernels import TritonKernels, rowsum_product
 from ..codegen.schedule import TileSchedule, build_schedule
 from ..dsl.content import Routed
 from ..dsl.pattern import Pattern
@@ -258,7 +258,7 @@ def _time_kernel(schedule, kernel: str, launch: Launch, device) -> float:  # pra
 
         tables = routed_tables(schedule, balanced_routes(schedule).to(device)).kernels
     out, lse = kernels.forward(q, k, v, scale, tables=tables)
-    delta = (dout.float() * out.float()).sum(-1)
+    delta = rowsum_product(dout, out)
     run = {"fwd": lambda: kernels.forward(q, k, v, scale, tables=tables),
            "bwd_dq": lambda: kernels.backward_dq(q, k, v, dout, lse, delta, scale, tables=tables),
            "bwd_dkdv": lambda: kernels.backward_dkdv(q, k, v, dout, lse, delta, scale, tables=tables)}[kernel]

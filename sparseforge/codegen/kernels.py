@@ -43,6 +43,22 @@ def _restore_language(snapshot) -> None:
                 setattr(obj, name, value)
 
 
+#: Largest fp32 temporary (elements) ``rowsum_product`` makes at once.
+DELTA_CHUNK_ELEMENTS = 1 << 22
+
+
+def rowsum_product(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """delta = rowsum(dO * O): fp32 [B, H, N] of dout, out [B, H, N, D], products and sums in
+    fp32, a slab of heads at a time, so the fp32 temporaries never grow with the whole
+    [B, H, N, D] (the backward's peak memory stays at its outputs)."""
+    b, h, n, d = out.shape
+    delta = torch.empty(b, h, n, dtype=torch.float32, device=out.device)
+    step = max(1, DELTA_CHUNK_ELEMENTS // max(1, b * n * d))
+    for i in range(0, h, step):
+        delta[:, i:i + step] = (dout[:, i:i + step].float() * out[:, i:i + step].float()).sum(-1)
+    return delta
+
+
 @contextlib.contextmanager
 def interpreted_launch():
     """The context an interpreted kernel launch runs in: ``TRITON_INTERPRET`` set for the
@@ -194,7 +210,7 @@ class TritonKernels:
         return out, lse
 
     def backward(self, q, k, v, out, lse, dout, scale: float, tables=None):
-        delta = (dout.float() * out.float()).sum(-1)  # rowsum(dO * O): [B, H, N] fp32
+        delta = rowsum_product(dout, out)
         dq = self.backward_dq(q, k, v, dout, lse, delta, scale, tables)
         dk, dv = self.backward_dkdv(q, k, v, dout, lse, delta, scale, tables)
         return dq, dk, dv

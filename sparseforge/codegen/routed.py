@@ -157,8 +157,8 @@ def build_routed_schedule(pattern: Routed, problem: Problem, *, q_tile=None, k_t
 def routes_for(pattern: Routed, problem: Problem, q: torch.Tensor, k: torch.Tensor,
                routes: torch.Tensor | None = None) -> torch.Tensor:
     """int64 [B, H|1, R, topk] routes on q's device: ``routes`` checked (``check_routes``), or
-    computed from q and k exactly as ``reference_attention`` does (float64, detached, k
-    repeated to the query heads for GQA)."""
+    computed from q and k exactly as ``reference_attention`` does (``Routed.routes``: float64,
+    detached, GQA kv heads' region means serving their query heads)."""
     _, n_regions = pattern.regions(problem.grid)
     if routes is not None:
         r = check_routes(routes, q.shape[0], problem.heads, n_regions, pattern.topk)
@@ -166,10 +166,7 @@ def routes_for(pattern: Routed, problem: Problem, q: torch.Tensor, k: torch.Tens
             raise ValueError(f"routes is on {r.device} but q is on {q.device}")
         return r.contiguous()
     with torch.no_grad():
-        q64, k64 = q.detach().double(), k.detach().double()
-        if k64.shape[1] != q64.shape[1]:
-            k64 = k64.repeat_interleave(q64.shape[1] // k64.shape[1], dim=1)
-        return pattern.routes(q64, k64, problem.grid).contiguous()
+        return pattern.routes(q, k, problem.grid).contiguous()
 
 
 def _csr_from_entries(rows: torch.Tensor, cols: torch.Tensor, full: torch.Tensor, valid: torch.Tensor,

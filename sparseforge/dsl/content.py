@@ -35,6 +35,10 @@ def region_ids(grid: tuple[int, ...], region: tuple[int, ...]) -> tuple[torch.Te
     return ids, math.prod(counts)
 
 
+#: Tokens per float64 chunk of the routing's region sums (``Routed.routes``).
+ROUTING_CHUNK_TOKENS = 1024
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class Routed(Pattern):
     """BiFormer bi-level routing attention.
@@ -73,20 +77,30 @@ class Routed(Pattern):
                              f"(grid {problem.grid} cut into regions of {self.region_size!r})")
 
     def routes(self, q: torch.Tensor, k: torch.Tensor, grid) -> torch.Tensor:
-        """Top-k key regions per query region: int64 [B, H or 1, R, topk].
+        """Top-k key regions per query region: int64 [B, H or 1, R, topk], on q's device.
 
-        q, k: [B, H, N, D] (k with as many heads as q). Routing is detached, as in BiFormer.
+        q: [B, H, N, D], k: [B, H or kv_heads, N, D] (GQA: each kv head's region means serve
+        its query heads), any float dtype. Routing is detached, as in BiFormer, and computed
+        in float64 from the inputs' values: region sums accumulate ``ROUTING_CHUNK_TOKENS``
+        tokens at a time, so no float64 copy of q or k is ever whole (peak memory O(R), not
+        O(N), beyond the inputs).
         """
         ids, n_regions = self.regions(grid)
         b, h, n, d = q.shape
-        counts = torch.bincount(ids, minlength=n_regions).to(q.dtype)
+        ids = ids.to(q.device)
+        counts = torch.bincount(ids, minlength=n_regions).to(torch.float64)
 
-        def region_mean(x):
-            x = x.detach().permute(0, 2, 1, 3)  # [B, N, H, D]
-            s = torch.zeros(b, n_regions, h, d, dtype=x.dtype, device=x.device).index_add_(1, ids.to(x.device), x)
-            return s / counts.to(x.device)[None, :, None, None]
+        def region_mean(x):  # [B, Hx, N, D] -> float64 [B, R, Hx, D]
+            x = x.detach()
+            s = torch.zeros(b, n_regions, x.shape[1], d, dtype=torch.float64, device=x.device)
+            for a in range(0, n, ROUTING_CHUNK_TOKENS):
+                chunk = x[:, :, a:a + ROUTING_CHUNK_TOKENS].permute(0, 2, 1, 3).double()  # [B, c, Hx, D]
+                s.index_add_(1, ids[a:a + ROUTING_CHUNK_TOKENS], chunk)
+            return s / counts[None, :, None, None]
 
-        qr, kr = region_mean(q), region_mean(k)  # [B, R, H, D]
+        qr, kr = region_mean(q), region_mean(k)  # [B, R, H, D], [B, R, Hk, D]
+        if kr.shape[2] != h:
+            kr = kr.repeat_interleave(h // kr.shape[2], dim=2)
         if self.per_head:
             affinity = torch.einsum("brhd,bshd->bhrs", qr, kr)
         else:
