@@ -33,7 +33,7 @@ How memory is measured:
   path (chunked torch ops), labelled as such.
 
 Also reported: analytic bytes (inputs, output, LSE, routes, gathered K/V copies, scores,
-the routing's float64 copies, the gather's backward through K/V expanded over the query
+the routing's float64 chunk and region means, the gather's backward through K/V expanded over the query
 regions — ``torch.gather``'s gradient is a zero-filled [B, H, R, R, region_tokens, D] tensor,
 O(N^2)) and a model of each implementation's peak from them, with the ratio measured / model.
 
@@ -47,33 +47,24 @@ import argparse
 import contextlib
 import datetime
 import gc
-import importlib.util
 import json
 import platform
 import sys
 import time
 import weakref
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparseforge as sf
+from sparseforge.cli_build import load_benchmark
+from sparseforge.codegen.kernels import DELTA_CHUNK_ELEMENTS
+from sparseforge.dsl.content import ROUTING_CHUNK_TOKENS
 
 SCHEMA = "sparseforge-routed-memory/1"
 
 
-def _load_peers():
-    name = "sparseforge_bench_peers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "peers.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-peers = _load_peers()
+peers = load_benchmark("peers")  # the torch peers shared with benchmarks/suite.py
 
 
 # ------------------------------------------------------------------------------------
@@ -235,8 +226,14 @@ def analytic(batch: int, heads: int, grid: int, head_dim: int, region: int, topk
         # torch.gather's backward through K/V expanded over the query regions: a zero-filled
         # [B, H, R, R, T, D] gradient (and scatter_add's result of the same size), per K and V
         gather_backward_expanded_grad=batch * heads * n_regions * n * head_dim * elem,
-        routing_float64_copies=2 * batch * heads * n * head_dim * 8,   # q.double(), k.double() (routes_for)
-        delta_fp32_temporaries=3 * x32,              # dO.float(), O.float(), their product (rowsum(dO * O))
+        # Routed.routes: one float64 chunk of ROUTING_CHUNK_TOKENS tokens, the region sums and
+        # means of q and k (float64 [B, R, H, D], two each) and the affinity [B, R, R]
+        routing_float64=(batch * min(n, ROUTING_CHUNK_TOKENS) * heads * head_dim * 8
+                         + 4 * batch * n_regions * heads * head_dim * 8 + batch * n_regions * n_regions * 8),
+        # rowsum(dO * O) a slab of heads at a time (kernels.rowsum_product): dO.float(),
+        # O.float() and their product for one slab
+        delta_fp32_temporaries=3 * x32 // heads * min(heads, max(1, DELTA_CHUNK_ELEMENTS // (batch * n * head_dim))),
+        delta=batch * heads * n * 4,
         grads_dq_dk_dv=3 * x,
     )
     # models of the peaks: what must be live at the worst moment (routes given)
@@ -244,8 +241,10 @@ def analytic(batch: int, heads: int, grid: int, head_dim: int, region: int, topk
         gather_forward=3 * x + a["gather_kv_copies"] + 2 * scores,  # region copies of q/k/v, K/V copies, scores + softmax
         gather_forward_backward=2 * a["gather_backward_expanded_grad"],   # a lower bound: the expanded gradient twice
         ours_forward=a["out"] + a["lse"],                                 # + the per-call tables (small)
-        ours_forward_backward=a["out"] + a["lse"] + a["delta_fp32_temporaries"],
-        ours_routing=a["routing_float64_copies"],                         # routing inside: the float64 copies
+        # the larger of: computing delta (its slab temporaries) and the kernels' gradients
+        ours_forward_backward=a["out"] + a["lse"] + max(a["delta_fp32_temporaries"],
+                                                          a["delta"] + a["grads_dq_dk_dv"]),
+        ours_routing=a["routing_float64"],                                # routing inside: Routed.routes
     )
     return a
 

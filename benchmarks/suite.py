@@ -110,6 +110,7 @@ from typing import Callable
 import torch
 
 import sparseforge as sf
+from sparseforge.cli_build import load_benchmark
 from sparseforge.codegen.schedule import build_schedule
 from sparseforge.dsl.pattern import Intersection, as_4d
 from sparseforge.dsl.semantics import make_context
@@ -652,22 +653,7 @@ def speedups(op_times: dict, ours: str = "sparseforge") -> dict:
 # ------------------------------------------------------------------------------------
 # Content-dependent cases: P7 routed (routes from q and k), P8 / P9 scattered voxels
 # ------------------------------------------------------------------------------------
-def _load_peers():
-    """benchmarks/peers.py (the torch peers shared with benchmarks/memory.py), by path: the
-    suite itself is loaded by path (``cli_build.load_suite``)."""
-    import importlib.util
-    from pathlib import Path
-
-    name = "sparseforge_bench_peers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "peers.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-peers = _load_peers()
+peers = load_benchmark("peers")  # the torch peers shared with benchmarks/memory.py
 
 
 def _window(pattern: sf.Scattered) -> int:
@@ -921,27 +907,11 @@ def run_cpu_content_case(case: Case, repeat: int, flex) -> dict:
     out["inputs"] = run.info
     out["max_abs_diff_vs_sparseforge"] = numerics_vs_ours(run)
     log(f"{case.id}: set-up steps")
-    out["setup"] = {}
-    for name, fn in run.setups.items():
-        try:
-            out["setup"][name + "_s"] = _median_s(fn, repeat)
-        except Exception as exc:  # noqa: BLE001
-            out["setup"][name + "_error"] = _why(exc)
-    results = {}
-    for backward in (False, True):
-        key = "forward_backward" if backward else "forward"
-        q, k, v = run.qkv(backward)
-        for name, fn in run.methods(q, k, v).items():
-            entry = results.setdefault(name, {})
-            if backward and name == FLEX:
-                entry[key] = dict(skipped="not supported: FlexAttention has no backward on CPU "
-                                          "(torch raises NotImplementedError)")
-                continue
-            log(f"  {case.id}: timing {name} {key.replace('_', ' + ')}")
-            try:
-                entry[key] = _timed_ms(_step(fn, backward, (q, k, v)), repeat)
-            except Exception as exc:  # noqa: BLE001 - a failing method is reported, the rest go on
-                entry[key] = dict(skipped=f"failed: {_why(exc)}")
+    out["setup"] = _measure_setups(run, lambda fn: _median_s(fn, repeat))
+    no_flex_backward = ("not supported: FlexAttention has no backward on CPU (torch raises "
+                        "NotImplementedError)")
+    results = _measure_methods(run, lambda step, backward: _timed_ms(step, repeat), case.id,
+                               skip=lambda name, backward: no_flex_backward if backward and name == FLEX else None)
     if FLEX in results:
         results[FLEX]["variant"] = flex[1] + "; block mask built in every call (set-up counted)"
     results["sparseforge"]["variant"] = ("sf.compile(attention='linear'): torch segment ops" if case.attention == "linear"
@@ -951,6 +921,39 @@ def run_cpu_content_case(case: Case, repeat: int, flex) -> dict:
     out["op_time_cpu"] = results
     out["speedup_vs_best_peer"] = speedups(results)
     return out
+
+
+def _measure_setups(run, seconds) -> dict:
+    """{step + "_s": seconds(fn)} of a content case's set-up steps (or step + "_error": why)."""
+    out = {}
+    for name, fn in run.setups.items():
+        try:
+            out[name + "_s"] = seconds(fn)
+        except Exception as exc:  # noqa: BLE001 - a failing step is reported, the rest go on
+            out[name + "_error"] = _why(exc)
+    return out
+
+
+def _measure_methods(run, measure, case_id: str, skip=lambda name, backward: None) -> dict:
+    """{method: {"forward" | "forward_backward": measure(step, backward)}} over a content
+    case's methods (ours and the peers); ``skip(name, backward)`` gives a reason to skip, and a
+    method that fails is reported as skipped with the reason while the rest go on."""
+    results = {}
+    for backward in (False, True):
+        key = "forward_backward" if backward else "forward"
+        q, k, v = run.qkv(backward)
+        for name, fn in run.methods(q, k, v).items():
+            entry = results.setdefault(name, {})
+            why = skip(name, backward)
+            if why is not None:
+                entry[key] = dict(skipped=why)
+                continue
+            log(f"  {case_id}: timing {name} {key.replace('_', ' + ')}")
+            try:
+                entry[key] = measure(_step(fn, backward, (q, k, v)), backward)
+            except Exception as exc:  # noqa: BLE001
+                entry[key] = dict(skipped=f"failed: {_why(exc)}")
+    return results
 
 
 def run_gpu_content_case(case: Case, flex) -> dict:  # pragma: no cover - needs a CUDA device
@@ -973,25 +976,13 @@ def run_gpu_content_case(case: Case, flex) -> dict:  # pragma: no cover - needs 
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
 
-    setups = {}
-    for name, fn in run.setups.items():
-        try:
-            setups[name + "_s"] = bench(fn) * 1e-3
-        except Exception as exc:  # noqa: BLE001
-            setups[name + "_error"] = _why(exc)
-    results = {}
-    for backward in (False, True):
-        key = "forward_backward" if backward else "forward"
-        q, k, v = run.qkv(backward)
-        for name, fn in run.methods(q, k, v).items():
-            entry = results.setdefault(name, {})
-            step = _step(fn, backward, (q, k, v))
-            try:
-                ms = bench(step)
-                flop = flop_fwd * (3.5 if backward else 1.0)
-                entry[key] = dict(median_ms=ms, peak_memory_extra_bytes=peak(step), tflops=flop / (ms * 1e-3) / 1e12)
-            except Exception as exc:  # noqa: BLE001
-                entry[key] = dict(skipped=f"failed: {_why(exc)}")
+    def measure(step, backward) -> dict:
+        ms = bench(step)
+        flop = flop_fwd * (3.5 if backward else 1.0)
+        return dict(median_ms=ms, peak_memory_extra_bytes=peak(step), tflops=flop / (ms * 1e-3) / 1e12)
+
+    setups = _measure_setups(run, lambda fn: bench(fn) * 1e-3)
+    results = _measure_methods(run, measure, case.id)
     if FLEX in results:
         results[FLEX]["variant"] = flex[1] + "; block mask built in every call (set-up counted)"
     return dict(op_time_cuda=results, setup=setups, inputs=run.info, numerics=numerics_vs_ours(run),

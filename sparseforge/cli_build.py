@@ -261,21 +261,28 @@ def _option_name(param: str) -> str:
     return {"target": "DIR|PATTERN", "grid_text": "--grid"}.get(param, "--" + param.replace("_", "-"))
 
 
-def load_suite():
-    """benchmarks/suite.py of the source checkout this package runs from."""
+def load_benchmark(name: str):
+    """benchmarks/<name>.py of the source checkout this package runs from, as the module
+    ``sparseforge_bench_<name>`` (loaded once; the benchmarks folder is not a package)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "suite.py"
+    module_name = f"sparseforge_bench_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     if not path.is_file():
-        raise InputError("'--suite'", f"needs the repository's benchmarks/suite.py, not found at {path} "
+        raise InputError("'--suite'", f"needs the repository's benchmarks/{name}.py, not found at {path} "
                                       "(run from a source checkout: pip install -e .)")
-    if "sparseforge_bench_suite" in sys.modules:
-        return sys.modules["sparseforge_bench_suite"]
-    spec = importlib.util.spec_from_file_location("sparseforge_bench_suite", path)
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
+    sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_suite():
+    """benchmarks/suite.py of the source checkout this package runs from."""
+    return load_benchmark("suite")
 
 
 def _bench_suite(*, cpu: bool, only: str | None, repeat: int, as_json: bool, out_path, plot_path) -> None:

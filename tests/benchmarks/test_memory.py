@@ -4,29 +4,15 @@ larger (and its backward grows quadratically), measured through the generated Tr
 under the interpreter."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import sparseforge as sf
+from sparseforge.cli_build import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str, file: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / file)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-memory = _load("sparseforge_bench_memory", "memory.py")
+memory = load_benchmark("memory")
 peers = memory.peers
 
 
