@@ -226,10 +226,11 @@ def analytic(batch: int, heads: int, grid: int, head_dim: int, region: int, topk
         # torch.gather's backward through K/V expanded over the query regions: a zero-filled
         # [B, H, R, R, T, D] gradient (and scatter_add's result of the same size), per K and V
         gather_backward_expanded_grad=batch * heads * n_regions * n * head_dim * elem,
-        # Routed.routes: one float64 chunk of ROUTING_CHUNK_TOKENS tokens, the region sums and
-        # means of q and k (float64 [B, R, H, D], two each) and the affinity [B, R, R]
-        routing_float64=(batch * min(n, ROUTING_CHUNK_TOKENS) * heads * head_dim * 8
-                         + 4 * batch * n_regions * heads * head_dim * 8 + batch * n_regions * n_regions * 8),
+        # Routed.routes at its worst moment (the region sums of k): one float64 chunk of
+        # ROUTING_CHUNK_TOKENS tokens and the contiguous copy index_add_ makes of it, q's region
+        # means and k's region sums (float64 [B, R, H, D] each), the token -> region ids (int64)
+        routing_float64=(2 * batch * min(n, ROUTING_CHUNK_TOKENS) * heads * head_dim * 8
+                         + 2 * batch * n_regions * heads * head_dim * 8 + n * 8),
         # rowsum(dO * O) a slab of heads at a time (kernels.rowsum_product): dO.float(),
         # O.float() and their product for one slab
         delta_fp32_temporaries=3 * x32 // heads * min(heads, max(1, DELTA_CHUNK_ELEMENTS // (batch * n * head_dim))),
@@ -244,7 +245,8 @@ def analytic(batch: int, heads: int, grid: int, head_dim: int, region: int, topk
         # the larger of: computing delta (its slab temporaries) and the kernels' gradients
         ours_forward_backward=a["out"] + a["lse"] + max(a["delta_fp32_temporaries"],
                                                           a["delta"] + a["grads_dq_dk_dv"]),
-        ours_routing=a["routing_float64"],                                # routing inside: Routed.routes
+        # routing inside: the larger of Routed.routes and the kernels' forward
+        ours_routing=max(a["routing_float64"], a["out"] + a["lse"]),
     )
     return a
 
@@ -302,6 +304,11 @@ def measure_grid(grid: int, *, batch: int, heads: int, head_dim: int, region: in
                   f"{entry[f'forward_{variant}']['peak_extra_bytes'] / 2**20:.2f} MiB, fwd+bwd "
                   f"{entry[f'forward_backward_{variant}']['peak_extra_bytes'] / 2**20:.2f} MiB", file=sys.stderr,
                   flush=True)
+    return compare(out)
+
+
+def compare(out: dict) -> dict:
+    """Add the ratios of one grid's result: gather / ours per key and measured / model."""
     m, model = out["measured"], out["analytic"]["model"]
     out["gather_over_ours"] = {key: m["gather"][key]["peak_extra_bytes"] / max(m["sparseforge"][key]["peak_extra_bytes"], 1)
                                for key in m["sparseforge"]}
