@@ -45,10 +45,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import json
-import platform
 import sys
 import time
 import weakref
@@ -65,6 +63,7 @@ SCHEMA = "sparseforge-routed-memory/1"
 
 
 peers = load_benchmark("peers")  # the torch peers shared with benchmarks/suite.py
+run_info = load_benchmark("run_info")
 
 
 # ------------------------------------------------------------------------------------
@@ -331,25 +330,12 @@ def _measure_case(kwargs: dict) -> dict:
 
 
 def metadata(device: str, command: str) -> dict:
-    import triton
-
-    if device == "cuda":  # pragma: no cover - needs a CUDA device
-        name = torch.cuda.get_device_name()
-    else:
-        name = f"cpu: {platform.processor() or platform.machine()}"
-        try:
-            name = "cpu: " + next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                                  if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
     how = ("torch.cuda max_memory_allocated - memory_allocated before the call; ours: generated Triton kernels, bf16"
            if device == "cuda" else
            "AllocationTracker (TorchDispatchMode + storage finalizers: live bytes of storages created by the call); "
            "ours: the generated Triton kernels under the Triton interpreter (backend='interpret'), fp16")
-    return dict(schema=SCHEMA, device=name, cpu_threads=torch.get_num_threads(), method=how,
-                versions=dict(sparseforge=sf.__version__, torch=torch.__version__, triton=triton.__version__,
-                              python=platform.python_version()),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), command=command,
+    return dict(schema=SCHEMA, device=run_info.device_name(device == "cuda"), cpu_threads=torch.get_num_threads(),
+                method=how, versions=run_info.versions(), date=run_info.utc_now(), command=command,
                 peak_definition="extra bytes at the peak of the call above what was allocated before it "
                                 "(inputs q, k, v, dout and routes are allocated before and reported separately)")
 

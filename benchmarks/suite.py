@@ -95,11 +95,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -654,6 +652,7 @@ def speedups(op_times: dict, ours: str = "sparseforge") -> dict:
 # Content-dependent cases: P7 routed (routes from q and k), P8 / P9 scattered voxels
 # ------------------------------------------------------------------------------------
 peers = load_benchmark("peers")  # the torch peers shared with benchmarks/memory.py
+run_info = load_benchmark("run_info")
 
 
 def _window(pattern: sf.Scattered) -> int:
@@ -1138,23 +1137,8 @@ def natten_forward(pattern: sf.Pattern, shape: Shape):  # pragma: no cover - nee
 
 
 def metadata(mode: str, repeat: int | None, command: str | None) -> dict:
-    import triton
-
-    if mode == "cpu":
-        device = f"cpu: {platform.processor() or platform.machine()}"
-        try:
-            model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                          if line.startswith("model name")), None)
-            if model:
-                device = f"cpu: {model}"
-        except OSError:
-            pass
-    else:
-        device = torch.cuda.get_device_name()
-    return dict(schema=SCHEMA, mode=mode, device=device, cpu_threads=torch.get_num_threads(),
-                versions=dict(sparseforge=sf.__version__, torch=torch.__version__, triton=triton.__version__,
-                              python=platform.python_version()),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return dict(schema=SCHEMA, mode=mode, device=run_info.device_name(mode != "cpu"),
+                cpu_threads=torch.get_num_threads(), versions=run_info.versions(), date=run_info.utc_now(),
                 command=command or " ".join(sys.argv), repeat=repeat,
                 scaling_rule=None if mode != "cpu" else
                 "B -> 1, H -> 2, D -> min(D, 64); grid extents / s_d to about 4096 tokens, pattern lengths "
