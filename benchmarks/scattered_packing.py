@@ -14,7 +14,6 @@ elements, windows 12x12).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 
@@ -46,8 +45,13 @@ def visited_tiles(sizes: np.ndarray, block_m: int, block_n: int, align: int) -> 
     return int(((end[w1] - 1) // block_n - start[w0] // block_n + 1).sum()), rows
 
 
+def allowed_pairs(sizes: np.ndarray) -> int:
+    """(query, key) pairs of windows of ``sizes`` voxels: every voxel attends to its window."""
+    return int((sizes.astype(np.int64) ** 2).sum())
+
+
 def measure(sizes: np.ndarray) -> list[dict]:
-    pairs = int((sizes.astype(np.int64) ** 2).sum())
+    pairs = allowed_pairs(sizes)
     out = []
     for bm, bn in TILES:
         for align in sorted({1, 16, 32, bm}):
@@ -79,11 +83,13 @@ def main(argv=None) -> int:
         print(f"q {r['q_tile']:3} k {r['k_tile']:3} align {r['align']:3}: visited {r['visited_tiles']:6}, "
               f"tile efficiency {r['tile_efficiency']:.3f}, rows +{r['extra_rows']:.1%}")
     if args.out:
-        meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        run_info = load_benchmark("run_info")
+        meta = dict(device=run_info.device_name(cuda=False) + " (exact counts, no timing)",
+                    versions=run_info.versions(), date=run_info.utc_now(),
                     command="python benchmarks/scattered_packing.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     pattern=repr(pattern), voxels=int(sizes.sum()), windows=len(sizes),
                     window_voxels=dict(mean=float(sizes.mean()), min=int(sizes.min()), max=int(sizes.max())),
-                    generator="benchmarks/peers.py make_voxels(seed=0)", allowed_pairs=int((sizes.astype(np.int64) ** 2).sum()),
+                    generator="benchmarks/peers.py make_voxels(seed=0)", allowed_pairs=allowed_pairs(sizes),
                     note="exact counts of the forward's visited (query tile, key tile) pairs; align 1 is what "
                          "codegen.scattered packs today")
         write_atomic(args.out, (json.dumps(dict(meta=meta, results=rows), indent=1) + "\n").encode())
