@@ -55,8 +55,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparseforge as sf
-from sparseforge.cli_build import load_benchmark
-from sparseforge.codegen.kernels import DELTA_CHUNK_ELEMENTS
+from sparseforge.cli.build import load_benchmark
+from sparseforge.backends.triton import DELTA_CHUNK_ELEMENTS
 from sparseforge.dsl.content import ROUTING_CHUNK_TOKENS
 
 SCHEMA = "sparseforge-routed-memory/1"
@@ -158,7 +158,7 @@ class AllocationTracker(TorchDispatchMode):
 @contextlib.contextmanager
 def kernel_launches_flagged(tracker: AllocationTracker):
     """Flag the tracker while sparseforge launches a (interpreted) Triton kernel."""
-    from sparseforge.codegen.kernels import TritonKernels
+    from sparseforge.backends.triton import TritonKernels
 
     original = TritonKernels._launch
 

@@ -1,7 +1,7 @@
 """How much of the scattered (voxel-window) kernels' tile work is useful, per tile shape
 and window alignment of the packed sequence: exact counts, no timing.
 
-Today (``codegen.scattered``) windows are packed back to back, so a tile of packed rows can
+Today (``lower.segments``) windows are packed back to back, so a tile of packed rows can
 straddle two windows and visit the key tiles of both. Starting every window at a multiple
 of ``align`` rows (padding rows in between) trades extra rows for fewer straddling tiles.
 For each (query tile, key tile, align) this prints the (query tile, key tile) pairs the
@@ -33,7 +33,7 @@ def packed_windows(sizes: np.ndarray, align: int) -> tuple[np.ndarray, np.ndarra
 def visited_tiles(sizes: np.ndarray, block_m: int, block_n: int, align: int) -> tuple[int, int]:
     """(visited (query tile, key tile) pairs, packed rows) of the forward: a query tile visits
     the key tiles from its first window's first row to its last window's last row (the
-    range ``codegen.scattered`` builds)."""
+    range ``lower.segments`` builds)."""
     start, end, rows = packed_windows(sizes, align)
     first = np.arange(0, rows, block_m)
     # windows overlapping each query tile: the first whose end is past the tile's first row,
@@ -71,8 +71,8 @@ def main(argv=None) -> int:
 
     import sparseforge as sf
     from sparseforge.atomic import write_atomic
-    from sparseforge.cli_build import load_benchmark
-    from sparseforge.codegen.scattered import group
+    from sparseforge.cli.build import load_benchmark
+    from sparseforge.lower.segments import group
 
     pattern = sf.Scattered((12, 12))
     coords = load_benchmark("peers").make_voxels(args.voxels, batch=args.batch, seed=0)
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                     window_voxels=dict(mean=float(sizes.mean()), min=int(sizes.min()), max=int(sizes.max())),
                     generator="benchmarks/peers.py make_voxels(seed=0)", allowed_pairs=allowed_pairs(sizes),
                     note="exact counts of the forward's visited (query tile, key tile) pairs; align 1 is what "
-                         "codegen.scattered packs today")
+                         "lower.segments packs today")
         write_atomic(args.out, (json.dumps(dict(meta=meta, results=rows), indent=1) + "\n").encode())
     return 0
 

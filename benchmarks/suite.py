@@ -108,8 +108,8 @@ from typing import Callable
 import torch
 
 import sparseforge as sf
-from sparseforge.cli_build import load_benchmark
-from sparseforge.codegen.schedule import build_schedule
+from sparseforge.cli.build import load_benchmark
+from sparseforge.lower.schedule import build_schedule
 from sparseforge.dsl.pattern import Intersection, as_4d
 from sparseforge.dsl.semantics import make_context
 
@@ -240,17 +240,17 @@ def not_runnable_reason(case: Case) -> str | None:
 # Exact counts: allowed pairs and the 1-D 128x128 baseline
 # ------------------------------------------------------------------------------------
 def _separable_leaf(pattern):
-    from sparseforge.codegen.lowering import SEPARABLE
+    from sparseforge.lower.families import SEPARABLE
 
     return isinstance(pattern, SEPARABLE)
 
 
 def _spans(leaf, length: int, p: dict):
     """(lo, hi, step) numpy arrays of the keys of every query coordinate along one dimension
-    (``codegen.lowering.span_1d``: the keys are lo, lo + step, ..., hi)."""
+    (``lower.families.span_1d``: the keys are lo, lo + step, ..., hi)."""
     import numpy as np
 
-    from sparseforge.codegen.lowering import span_1d
+    from sparseforge.lower.families import span_1d
 
     return span_1d(leaf, length, np.arange(length), p)
 
@@ -692,7 +692,7 @@ def routed_allowed_pairs(pattern: sf.Routed, problem: sf.Problem, routes: torch.
 def routed_tile_efficiency(case: Case, shape: Shape, size: str, seed: int = 0) -> dict:
     """Tile efficiency of our routed kernels (bf16 default tiles) and of 1-D 128x128 tiles of
     the row-major sequence (FlexAttention's block mask), exact, for the routes of random q, k."""
-    from sparseforge.codegen.routed import build_routed_schedule, routed_tables, routes_for
+    from sparseforge.lower.routed import build_routed_schedule, routed_tables, routes_for
 
     problem = shape.problem(torch.bfloat16)
     pattern = case.pattern
@@ -779,7 +779,7 @@ def content_run(case: Case, shape: Shape, dtype, device: str, flex, size: str) -
     problem = shape.problem(dtype)
     gen_seed = 0
     if isinstance(pattern, sf.Routed):
-        from sparseforge.codegen.routed import routed_tables, routes_for
+        from sparseforge.lower.routed import routed_tables, routes_for
         from sparseforge.dsl.args import expand
 
         attn = sf.compile(pattern, problem)

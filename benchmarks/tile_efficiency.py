@@ -16,7 +16,7 @@ import time
 import torch
 
 import sparseforge as sf
-from sparseforge.codegen import build_schedule
+from sparseforge.lower import build_schedule
 
 # (label, pattern, grid, N-D query tile[, key tile]; the key tile defaults to the query tile)
 PROBLEMS = [

@@ -25,7 +25,7 @@ def sf():
     runner = CliRunner()
 
     def invoke(*args: str, **kwargs):
-        from sparseforge.cli import main
+        from sparseforge.cli.main import main
 
         return runner.invoke(main, list(args), **kwargs)
 

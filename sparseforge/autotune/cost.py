@@ -24,9 +24,9 @@ import math
 import numpy as np
 import torch
 
-from ..codegen.aot import ResourceReport
+from ..backends.aot import ResourceReport
 from ..codegen.render import block_d
-from ..codegen.schedule import TileSchedule
+from ..lower.schedule import TileSchedule
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..codegen.config import Launch
 from ..codegen.render import block_d
-from ..codegen.schedule import default_tile
+from ..lower.defaults import default_tile
 from ..dsl.problem import Problem
 
 #: (query tile tokens, key tile tokens) tried, by padded head dim.
@@ -40,8 +40,8 @@ def tile_choices(problem: Problem, tokens=None, transposed: bool = False) -> lis
 
 def routed_tile_choices(pattern, problem: Problem, tokens=None) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """(q_tile, k_tile) shapes for routed attention: the same token budgets, each cut from
-    the padded region (``codegen.routed.region_tile``), no duplicates."""
-    from ..codegen.routed import region_pad, region_tile
+    the padded region (``lower.routed.region_tile``), no duplicates."""
+    from ..lower.routed import region_pad, region_tile
     from ..dsl.args import expand
 
     if tokens is None:

@@ -14,7 +14,7 @@
 
 Routed attention (``dsl.content.Routed``) is tuned too: its tiles are cut from the padded
 region (``space.routed_tile_choices``) and its tables come per call from the routes, so the
-cost model (and GPU timing) use the tables of balanced routes (``codegen.routed.balanced_routes``:
+cost model (and GPU timing) use the tables of balanced routes (``lower.routed.balanced_routes``:
 every region routed to topk times). The number of visited tiles does not depend on the routes;
 their balance over key tiles (the dK/dV kernel) does, and balanced is the representative case.
 Scattered and Grouped patterns are not tuned: their tables depend on the voxel (token)
@@ -29,10 +29,10 @@ from collections.abc import Callable
 
 import torch
 
-from ..codegen.aot import ResourceReport, parse_target
+from ..backends.aot import ResourceReport, parse_target
 from ..codegen.config import KERNELS, KernelConfig, Launch
-from ..codegen.kernels import TritonKernels, rowsum_product
-from ..codegen.schedule import TileSchedule, build_schedule
+from ..backends.triton import TritonKernels, rowsum_product
+from ..lower.schedule import TileSchedule, build_schedule
 from ..dsl.content import Routed
 from ..dsl.pattern import Pattern
 from ..dsl.problem import DTYPE_NAMES, Problem
@@ -198,7 +198,7 @@ def tune(pattern: Pattern, problem: Problem, *, target=None, db: TuningDB | None
 def candidate_schedule(pattern: Pattern, problem: Problem, q_tile, k_tile) -> TileSchedule:
     """The schedule a candidate's tiles give (the one its kernels are compiled from)."""
     if isinstance(pattern, Routed):
-        from ..codegen.routed import build_routed_schedule
+        from ..lower.routed import build_routed_schedule
 
         return build_routed_schedule(pattern, problem, q_tile=q_tile, k_tile=k_tile)
     return build_schedule(pattern, problem, q_tile=q_tile, k_tile=k_tile)
@@ -209,7 +209,7 @@ def representative(schedule: TileSchedule) -> TileSchedule:
     with the tables of balanced routes (its own tables come per call)."""
     if schedule.routed is None:
         return schedule
-    from ..codegen.routed import balanced_routes, with_tables
+    from ..lower.routed import balanced_routes, with_tables
 
     return with_tables(schedule, balanced_routes(schedule))
 
@@ -254,7 +254,7 @@ def _time_kernel(schedule, kernel: str, launch: Launch, device) -> float:  # pra
     scale = schedule.problem.head_dim ** -0.5
     tables = None
     if schedule.routed is not None:  # the tables of balanced routes, built on the device
-        from ..codegen.routed import balanced_routes, routed_tables
+        from ..lower.routed import balanced_routes, routed_tables
 
         tables = routed_tables(schedule, balanced_routes(schedule).to(device)).kernels
     out, lse = kernels.forward(q, k, v, scale, tables=tables)

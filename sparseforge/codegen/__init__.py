@@ -1,5 +1,6 @@
-"""Stage 2 and 3 — lower a Pattern to a TileSchedule and render Triton kernels from it."""
-from .schedule import TileSchedule, build_schedule, default_tile
-from .tiling import TileGeometry
+"""Stage 3 — generate: kernel configs, the sympy printer and the Jinja templates that render
+a TileSchedule into readable Triton source."""
+from .config import KernelConfig, Launch, default_config
+from .render import render
 
-__all__ = ["TileGeometry", "TileSchedule", "build_schedule", "default_tile"]
+__all__ = ["KernelConfig", "Launch", "default_config", "render"]

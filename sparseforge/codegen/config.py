@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from ..dsl.args import positive_int
+from ..lower.defaults import default_tile, default_tile_tokens
 
 #: The generated kernels of one schedule, in launch order.
 KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
@@ -121,20 +122,6 @@ class KernelConfig:
         return f"{tiles}, {bounds}, {launches}"
 
 
-def default_tile_tokens(problem) -> tuple[int, int]:
-    """(query, key) tile sizes in tokens that compile without register spills on sm_80 and
-    sm_90 for every kernel (measured by ahead-of-time compiles; tests/codegen/test_aot_kernels.py):
-    128 x 32 for 16-bit inputs with 32 < head_dim <= 128, 64 x 32 for small or 256 head dims,
-    32 x 32 for fp32 (no tensor cores, accumulators and operands share the registers)."""
-    import torch
-
-    if problem.dtype == torch.float32:
-        return 32, 32
-    if 32 < problem.head_dim <= 128:
-        return 128, 32
-    return 64, 32
-
-
 def default_config(problem, pattern=None) -> KernelConfig:
     """The config used without autotuning: spill-free tiles (``default_tile_tokens``) and
     8 warps; the backward kernels of 16-bit 32 < head_dim <= 128 problems run one stage
@@ -143,16 +130,14 @@ def default_config(problem, pattern=None) -> KernelConfig:
     ``pattern``: scattered voxel windows (``dsl.content.Scattered``) and run-time groups
     (``Grouped``, on the same kernels) take the same tiles as 1-D rows of the packed sequence; routed attention
     (``dsl.content.Routed``) changes the defaults: tiles
-    cut from the padded region (``codegen.routed``) and one stage for every kernel (its
+    cut from the padded region (``lower.routed``) and one stage for every kernel (its
     region-padding arithmetic pushes the two-stage kernels of some regions over ptxas's
     128-register budget for 8 warps; measured by tests/codegen/test_routed_kernels.py)."""
     import torch
 
-    from .schedule import default_tile
-
     from ..dsl.content import Routed
     if isinstance(pattern, Routed):
-        from .routed import routed_default_tiles
+        from ..lower.routed import routed_default_tiles
 
         q_tile, k_tile = routed_default_tiles(pattern, problem)
         one = Launch(8, 1)
@@ -162,7 +147,7 @@ def default_config(problem, pattern=None) -> KernelConfig:
     one_stage = problem.dtype != torch.float32 and 32 < problem.head_dim <= 128
     bwd = Launch(8, 1 if one_stage else 2)
     from ..dsl.content import Grouped, Scattered
-    if isinstance(pattern, (Scattered, Grouped)):  # 1-D tiles of the packed sequence (codegen.scattered)
+    if isinstance(pattern, (Scattered, Grouped)):  # 1-D tiles of the packed sequence (lower.segments)
         return KernelConfig(q_tile=(q,), k_tile=(k,), fwd=Launch(8, 2), bwd_dq=bwd, bwd_dkdv=bwd)
     return KernelConfig(q_tile=default_tile(problem, q), k_tile=default_tile(problem, k), fwd=Launch(8, 2),
                         bwd_dq=bwd, bwd_dkdv=bwd)

@@ -9,15 +9,15 @@ import sympy
 import torch
 
 from ..dsl.problem import DTYPE_NAMES
-from .lowering import Symbols, predicate
+from ..lower.families import Symbols, predicate
 from .printer import to_triton
-from .schedule import TileSchedule
+from ..lower.schedule import TileSchedule
 
 KINDS = ("fwd", "bwd")
 _TEMPLATES = {"fwd": "attention_fwd.py.j2", "bwd": "attention_bwd.py.j2"}
 
 _env = jinja2.Environment(
-    loader=jinja2.PackageLoader("sparseforge", "templates"),
+    loader=jinja2.PackageLoader("sparseforge.codegen", "templates"),
     undefined=jinja2.StrictUndefined,
     trim_blocks=True,
     lstrip_blocks=True,
@@ -139,7 +139,7 @@ def _launches(config, kernels) -> str:
 
 
 def _closed_form_context(schedule: TileSchedule) -> dict:
-    """What the templates need to print the closed-form key-tile loops (``codegen.bounds``)."""
+    """What the templates need to print the closed-form key-tile loops (``lower.bounds``)."""
     geom, nd = schedule.geometry, len(schedule.geometry.dims)
     dims = []
     for d, (bounds, dim) in enumerate(zip(schedule.bounds.dims, geom.dims)):

@@ -2,7 +2,7 @@
 
 Routed (BiFormer bi-level routing) reads q and k; Scattered (voxel windows) reads voxel
 coordinates; Grouped (clusters, packed documents) reads run-time group ids. Their exact
-meaning lives here; ``codegen.routed`` compiles Routed, ``codegen.scattered`` compiles
+meaning lives here; ``lower.routed`` compiles Routed, ``lower.segments`` compiles
 Scattered, and ``runtime.grouped`` runs Grouped on the Scattered kernels.
 """
 from __future__ import annotations

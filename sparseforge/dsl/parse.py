@@ -12,6 +12,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from . import content, local, sequence  # noqa: F401  (the families the parser names)
 from .pattern import Pattern, registry
 
 _MODULE_ALIASES = ("sf", "sparseforge")

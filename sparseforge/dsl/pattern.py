@@ -65,7 +65,14 @@ class Pattern:
     """
 
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: Every public pattern constructor by name, filled as families subclass Pattern.
+    families: ClassVar[dict[str, type["Pattern"]]] = {}
     needs_grid: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__module__.startswith("sparseforge.dsl.") and not cls.__name__.startswith("_"):
+            Pattern.families[cls.__name__] = cls
 
     # -- meaning --------------------------------------------------------------------
     def check(self, problem: Problem) -> None:
@@ -248,15 +255,7 @@ class PerHead(Pattern):
 
 
 def registry() -> Mapping[str, type[Pattern]]:
-    """Every public pattern constructor by name (what the CLI parser accepts)."""
-    from . import content, local, sequence  # noqa: F401  (registers subclasses)
-
-    out: dict[str, type[Pattern]] = {}
-    stack = list(Pattern.__subclasses__())
-    while stack:
-        cls = stack.pop()
-        public = cls.__module__.startswith("sparseforge.dsl.") and not cls.__name__.startswith("_")
-        if public and cls not in (Union, Intersection):
-            out[cls.__name__] = cls
-        stack.extend(cls.__subclasses__())
-    return out
+    """Every public pattern constructor by name (what the CLI parser accepts): the families
+    that subclassed ``Pattern`` (``dsl/__init__`` imports them all), less the combinators
+    spelled ``|`` and ``&``."""
+    return {name: cls for name, cls in Pattern.families.items() if cls not in (Union, Intersection)}

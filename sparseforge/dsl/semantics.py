@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .content import Scattered, check_coords, check_groups
 from .pattern import MaskContext, Pattern, as_4d
 from .problem import Problem
 
@@ -39,7 +40,6 @@ def make_context(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=N
     if "coords" in needs:
         if coords is None:
             raise ValueError(f"{pattern!r} needs voxel coordinates: pass coords= (int [N, 1 + ndim], batch first)")
-        from .content import check_coords
         coords = check_coords(coords)
         for leaf in pattern.walk():
             if hasattr(leaf, "check_rank"):
@@ -53,7 +53,6 @@ def make_context(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=N
     if "groups" in needs:
         if groups is None:
             raise ValueError(f"{pattern!r} needs group ids: pass groups= (int [B, N] or [B, H, N])")
-        from .content import check_groups
         batch = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
         groups = check_groups(groups, batch, problem.heads, tokens)
     q64 = k64 = None
@@ -205,8 +204,6 @@ def reference_linear_attention(q, k, v, pattern, coords, *, feature_map: str = "
     (batch, w_1 + a, w_2 + b, w_3...) for a, b in {-1, 0, 1} (1-D coords: a only) that hold
     voxels. Loops over windows in Python: the oracle, not fast. Differentiable; float64 out.
     """
-    from .content import Scattered, check_coords
-
     if not isinstance(pattern, Scattered):
         raise TypeError(f"pattern must be a sparseforge Scattered, got {pattern!r}")
     if feature_map not in ("relu", "elu+1"):

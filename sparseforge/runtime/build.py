@@ -56,7 +56,7 @@ def save(attn: CompiledAttention, out_dir, targets=("sm_90",), *, progress=None)
     """Write ``attn``'s build directory to ``out_dir`` (atomically; an existing build there is
     replaced, anything else is refused). ``targets``: ahead-of-time targets ("sm_80", ...);
     empty for sources only. Returns the directory."""
-    from ..codegen.aot import parse_target
+    from ..backends.aot import parse_target
 
     say = progress or (lambda _text, _done=None, _total=None: None)
     caps = [parse_target(t) for t in targets]

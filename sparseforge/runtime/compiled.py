@@ -14,13 +14,13 @@
     out = voxels(q, k, v, plan=plan)
 
     lin = compile(Scattered(window_size=(12, 12, 1)), problem, attention="linear",  # ScatterFormer
-                  feature_map="elu+1", neighbor_pooling=True)  # -> runtime.linear.ScatteredLinearAttention
+                  feature_map="elu+1", neighbor_pooling=True)  # -> runtime.linear_attention.ScatteredLinearAttention
     out = lin(q, k, v, coords=coords)          # or plan=lin.plan(coords); no LSE (no softmax)
 
 Routed attention (``dsl.content.Routed``) runs region-aligned tiles whose index tables are
-built per call from the routes (``codegen.routed``); scattered voxel windows
+built per call from the routes (``lower.routed``); scattered voxel windows
 (``dsl.content.Scattered``) run on the window-sorted packed sequence with tables built per
-plan (``codegen.scattered``); ``dsl.content.Grouped`` (run-time group ids) runs on those same
+plan (``lower.segments``); ``dsl.content.Grouped`` (run-time group ids) runs on those same
 scattered kernels (``runtime.grouped.GroupedAttention``: ``attn(q, k, v, groups=ids)``, causal
 or not); other content-dependent patterns raise ``UnsupportedPatternError``.
 """
@@ -41,7 +41,7 @@ from . import op as _op
 
 if typing.TYPE_CHECKING:
     from .grouped import GroupedAttention
-    from .linear import ScatteredLinearAttention
+    from .linear_attention import ScatteredLinearAttention
 
 __all__ = ["BACKENDS", "CompiledAttention", "TRITON_HEAD_DIMS", "UnsupportedPatternError", "compile"]
 
@@ -96,7 +96,7 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
               (``sparseforge.autotune.tune``: timed on a GPU of the target, predicted by the
               cost model otherwise); ``target`` ("sm_80", "sm_90", ...) as in ``tune``.
     attention: "softmax" (default) or "linear": ScatterFormer's scattered linear attention,
-              ``Scattered`` patterns only, returning a ``runtime.linear.ScatteredLinearAttention``
+              ``Scattered`` patterns only, returning a ``runtime.linear_attention.ScatteredLinearAttention``
               (Triton kernels on CUDA, torch ops on CPU); ``feature_map`` ("relu" default, or "elu+1") and
               ``neighbor_pooling`` (bool, default False) apply to it only.
     """
@@ -189,7 +189,7 @@ def compile_grouped(pattern, problem: Problem, *, backend, q_tile, k_tile, confi
 def compile_linear(pattern, problem: Problem, *, backend, q_tile, k_tile, config, autotune, target, feature_map,
                    neighbor_pooling):
     """``compile(..., attention="linear")``: checks, then a ``ScatteredLinearAttention``."""
-    from .linear import ScatteredLinearAttention, check_linear_backend
+    from .linear_attention import ScatteredLinearAttention, check_linear_backend
 
     _check_voxel_problem(pattern, problem)
     check_linear_backend(problem, backend)  # None/"cpu": torch ops on CPU; "triton"/"interpret": kernels
@@ -211,15 +211,15 @@ def schedule_for(pattern: Pattern, problem: Problem, config: KernelConfig):
     from ..dsl.content import Routed, Scattered
 
     if isinstance(pattern, Scattered):
-        from ..codegen.scattered import build_scattered_schedule
+        from ..lower.segments import build_scattered_schedule
 
         return build_scattered_schedule(pattern, problem, q_tile=config.q_tile, k_tile=config.k_tile)
     if isinstance(pattern, Routed):
-        from ..codegen.routed import build_routed_schedule
+        from ..lower.routed import build_routed_schedule
 
         # Region-aligned tiles: the defaults come from the region, not the grid.
         return build_routed_schedule(pattern, problem, q_tile=config.q_tile, k_tile=config.k_tile)
-    from ..codegen.schedule import build_schedule
+    from ..lower.schedule import build_schedule
 
     config = config.resolved(problem)
     return build_schedule(pattern, problem, q_tile=config.q_tile, k_tile=config.k_tile,
@@ -318,16 +318,16 @@ class CompiledAttention:
 
     def plan(self, coords: torch.Tensor):
         """The window grouping of voxel ``coords`` (int [N, 1 + ndim], batch first) for a
-        ``Scattered`` pattern: a ``codegen.scattered.ScatteredPlan`` to pass as ``plan=`` to
+        ``Scattered`` pattern: a ``lower.segments.ScatteredPlan`` to pass as ``plan=`` to
         calls (and layers with the same windows); built on coords' device with torch ops."""
         if not self._entry.scattered:
             raise ValueError(f"plan() is only for Scattered patterns; {self.pattern!r} takes no coords")
-        from ..codegen.scattered import plan
+        from ..lower.segments import plan
 
         return plan(self.schedule, coords)
 
     def _call_scattered(self, q, k, v, scale, return_lse, coords, plan):
-        from ..codegen.scattered import ScatteredPlan
+        from ..lower.segments import ScatteredPlan
 
         if (coords is None) == (plan is None):
             raise ValueError(f"{self.pattern!r} needs the voxel coordinates: pass exactly one of coords= "
@@ -368,7 +368,7 @@ class CompiledAttention:
         scale = self._scale(scale, return_lse)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if self._entry.routed:
-            from ..codegen.routed import routes_for
+            from ..lower.routed import routes_for
 
             routes = routes_for(self.pattern, self.problem, q, k, routes)
             out, lse = self._entry.op.default(q, k, v, routes, float(scale), op_backend)

@@ -11,7 +11,7 @@ negative id belong to no group: their rows are zeros with LSE = -inf and they ar
 
 No kernel of its own: a group is a scattered "window". The tokens with an id >= 0 become
 voxels with coordinates ``(b, id)`` (per-head ids: ``(b * H + h, id)``, one head per voxel,
-k/v repeated to H heads); ``codegen.scattered`` sorts them stably by (batch, group, position)
+k/v repeated to H heads); ``lower.segments`` sorts them stably by (batch, group, position)
 into contiguous segments and the ordinary templates run with the segment-id predicate on a
 ``Scattered(window_size=1)`` schedule. ``causal=True`` adds key row <= query row of the
 packed sequence to that predicate (``ScatteredLayout.causal``): the sort is stable, so inside
@@ -39,7 +39,7 @@ class GroupedPlan:
 
     shape:  (B, H or 1, N) of the ids (1: one grouping for every head)
     index:  int64 [M] tensors (b, n) — per-head ids: (b, h, n) — of the M grouped tokens
-    inner:  the ``codegen.scattered.ScatteredPlan`` of their (batch, group) coordinates
+    inner:  the ``lower.segments.ScatteredPlan`` of their (batch, group) coordinates
     """
 
     pattern: Grouped
@@ -83,7 +83,7 @@ class GroupedAttention:
         """The segment op on the packed grouped tokens (per-head ids: one head per voxel)."""
         if per_head not in self._inner_ops:
             from ..codegen.config import KernelConfig
-            from ..codegen.scattered import build_scattered_schedule
+            from ..lower.segments import build_scattered_schedule
             from .compiled import CompiledAttention
 
             p = self.problem

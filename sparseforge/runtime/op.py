@@ -6,10 +6,10 @@
 - ``sparseforge::<name>_bwd``  (q, k, v, out, lse, dout?, dlse?, scale, backend) -> (dq, dk, dv)
 
 (routed attention: ``routes`` int64 [B, H|1, R, topk] follows ``v`` in both; the index
-tables are built from it on its device per call, ``codegen.routed.routed_tables``)
+tables are built from it on its device per call, ``lower.routed.routed_tables``)
 
 (scattered voxel windows: q, k, v, out are [N, H, D], lse [N, H]; the plan's tensors
-``codegen.scattered.ScatteredPlan.tensors()`` — order, seg and the CSR tables — follow ``v``
+``lower.segments.ScatteredPlan.tensors()`` — order, seg and the CSR tables — follow ``v``
 as one list in both; the op packs q/k/v into window order [1, H, N_pad, D], runs the
 kernels or the CPU executor on the packed sequence, and scatters results back to voxel order)
 
@@ -35,10 +35,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..codegen.naming import readable_name
+from ..lower.naming import readable_name
 from ..dsl.pattern import Pattern
 from ..dsl.problem import Problem
-from . import cpu
+from ..backends import cpu
 
 __all__ = ["AttentionOp", "BACKENDS", "op_name", "register", "registered"]
 
@@ -103,7 +103,7 @@ class AttentionOp:
         """The (cached) ``TritonKernels`` of this schedule."""
         with self._lock:
             if interpret not in self._kernels:
-                from ..codegen.kernels import TritonKernels
+                from ..backends.triton import TritonKernels
 
                 self._kernels[interpret] = TritonKernels(self.schedule, interpret=interpret, config=self.config)
             return self._kernels[interpret]
@@ -115,11 +115,11 @@ class AttentionOp:
 
     @property
     def scattered(self) -> bool:
-        """Scattered voxel windows: the ops take the plan's tensors (``codegen.scattered``)."""
+        """Scattered voxel windows: the ops take the plan's tensors (``lower.segments``)."""
         return getattr(self.schedule, "scattered", None) is not None
 
     def run_scattered_forward(self, q, k, v, plan, scale: float, backend: str):
-        from ..codegen.scattered import pack, tables_from, unpack
+        from ..lower.segments import pack, tables_from, unpack
 
         which = resolve_backend(backend, q.device)
         order, seg = plan[0], plan[1]
@@ -133,7 +133,7 @@ class AttentionOp:
         return unpack(outp, order, n), unpack(lsep.to(_lse_dtype(q.dtype)), order, n)
 
     def run_scattered_backward(self, q, k, v, plan, out, lse, dout, dlse, scale: float, backend: str):
-        from ..codegen.scattered import pack, tables_from, unpack
+        from ..lower.segments import pack, tables_from, unpack
 
         which = resolve_backend(backend, q.device)
         order, seg = plan[0], plan[1]
@@ -162,7 +162,7 @@ class AttentionOp:
     def _tables(self, routes):
         if not self.routed:
             return None
-        from ..codegen.routed import routed_tables
+        from ..lower.routed import routed_tables
         return routed_tables(self.schedule, routes)
 
     # -- real implementations ---------------------------------------------------------

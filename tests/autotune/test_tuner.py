@@ -10,9 +10,9 @@ import sparseforge as sf
 from sparseforge.autotune import TuningDB, TuningError, tune
 from sparseforge.autotune import cost
 from sparseforge.autotune.space import LAUNCHES, tile_choices
-from sparseforge.codegen import build_schedule
+from sparseforge.lower import build_schedule
 from sparseforge.codegen.config import KernelConfig, Launch
-from sparseforge.codegen.kernels import TritonKernels
+from sparseforge.backends.triton import TritonKernels
 
 PATTERN = sf.Neighborhood(3)
 PROBLEM = sf.Problem(grid=(8, 8), heads=2, head_dim=16, dtype=torch.float16)

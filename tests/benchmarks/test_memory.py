@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sparseforge as sf
-from sparseforge.cli_build import load_benchmark
+from sparseforge.cli.build import load_benchmark
 
 memory = load_benchmark("memory")
 peers = memory.peers

@@ -5,7 +5,7 @@ import torch
 import triton
 
 import sparseforge as sf
-from sparseforge.cli_build import load_benchmark
+from sparseforge.cli.build import load_benchmark
 
 run_info = load_benchmark("run_info")
 

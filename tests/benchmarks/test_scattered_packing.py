@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import sparseforge as sf
-from sparseforge.cli_build import load_benchmark
-from sparseforge.codegen.scattered import build_scattered_schedule, group, plan
+from sparseforge.cli.build import load_benchmark
+from sparseforge.lower.segments import build_scattered_schedule, group, plan
 
 packing = load_benchmark("scattered_packing")
 peers = load_benchmark("peers")

@@ -12,9 +12,9 @@ import torch
 from click.testing import CliRunner
 
 import sparseforge as sf
-from sparseforge.cli import main
-from sparseforge.cli_build import load_suite
-from sparseforge.codegen.schedule import build_schedule
+from sparseforge.cli.main import main
+from sparseforge.cli.build import load_suite
+from sparseforge.lower.schedule import build_schedule
 
 suite = load_suite()
 
@@ -158,7 +158,7 @@ def test_routed_counts_match_the_dense_mask():
     eff = suite.routed_tile_efficiency(case, shape, "full")
     problem = shape.problem(torch.bfloat16)
     q, k, _ = suite.random_qkv(shape, torch.float32, "cpu", False, 0)
-    from sparseforge.codegen.routed import routes_for
+    from sparseforge.lower.routed import routes_for
 
     routes = routes_for(case.pattern, problem, q, k)
     mask = sf.dense_mask(case.pattern, problem, routes=routes)            # [B, H|1, N, N]

@@ -121,7 +121,7 @@ def test_errors_are_one_line(sf, cache, clean_error, args, needles):
 
 def test_interrupted_compile_leaves_nothing(sf, cache, tmp_path, monkeypatch):
     """A failure half-way through the ahead-of-time compiles: no build, no staging left."""
-    from sparseforge.codegen.kernels import TritonKernels
+    from sparseforge.backends.triton import TritonKernels
 
     original, calls = TritonKernels.aot, []
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 import sparseforge as sf_pkg
 from sparseforge import viz
-from sparseforge.cli import display_repr
+from sparseforge.cli.main import display_repr
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "patterns.py"

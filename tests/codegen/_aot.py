@@ -3,7 +3,7 @@ and assert what real GPUs need (tensor cores, no register spills)."""
 from __future__ import annotations
 
 from sparseforge.codegen.config import default_config
-from sparseforge.codegen.kernels import TritonKernels
+from sparseforge.backends.triton import TritonKernels
 
 TARGETS = ("sm_80", "sm_90")
 

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation for real CUDA targets on a CPU-only machine (sparseforge.codegen.aot).
+"""Ahead-of-time compilation for real CUDA targets on a CPU-only machine (sparseforge.backends.aot).
 
 Every compile here runs Triton's full pipeline plus ptxas; nothing needs a GPU.
 """
@@ -15,7 +15,7 @@ import pytest
 import triton
 import triton.language as tl
 
-from sparseforge.codegen.aot import (
+from sparseforge.backends.aot import (
     SUPPORTED_TARGETS,
     ResourceReport,
     _parse_ptxas_log,

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import sparseforge as sf
-from sparseforge.codegen import build_schedule
+from sparseforge.lower import build_schedule
 from sparseforge.codegen.config import default_config
-from sparseforge.codegen.kernels import TritonKernels
+from sparseforge.backends.triton import TritonKernels
 
 from ._aot import assert_tensor_cores_without_spills, compile_reports, instance_ids
 

@@ -1,4 +1,4 @@
-"""Closed-form key-tile bounds (codegen.bounds) reproduce the schedule's tables exactly, and
+"""Closed-form key-tile bounds (lower.bounds) reproduce the schedule's tables exactly, and
 the kernels that loop over them match the float64 reference under the Triton interpreter."""
 import numpy as np
 import pytest
@@ -6,9 +6,9 @@ import torch
 import torch._dynamo  # noqa: F401  (imports triton.language before any kernel loads)
 
 import sparseforge as sf
-from sparseforge.codegen import build_schedule
-from sparseforge.codegen.bounds import derive
-from sparseforge.codegen.kernels import TritonKernels
+from sparseforge.lower import build_schedule
+from sparseforge.lower.bounds import derive
+from sparseforge.backends.triton import TritonKernels
 
 # (pattern, grid, query tile, key tile)
 CASES = [

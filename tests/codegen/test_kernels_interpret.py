@@ -5,8 +5,8 @@ import torch
 import torch._dynamo  # noqa: F401  (imports triton.language before any kernel loads, as torch users do)
 
 import sparseforge as sf
-from sparseforge.codegen import build_schedule
-from sparseforge.codegen.kernels import TritonKernels
+from sparseforge.lower import build_schedule
+from sparseforge.backends.triton import TritonKernels
 
 # (pattern, grid, query tile, heads, kv_heads): small shapes, ragged ones included.
 CASES = [

@@ -1,4 +1,4 @@
-"""The Triton kernels of scattered linear attention (``codegen.linear_kernels``): numerics
+"""The Triton kernels of scattered linear attention (``backends.linear_kernels``): numerics
 under the Triton interpreter against the float64 oracle ``sf.reference_linear_attention``
 (out and dq/dk/dv; relu and elu+1; pooling on/off; fp32/fp16; GQA; single-voxel windows, one
 window cut into several chunks, no voxels, padded head dims), that the kernels are what runs
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import sparseforge as sf
-from sparseforge.codegen import linear_kernels as lk
-from sparseforge.codegen import scattered_linear as sl
-from sparseforge.codegen.aot import aot_compile
+from sparseforge.backends import linear_kernels as lk
+from sparseforge.backends import linear as sl
+from sparseforge.backends.aot import aot_compile
 
 from ._aot import TARGETS, assert_tensor_cores_without_spills
 

@@ -4,7 +4,7 @@ import pytest
 import sympy as sp
 
 import sparseforge as sf
-from sparseforge.codegen.lowering import Symbols, predicate
+from sparseforge.lower.families import Symbols, predicate
 from sparseforge.codegen.printer import to_triton
 
 

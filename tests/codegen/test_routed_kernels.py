@@ -8,8 +8,8 @@ import torch
 
 import sparseforge as sf
 from sparseforge.codegen.config import default_config
-from sparseforge.codegen.routed import build_routed_schedule, region_pad, region_tile, routed_tables
-from sparseforge.codegen.tiling import DimTiling
+from sparseforge.lower.routed import build_routed_schedule, region_pad, region_tile, routed_tables
+from sparseforge.lower.tiling import DimTiling
 
 from ._aot import assert_tensor_cores_without_spills, compile_reports, instance_ids
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import sparseforge as sf
-from sparseforge.codegen.kernels import TritonKernels
-from sparseforge.codegen.scattered import build_scattered_schedule, group, pack, plan, unpack, window_ids
+from sparseforge.backends.triton import TritonKernels
+from sparseforge.lower.segments import build_scattered_schedule, group, pack, plan, unpack, window_ids
 
 from ._aot import assert_tensor_cores_without_spills, compile_reports, instance_ids
 

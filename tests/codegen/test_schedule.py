@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import sparseforge as sf
-from sparseforge.codegen import build_schedule, default_tile
-from sparseforge.codegen.lowering import EMPTY, FULL, PARTIAL
+from sparseforge.lower import build_schedule, default_tile
+from sparseforge.lower.families import EMPTY, FULL, PARTIAL
 
 CASES = [
     (sf.Neighborhood(3), (10,), (4,)),

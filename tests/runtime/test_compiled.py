@@ -11,8 +11,8 @@ from sparseforge.runtime import CompiledAttention, UnsupportedPatternError, comp
 
 from ._common import TOL, qkv, rel_err
 
-HAVE_KERNELS = importlib.util.find_spec("sparseforge.codegen.kernels") is not None
-needs_kernels = pytest.mark.skipif(not HAVE_KERNELS, reason="sparseforge.codegen.kernels not written yet")
+HAVE_KERNELS = importlib.util.find_spec("sparseforge.backends.triton") is not None
+needs_kernels = pytest.mark.skipif(not HAVE_KERNELS, reason="sparseforge.backends.triton not written yet")
 
 
 def P(grid=(6, 7), heads=2, head_dim=16, kv_heads=None, dtype=torch.float32):
@@ -153,7 +153,7 @@ def test_bad_source_kind(attn):
         attn.source("dq")
 
 
-# -- the generated kernels (skipped until sparseforge.codegen.kernels exists) ------------------
+# -- the generated kernels (skipped until sparseforge.backends.triton exists) ------------------
 @needs_kernels
 def test_source_generates_without_gpu(attn):
     for kind in ("fwd", "bwd"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sparseforge as sf
-from sparseforge.codegen.schedule import CSR, build_schedule
+from sparseforge.lower.schedule import CSR, build_schedule
 from sparseforge.runtime import compile, cpu
 
 from ._common import TOL, check_executor, empty_rows, inf_to_zero, qkv, rand, rel_err
@@ -60,7 +60,7 @@ CASES = [
 @pytest.mark.parametrize("pattern, problem, q_tile, k_tile", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_fp32_matches_reference(pattern, problem, q_tile, k_tile):
     if isinstance(pattern, sf.PerHead) and problem.grid == (16, 16):
-        from sparseforge.codegen import build_schedule
+        from sparseforge.lower import build_schedule
         assert build_schedule(pattern, problem, q_tile=q_tile, k_tile=k_tile).group_folds is not None
     check_executor(pattern, problem, q_tile=q_tile, k_tile=k_tile)
 

@@ -74,7 +74,7 @@ def test_packed_documents_small_uneven_tiles_interpret(pattern, tiles):
 def test_tables_visit_exactly_the_tiles_with_allowed_pairs(causal, tiles):
     """Forward and inverse tables against brute force on the packed sequence: a tile pair is
     listed iff some pair in it is allowed, and marked FULL iff every pair is."""
-    from sparseforge.codegen.scattered import build_scattered_schedule, plan as make_plan
+    from sparseforge.lower.segments import build_scattered_schedule, plan as make_plan
 
     bm, bn = tiles
     problem = sf.Problem(heads=1, head_dim=16)

@@ -66,7 +66,7 @@ def test_same_schedule_reuses_op_and_other_tiles_get_another():
 
 
 def test_fingerprint_is_stable_across_builds():
-    from sparseforge.codegen.schedule import build_schedule
+    from sparseforge.lower.schedule import build_schedule
 
     pattern, problem = sf.Neighborhood(3, dilation=2), P((9, 9))
     f1 = build_schedule(pattern, problem).fingerprint()

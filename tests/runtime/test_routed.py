@@ -203,8 +203,8 @@ def test_triton_kernels_on_gpu(dtype):
 def test_cpu_executor_gathers_about_one_k_per_chunk_and_explicit_tiles():
     """Memory stays O(input): a chunk's gathered keys per (batch, head) are about N, however
     many routes; explicit (smaller) tiles give the same result as the defaults."""
-    from sparseforge.codegen.routed import routed_tables, routes_for
-    from sparseforge.runtime.cpu import _RoutedChunks
+    from sparseforge.lower.routed import routed_tables, routes_for
+    from sparseforge.backends.cpu import _RoutedChunks
 
     pattern, problem = sf.Routed((2, 4), 4), P((8, 8), heads=2)
     attn = compile(pattern, problem, backend="cpu")

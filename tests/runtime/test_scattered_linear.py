@@ -81,7 +81,7 @@ def test_gqa_and_fp16(pooling):
 
 @pytest.mark.parametrize("feature_map", ["relu", "elu+1"])
 def test_interpret_backend_matches_cpu_backend(feature_map):
-    """backend='interpret' (the Triton kernels, codegen.linear_kernels) against backend='cpu'
+    """backend='interpret' (the Triton kernels, backends.linear_kernels) against backend='cpu'
     (torch ops) and the oracle on 3-D shifted windows with pooling and GQA."""
     pattern, coords = CASES["shifted_3d"](torch.Generator().manual_seed(11))
     coords = coords[:60]

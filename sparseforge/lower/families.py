@@ -33,7 +33,7 @@ def window_1d(leaf, i, group_len, p: dict):
     contiguous run ``start..end`` of indices in the same group (``group_len`` long).
 
     Works on ints, numpy arrays and sympy expressions alike: the schedule evaluates it on
-    arrays, the closed-form loop bounds (``codegen.bounds``) print it from sympy. ``start``
+    arrays, the closed-form loop bounds (``lower.bounds``) print it from sympy. ``start``
     and ``end`` never decrease as ``i`` grows (the bounds rely on it; tested)."""
     if isinstance(leaf, local.Neighborhood):
         _, start, end = local.natten_window(i, group_len, p["kernel"], 1, p["stride"], p["causal"])

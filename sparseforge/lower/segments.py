@@ -32,7 +32,7 @@ import torch
 from ..dsl.args import expand
 from ..dsl.content import Scattered, check_coords
 from ..dsl.problem import Problem
-from .config import default_tile_tokens
+from .defaults import default_tile_tokens
 from .schedule import CSR, TileSchedule
 from .tiling import TileGeometry
 

@@ -1,7 +1,7 @@
 """``compile(Scattered(...), problem, attention="linear")``: ScatterFormer's scattered
-linear attention. CUDA tensors run the fused Triton kernels of ``codegen.linear_kernels``
+linear attention. CUDA tensors run the fused Triton kernels of ``backends.linear_kernels``
 (``backend="interpret"``: the same kernels under the Triton interpreter, on CPU tensors); CPU
-tensors (and float64) run the differentiable torch ops of ``codegen.scattered_linear``.
+tensors (and float64) run the differentiable torch ops of ``backends.linear``.
 
     lin = compile(Scattered(window_size=(12, 12, 1)), Problem(heads=4, head_dim=32), attention="linear")
     out = lin(q, k, v, coords=coords)          # q [N, H, D], k/v [N, kv_heads, D]
@@ -25,7 +25,7 @@ def check_linear_backend(problem: Problem, backend) -> None:
         raise ValueError(f"backend must be one of {list(LINEAR_BACKENDS)} for attention='linear', got {backend!r}")
     if backend not in ("triton", "interpret"):
         return
-    from ..codegen.linear_kernels import KERNEL_DTYPES, MAX_HEAD_DIM
+    from ..backends.linear_kernels import KERNEL_DTYPES, MAX_HEAD_DIM
 
     if backend == "interpret" and problem.dtype == torch.bfloat16:
         # Triton 3.9's interpreter keeps bf16 as uint16 and tl.dot multiplies the raw bit
@@ -51,7 +51,7 @@ class ScatteredLinearAttention:
     with backend None, run the torch ops. The kernels' backward is first-order only; the torch
     ops' is not.
     feature_map: "relu" or "elu+1"; neighbor_pooling: sum each window's KV and S over its
-    3 x 3 window neighbourhood (exact rule: ``codegen.scattered_linear``). No softmax, so
+    3 x 3 window neighbourhood (exact rule: ``backends.linear``). No softmax, so
     no LSE: ``return_lse=True`` raises, and so does ``scale`` (linear attention has none).
     """
 
@@ -59,7 +59,7 @@ class ScatteredLinearAttention:
 
     def __init__(self, pattern: Scattered, problem: Problem, *, feature_map: str = "relu",
                  neighbor_pooling: bool = False, backend: str | None = None):
-        from ..codegen.scattered_linear import check_feature_map
+        from ..backends.linear import check_feature_map
 
         if not isinstance(pattern, Scattered):
             raise ValueError(f"attention='linear' is only for Scattered patterns, got {pattern!r}")
@@ -79,14 +79,14 @@ class ScatteredLinearAttention:
     def plan(self, coords):
         """The window grouping (and neighbour table) of voxel ``coords`` (int [N, 1 + ndim],
         batch first): a ``ScatteredLinearPlan`` to pass as ``plan=``."""
-        from ..codegen.scattered_linear import plan
+        from ..backends.linear import plan
 
         return plan(self.pattern, coords, self.neighbor_pooling)
 
     def __call__(self, q, k, v, *, coords=None, plan=None, return_lse: bool = False, scale=None, routes=None):
         """out [N, H, D] of q [N, H, D], k/v [N, kv_heads, D] (voxel order) and either
         ``coords`` or ``plan`` (``self.plan(coords)``)."""
-        from ..codegen.scattered_linear import ScatteredLinearPlan, linear_attention
+        from ..backends.linear import ScatteredLinearPlan, linear_attention
         from .compiled import check_voxel_qkv
 
         if return_lse is not False:
@@ -116,7 +116,7 @@ class ScatteredLinearAttention:
                              "use backend='interpret' or 'cpu' for CPU tensors")
         if plan.device != q.device:
             raise ValueError(f"plan (coords) is on {plan.device} but q is on {q.device}")
-        from ..codegen.linear_kernels import MAX_HEAD_DIM
+        from ..backends.linear_kernels import MAX_HEAD_DIM
 
         kernels = self.backend in ("triton", "interpret") or (
             self.backend is None and q.device.type == "cuda" and self.problem.head_dim <= MAX_HEAD_DIM)
@@ -128,7 +128,7 @@ class ScatteredLinearAttention:
             raise TypeError(f"q has dtype {q.dtype}, expected {want}{extra}, the dtype of {self.problem!r}"
                             + (f" (backend={self.backend!r} runs Triton kernels)" if len(allowed) == 1 else ""))
         if kernels and q.dtype != torch.float64:
-            from ..codegen.linear_kernels import linear_attention as kernel_linear_attention
+            from ..backends.linear_kernels import linear_attention as kernel_linear_attention
 
             return kernel_linear_attention(q, k, v, plan, self.feature_map, interpret=self.backend == "interpret")
         group = self.problem.heads // self.problem.kv_heads

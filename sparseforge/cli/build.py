@@ -16,8 +16,8 @@ from pathlib import Path
 
 import click
 
-from . import envvars
-from .cli import InputError, PositiveInt, command, load_pattern_arg, main, parse_sizes, problem_from_options, \
+from .. import envvars
+from .main import InputError, PositiveInt, command, load_pattern_arg, main, parse_sizes, problem_from_options, \
     problem_options, user_errors
 
 DTYPE_CHOICES = ("fp16", "bf16", "fp32")
@@ -38,7 +38,7 @@ def kernel_problem_options(f):
 
 
 def kernel_problem(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads):
-    from .dsl import Problem
+    from ..dsl import Problem
 
     base = problem_from_options(pattern, grid_text, seq, heads)
     if base.grid is None:
@@ -51,7 +51,7 @@ def kernel_problem(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads):
 def _refuse_grouped(pattern) -> None:
     """Grouped patterns compile in Python only (``runtime.grouped``): no build directory or bench yet."""
     if "groups" in pattern.inputs_needed():
-        from .runtime.compiled import UnsupportedPatternError
+        from ..runtime.compiled import UnsupportedPatternError
 
         raise UnsupportedPatternError(f"{pattern!r} reads group ids at call time and has no build directory or "
                                       "bench support yet; use sparseforge.compile(...)(q, k, v, groups=ids) in Python")
@@ -141,13 +141,13 @@ def compile_cmd(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads, q_til
       sparseforge compile "StridedShards(64, 16, 8)" --seq 32768 --heads 32 --head-dim 128 \\
           --target sm_90 --out build/s2
     """
-    from .autotune import resolve_target, tune
-    from .codegen.aot import parse_target
-    from .codegen.config import KernelConfig
-    from .runtime.build import save
-    from .runtime.compiled import compile as sf_compile
+    from ..autotune import resolve_target, tune
+    from ..backends.aot import parse_target
+    from ..codegen.config import KernelConfig
+    from ..runtime.build import save
+    from ..runtime.compiled import compile as sf_compile
 
-    from .runtime.compiled import check_triton_problem
+    from ..runtime.compiled import check_triton_problem
 
     pat = load_pattern_arg(pattern)
     problem = kernel_problem(pat, grid_text, seq, heads, head_dim, dtype, kv_heads)
@@ -175,7 +175,7 @@ def compile_cmd(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads, q_til
         out = Path(out_dir) if out_dir else envvars.cache_dir() / "builds" / attn.name
         with user_errors("'--out'"):
             path = save(attn, out, targets=(f"sm_{cap}",), progress=say)
-    from .runtime.builddir import read_build
+    from ..runtime.builddir import read_build
 
     build = read_build(path)
     resources = json.loads(build.read_text(f"aot/sm_{cap}/resources.json"))
@@ -219,8 +219,8 @@ def check(build_dir, backend, batch, seed, as_json) -> None:
     tolerance."""
     import torch
 
-    from .runtime.build import load
-    from .runtime.check import check_numerics
+    from ..runtime.build import load
+    from ..runtime.check import check_numerics
 
     with user_errors("'DIR'"):
         attn = load(build_dir, backend=None if backend == "auto" else backend)
@@ -288,7 +288,7 @@ def load_suite():
 def _bench_suite(*, cpu: bool, only: str | None, repeat: int, as_json: bool, out_path, plot_path) -> None:
     import torch
 
-    from .atomic import write_atomic
+    from ..atomic import write_atomic
 
     suite = load_suite()
     with user_errors("'--only'"):
@@ -360,9 +360,9 @@ def bench(target, grid_text, seq, heads, head_dim, dtype, kv_heads, batch, repea
     repeat = repeat or 10
     import torch
 
-    from .dsl import dense_mask
-    from .runtime.build import load
-    from .runtime.compiled import compile as sf_compile
+    from ..dsl import dense_mask
+    from ..runtime.build import load
+    from ..runtime.compiled import compile as sf_compile
 
     if Path(target).is_dir():
         with user_errors("'DIR'"):
@@ -444,7 +444,7 @@ CACHE_PARTS = {"kernels": "generated kernel sources", "builds": "default build d
 
 
 def _cache_parts() -> dict[str, list[Path]]:
-    from .autotune.db import default_db_path
+    from ..autotune.db import default_db_path
 
     root = envvars.cache_dir()
     db = default_db_path()
@@ -469,7 +469,7 @@ def cache() -> None:
 def cache_list(as_json: bool) -> None:
     """List the cache: kernels and builds per op name, and the tuning database's entries."""
     with user_errors():
-        from .autotune.db import TuningDB, default_db_path
+        from ..autotune.db import TuningDB, default_db_path
 
         root = envvars.cache_dir()
         parts = _cache_parts()

@@ -16,7 +16,7 @@ included): the 3 x 3 neighbourhood in the first two window-grid dimensions, same
 element, same remaining window coordinates; windows holding no voxel (or outside the grid)
 contribute nothing. With 1-D coordinates the neighbourhood is the 3 windows w_1 - 1..w_1 + 1.
 
-Implementation: O(N) torch ops on the window grouping (``codegen.scattered.group``): the
+Implementation: O(N) torch ops on the window grouping (``lower.segments.group``): the
 window index of every voxel, ``index_add_`` segment sums, gathers back; neighbour windows
 are found by encoding each window id as one int64 (mixed radix) and ``searchsorted`` over
 the sorted unique window codes (no Python loop over windows), and pooling is one sparse
@@ -28,7 +28,7 @@ window-sorted voxels (every window cut into blocks, the last one zero-padded; bl
 summed into their windows), in chunks of blocks, so no per-voxel [H, D, D] tensor is ever
 made for all voxels. Memory: KV is W x H x D x D (W non-empty windows), and pooling keeps
 a second one. This torch path is what runs on CPU tensors (and float64); CUDA tensors and
-``backend="interpret"`` run the fused Triton kernels of ``codegen.linear_kernels`` on the
+``backend="interpret"`` run the fused Triton kernels of ``backends.linear_kernels`` on the
 plan's ``chunks`` (every window cut into runs of at most ``CHUNK_ROWS`` window-sorted rows).
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ import dataclasses
 import torch
 
 from ..dsl.content import Scattered, check_coords
-from .scattered import group, window_ids
+from ..lower.segments import group, window_ids
 
 #: Values of ``compile(..., feature_map=)`` for linear attention.
 FEATURE_MAPS = ("relu", "elu+1")
@@ -48,7 +48,7 @@ EPS = 1e-6
 CHUNK_ELEMENTS = 1 << 24
 #: Rows per block of the batched per-window matmuls.
 BLOCK = 8
-#: Most window-sorted rows one Triton program handles (``codegen.linear_kernels``); a window
+#: Most window-sorted rows one Triton program handles (``backends.linear_kernels``); a window
 #: with more rows is cut into several chunks whose results are added atomically.
 CHUNK_ROWS = 256
 

@@ -30,7 +30,7 @@ import sympy as sp
 
 from ..dsl.pattern import Pattern
 from ..dsl.problem import Problem
-from .lowering import SEPARABLE, fold_1d, group_length, window_1d
+from .families import SEPARABLE, fold_1d, group_length, window_1d
 from .tiling import DimTiling, TileGeometry
 
 #: Names of the four bounds per dimension, in the order kernels pass them around.

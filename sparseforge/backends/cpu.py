@@ -201,7 +201,7 @@ def backward(q, k, v, out, lse, dout, schedule, scale: float, dlse: torch.Tensor
 
 
 # ------------------------------------------------------------------------------------
-# Routed attention (codegen.routed): driven by the per-call tables
+# Routed attention (lower.routed): driven by the per-call tables
 # ------------------------------------------------------------------------------------
 class _RoutedChunks:
     """Batched gathers of routed attention, a chunk of query tiles at a time.
@@ -260,7 +260,7 @@ def _put(dst, src, qtok, keep, width):
 
 
 def routed_forward(q, k, v, schedule, tables, scale: float):
-    """Routed attention (``codegen.routed``) under ``tables`` (``routed_tables``): like ``forward``."""
+    """Routed attention (``lower.routed``) under ``tables`` (``routed_tables``): like ``forward``."""
     ct = compute_dtype(q.dtype)
     b, h, n, d = q.shape
     with torch.no_grad():
@@ -312,7 +312,7 @@ def routed_backward(q, k, v, out, lse, dout, schedule, tables, scale: float, dls
 
 
 # ------------------------------------------------------------------------------------
-# Scattered voxel windows (codegen.scattered): the packed sequence, driven by the plan's tables
+# Scattered voxel windows (lower.segments): the packed sequence, driven by the plan's tables
 # ------------------------------------------------------------------------------------
 # Elements of one chunk's gathered scores (heads x query rows x key rows).
 SCATTERED_CHUNK_ELEMENTS = 1 << 24
@@ -350,7 +350,7 @@ def _scattered_chunks(schedule, tables, heads: int):
 
 def scattered_forward(q, k, v, schedule, tables, scale: float):
     """Attention of the packed sequence q [1, H, Np, D], k/v [1, KVH, Np, D] under the plan's
-    ``tables`` (``codegen.scattered.tables_from``); like ``forward``."""
+    ``tables`` (``lower.segments.tables_from``); like ``forward``."""
     ct = compute_dtype(q.dtype)
     _, h, n, d = q.shape
     kv_of = torch.arange(h, device=q.device) // (h // k.shape[1])

@@ -1,6 +1,6 @@
 """Scattered linear attention (ScatterFormer) as four fused Triton kernels, forward and backward.
 
-The math and the plan are ``codegen.scattered_linear``'s; per window w and kv head::
+The math and the plan are ``backends.linear``'s; per window w and kv head::
 
     KV[w] = sum_{j in w} phi(k_j)^T v_j   [D, D]      S[w] = sum_{j in w} phi(k_j)   [D]
     (neighbour pooling, optional: KV, S <- P KV, P S; torch sparse mm on [W, ...], O(W))
@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .. import envvars
 from ..dsl.problem import DTYPE_NAMES
-from .scattered_linear import EPS, FEATURE_MAPS, ScatteredLinearPlan, pool
+from .linear import EPS, FEATURE_MAPS, ScatteredLinearPlan, pool
 
 envvars.pin_triton_fp_fusion()
 
@@ -248,7 +248,7 @@ def launch_config(name: str, head_dim: int) -> dict:
 
 def aot_args(name: str, dtype: torch.dtype, head_dim: int, feature_map: str = "relu"):
     """(signature, constexprs, num_warps) of kernel ``name`` as ``launch`` runs it, for
-    ``codegen.aot.aot_compile``."""
+    ``backends.aot.aot_compile``."""
     if name not in KERNELS:
         raise ValueError(f"name must be one of {list(KERNELS)}, got {name!r}")
     t = "*" + _TL_DTYPES[dtype]
@@ -283,7 +283,7 @@ def launch(name: str, grid, *args, interpret: bool, head_dim: int, feature: int,
     if not interpret:
         globals()[name][grid](*args, **meta, num_warps=cfg["num_warps"])
         return
-    from .kernels import interpreted_launch
+    from .triton import interpreted_launch
 
     with interpreted_launch():
         _interpreted(name)[grid](*args, **meta)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import click
 
-from . import envvars
+from .. import envvars
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -126,7 +126,7 @@ def pattern_argument(f):
 
 def load_pattern_arg(spec: str):
     """The pattern named by a PATTERN argument; bad specs become an ``InputError``."""
-    from .dsl import load_pattern
+    from ..dsl import load_pattern
 
     with user_errors("'PATTERN'"):
         try:
@@ -165,7 +165,7 @@ def problem_options(f):
 
 def default_heads(pattern) -> int:
     """The PerHead length for a pattern that has one, else 1."""
-    from .dsl import PerHead
+    from ..dsl import PerHead
 
     return next((len(p.patterns) for p in pattern.walk() if isinstance(p, PerHead)), 1)
 
@@ -173,7 +173,7 @@ def default_heads(pattern) -> int:
 def problem_from_options(pattern, grid_text: str | None, seq: int | None, heads: int | None):
     """A ``Problem`` for ``pattern`` from ``--grid``/``--seq``/``--heads``; grid may be None
     only for grid-free patterns (voxels), which the caller handles."""
-    from .dsl import Problem
+    from ..dsl import Problem
 
     if grid_text is not None and seq is not None:
         raise InputError("'--seq'", "give either --grid or --seq, not both")
@@ -204,7 +204,7 @@ ROUTING_SEED = 0
 def display_repr(pattern) -> str:
     """``repr`` with a top-level PerHead's repeats folded: ``PerHead([a] * 4 + [b] * 4)``
     (still a DSL expression)."""
-    from .dsl import PerHead
+    from ..dsl import PerHead
 
     if not isinstance(pattern, PerHead):
         return repr(pattern)
@@ -244,8 +244,8 @@ def runtime_inputs(pattern, problem):
 
 def group_label(pattern, heads: tuple[int, ...], total: int) -> str:
     """``heads 0-3``, with the heads' own pattern when a top-level PerHead gives it."""
-    from . import viz
-    from .dsl import PerHead
+    from .. import viz
+    from ..dsl import PerHead
 
     text = viz.heads_label(heads)
     if len(heads) < total and isinstance(pattern, PerHead):
@@ -288,9 +288,9 @@ def show(pattern: str, grid_text, seq, heads, query_text, png_path, as_json) -> 
     """
     import torch
 
-    from . import viz
-    from .dsl import describe
-    from .dsl.semantics import make_context, mask_rows
+    from .. import viz
+    from ..dsl import describe
+    from ..dsl.semantics import make_context, mask_rows
 
     pat = load_pattern_arg(pattern)
     problem = problem_from_options(pat, grid_text, seq, heads)
@@ -376,7 +376,7 @@ def environment() -> dict:
     """Versions, the CUDA device and the cache directory (what ``sparseforge env`` prints)."""
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(0)
@@ -417,8 +417,6 @@ def env(as_json: bool) -> None:
         table.add_row(name, "(unset)" if value is None else value)
     Console(highlight=False, soft_wrap=True).print(table)
 
-
-from . import cli_build  # noqa: E402,F401  (registers compile, check, bench and cache on main)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

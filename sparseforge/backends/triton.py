@@ -20,9 +20,9 @@ import torch
 from .. import envvars
 from ..dsl.problem import DTYPE_NAMES
 from ..atomic import write_atomic
-from .config import KERNELS, KernelConfig
-from .render import block_d, kernel_name, render
-from .schedule import TileSchedule
+from ..codegen.config import KERNELS, KernelConfig
+from ..codegen.render import block_d, kernel_name, render
+from ..lower.schedule import TileSchedule
 
 envvars.pin_triton_fp_fusion()
 
@@ -179,14 +179,14 @@ class TritonKernels:
     def _args(self, name: str, tables=None, **values) -> list:
         """Kernel ``name``'s runtime arguments in signature order, from ``values`` and the
         schedule's tables (only those the kernel reads); ``tables`` replaces them (routed
-        schedules: ``codegen.routed.routed_tables(...).kernels``, built per call)."""
+        schedules: ``lower.routed.routed_tables(...).kernels``, built per call)."""
         if tables is None:
             if self.schedule.routed is not None:
                 raise ValueError("a routed schedule's kernels need the per-call tables: pass tables= "
-                                 "(codegen.routed.routed_tables(schedule, routes).kernels)")
+                                 "(lower.routed.routed_tables(schedule, routes).kernels)")
             if self.schedule.scattered is not None:
                 raise ValueError("a scattered schedule's kernels need the per-plan tables: pass tables= "
-                                 "(codegen.scattered.tables_from(plan.tensors(), heads))")
+                                 "(lower.segments.tables_from(plan.tensors(), heads))")
             tables = self.tables(values["Q"].device)
         return [values[a] if a in values else tables[a] for a in self.signature(name)]
 

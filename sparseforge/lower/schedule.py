@@ -27,8 +27,8 @@ from ..dsl.problem import Problem
 from ..dsl.semantics import make_context
 from .naming import readable_name
 from .bounds import ClosedForm, derive as derive_bounds
-from .config import default_tile_tokens
-from .lowering import EMPTY, FULL, PARTIAL, SEPARABLE, choose_fold, head_signature, leaf_for_head, span_1d
+from .defaults import default_tile, default_tile_tokens
+from .families import EMPTY, FULL, PARTIAL, SEPARABLE, choose_fold, head_signature, leaf_for_head, span_1d
 from .tiling import DimTiling, TileGeometry
 
 # Largest folded extent for which a 1-D rule is classified through its dense 1-D mask.
@@ -70,7 +70,7 @@ class TileSchedule:
     head_group: int32 [H], the schedule group of each query head.
     forward:    CSR over query tiles (key tiles per query tile).
     inverse:    CSR over key tiles (query tiles per key tile).
-    bounds:     the closed-form key-tile bounds (``codegen.bounds``) the forward and dQ
+    bounds:     the closed-form key-tile bounds (``lower.bounds``) the forward and dQ
                 kernels loop over, or None where the kernels read the forward tables;
                 ``bounds_reason`` says why. The dK/dV kernel always reads the inverse tables.
     group_geometry: None (every group tiles the grid as ``geometry``), or one geometry per
@@ -89,8 +89,8 @@ class TileSchedule:
     bounds: ClosedForm | None
     bounds_reason: str
     build_seconds: float
-    routed: object = None  # codegen.routed.RoutedLayout for routed attention (tables per call)
-    scattered: object = None  # codegen.scattered.ScatteredLayout for voxel windows (tables per call)
+    routed: object = None  # lower.routed.RoutedLayout for routed attention (tables per call)
+    scattered: object = None  # lower.segments.ScatteredLayout for voxel windows (tables per call)
     group_geometry: tuple[TileGeometry, ...] | None = None
 
     def geometry_of(self, group: int) -> TileGeometry:
@@ -130,7 +130,7 @@ class TileSchedule:
 
     @property
     def name(self) -> str:
-        """Readable unique name for kernels, ops and directories (``codegen.naming``)."""
+        """Readable unique name for kernels, ops and directories (``lower.naming``)."""
         return readable_name(self.pattern, self.problem, self.fingerprint())
 
     @property
@@ -227,19 +227,6 @@ class TileSchedule:
             f"  built in {self.build_seconds * 1e3:.1f} ms",
         ]
         return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------
-def default_tile(problem: Problem, block: int = 128) -> tuple[int, ...]:
-    """An N-D tile of ``block`` tokens shaped to the grid: 128 -> (128,), (8, 16), (4, 4, 8)."""
-    nd = problem.ndim
-    if nd == 1:
-        return (block,)
-    exps = [0] * nd
-    total = int(math.log2(block))
-    for i in range(total):
-        exps[nd - 1 - (i % nd)] += 1  # fill from the last (fastest) dimension
-    return tuple(1 << e for e in sorted(exps))
 
 
 def build_schedule(pattern: Pattern, problem: Problem, *, q_tile=None, k_tile=None, fold=None,

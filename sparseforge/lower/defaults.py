@@ -1,0 +1,35 @@
+"""Tile defaults, in one place: the tile sizes in tokens that compile without spills, and
+how a token count becomes an N-D tile of the grid."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..dsl.problem import Problem
+
+__all__ = ["default_tile", "default_tile_tokens"]
+
+
+def default_tile_tokens(problem) -> tuple[int, int]:
+    """(query, key) tile sizes in tokens that compile without register spills on sm_80 and
+    sm_90 for every kernel (measured by ahead-of-time compiles; tests/codegen/test_aot_kernels.py):
+    128 x 32 for 16-bit inputs with 32 < head_dim <= 128, 64 x 32 for small or 256 head dims,
+    32 x 32 for fp32 (no tensor cores, accumulators and operands share the registers)."""
+    if problem.dtype == torch.float32:
+        return 32, 32
+    if 32 < problem.head_dim <= 128:
+        return 128, 32
+    return 64, 32
+
+
+def default_tile(problem: Problem, block: int = 128) -> tuple[int, ...]:
+    """An N-D tile of ``block`` tokens shaped to the grid: 128 -> (128,), (8, 16), (4, 4, 8)."""
+    nd = problem.ndim
+    if nd == 1:
+        return (block,)
+    exps = [0] * nd
+    total = int(math.log2(block))
+    for i in range(total):
+        exps[nd - 1 - (i % nd)] += 1  # fill from the last (fastest) dimension
+    return tuple(1 << e for e in sorted(exps))
