@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from ..codegen.config import Launch
 from ..codegen.render import block_d
-from ..lower.defaults import default_tile
+from ..dsl.args import expand
 from ..dsl.problem import Problem
+from ..lower.defaults import default_tile
+from ..lower.routed import region_pad, region_tile
 
 #: (query tile tokens, key tile tokens) tried, by padded head dim.
 TILE_TOKENS = {
@@ -41,8 +43,6 @@ def tile_choices(problem: Problem, tokens=None, transposed: bool = False) -> lis
 def routed_tile_choices(pattern, problem: Problem, tokens=None) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """(q_tile, k_tile) shapes for routed attention: the same token budgets, each cut from
     the padded region (``lower.routed.region_tile``), no duplicates."""
-    from ..lower.routed import region_pad, region_tile
-    from ..dsl.args import expand
 
     if tokens is None:
         tokens = TILE_TOKENS.get(block_d(problem.head_dim), TILE_TOKENS["default"])

@@ -30,12 +30,14 @@ from collections.abc import Callable
 import torch
 
 from ..backends.aot import ResourceReport, parse_target
-from ..codegen.config import KERNELS, KernelConfig, Launch
 from ..backends.triton import TritonKernels, rowsum_product
-from ..lower.schedule import TileSchedule, build_schedule
+from ..codegen.config import KERNELS, KernelConfig, Launch
 from ..dsl.content import Routed
 from ..dsl.pattern import Pattern
 from ..dsl.problem import DTYPE_NAMES, Problem
+from ..lower.paths import ROUTED, path_of
+from ..lower.routed import balanced_routes, build_routed_schedule, with_tables
+from ..lower.schedule import TileSchedule, build_schedule
 from . import cost, space
 from .db import TuningDB, TuningKey, TuningRecord
 
@@ -124,7 +126,8 @@ def tuning_key(pattern: Pattern, problem: Problem, target: int, device_name: str
 
 def tune(pattern: Pattern, problem: Problem, *, target=None, db: TuningDB | None = None, measure: bool | None = None,
          objective: str = "train", tiles=None, launches=None, force: bool = False,
-         progress: Callable[[str], None] | None = None) -> TuningResult:
+         progress: Callable[[str], None] | None = None,
+         verify: Callable[[Pattern, Problem, KernelConfig, object], bool] | None = None) -> TuningResult:
     """Choose a KernelConfig for ``pattern`` on ``problem`` (see module docstring).
 
     target:    "sm_80" | "sm_90" | "sm_100" | ...; None: this machine's GPU, else sm_90.
@@ -135,6 +138,9 @@ def tune(pattern: Pattern, problem: Problem, *, target=None, db: TuningDB | None
     force:     tune again even if the database has an entry.
     progress:  called as ``progress(text, done, total)`` per candidate compiled (the CLI
                draws a progress bar on stderr).
+    verify:    ``verify(pattern, problem, config, device) -> bool``, the numerics check a
+               measured config must pass before it is stored (``sparseforge.api.verify_config``
+               against the float64 reference); required when measuring, unused by the cost model.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
@@ -146,6 +152,9 @@ def tune(pattern: Pattern, problem: Problem, *, target=None, db: TuningDB | None
     elif measure and device is None:
         raise ValueError(f"measure=True needs a CUDA device of compute capability {cap} (target sm_{cap}); "
                          "this machine has none")
+    if measure and verify is None:
+        raise ValueError("measure=True needs verify= (the numerics check of a measured config, e.g. "
+                         "sparseforge.api.verify_config)")
     device_name = torch.cuda.get_device_name(device) if measure else f"cost-model sm_{cap}"
     db = TuningDB() if db is None else db
     key = tuning_key(pattern, problem, cap, device_name)
@@ -184,7 +193,7 @@ def tune(pattern: Pattern, problem: Problem, *, target=None, db: TuningDB | None
             config = KernelConfig(q_tile, k_tile, True, **{k: chosen[k][1] for k in KERNELS})
             choices.append((sum(chosen[k][0] for k in kernels_ranked), config, schedule))
     for score, config, schedule in sorted(choices, key=lambda c: c[0]):
-        if measure and not _numerics_ok(pattern, problem, config, device):
+        if measure and not verify(pattern, problem, config, device):
             say(f"rejected {config.describe()}: numerics outside tolerance")
             continue
         db.put(key, TuningRecord(config=config.as_dict(), measured=measure, metric=score,
@@ -198,8 +207,6 @@ def tune(pattern: Pattern, problem: Problem, *, target=None, db: TuningDB | None
 def candidate_schedule(pattern: Pattern, problem: Problem, q_tile, k_tile) -> TileSchedule:
     """The schedule a candidate's tiles give (the one its kernels are compiled from)."""
     if isinstance(pattern, Routed):
-        from ..lower.routed import build_routed_schedule
-
         return build_routed_schedule(pattern, problem, q_tile=q_tile, k_tile=k_tile)
     return build_schedule(pattern, problem, q_tile=q_tile, k_tile=k_tile)
 
@@ -209,8 +216,6 @@ def representative(schedule: TileSchedule) -> TileSchedule:
     with the tables of balanced routes (its own tables come per call)."""
     if schedule.routed is None:
         return schedule
-    from ..lower.routed import balanced_routes, with_tables
-
     return with_tables(schedule, balanced_routes(schedule))
 
 
@@ -252,21 +257,12 @@ def _time_kernel(schedule, kernel: str, launch: Launch, device) -> float:  # pra
     kernels = TritonKernels(schedule, config=KernelConfig(geom.q_tile, geom.k_tile, True, **{kernel: launch}))
     q, k, v, dout = _inputs(schedule.problem, device)
     scale = schedule.problem.head_dim ** -0.5
-    tables = None
-    if schedule.routed is not None:  # the tables of balanced routes, built on the device
-        from ..lower.routed import balanced_routes, routed_tables
-
-        tables = routed_tables(schedule, balanced_routes(schedule).to(device)).kernels
+    path = path_of(schedule.pattern)
+    routes = [balanced_routes(schedule).to(device)] if path is ROUTED else []  # the tables of balanced routes
+    tables = path.kernel_tables(schedule, routes, device)
     out, lse = kernels.forward(q, k, v, scale, tables=tables)
     delta = rowsum_product(dout, out)
     run = {"fwd": lambda: kernels.forward(q, k, v, scale, tables=tables),
            "bwd_dq": lambda: kernels.backward_dq(q, k, v, dout, lse, delta, scale, tables=tables),
            "bwd_dkdv": lambda: kernels.backward_dkdv(q, k, v, dout, lse, delta, scale, tables=tables)}[kernel]
     return float(triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median"))
-
-
-def _numerics_ok(pattern, problem, config: KernelConfig, device) -> bool:  # pragma: no cover - needs a GPU
-    from ..runtime.check import check_numerics
-    from ..runtime.compiled import compile
-
-    return check_numerics(compile(pattern, problem, backend="triton", config=config), device=device).passed

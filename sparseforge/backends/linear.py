@@ -105,6 +105,20 @@ class ScatteredLinearPlan:
     def device(self) -> torch.device:
         return self.win.device
 
+    def tensors(self) -> list[torch.Tensor]:
+        """What the ``sparseforge::linear_attention`` ops take: the kernels' chunk tables
+        (order, start, end, win) and, when the plan pools, the pooling pairs."""
+        ch = self.chunks
+        return [ch.order, ch.start, ch.end, ch.win] + ([self.pool_index] if self.neighbor_pooling else [])
+
+    @classmethod
+    def of_tensors(cls, tensors: list[torch.Tensor], n_windows: int) -> "ScatteredLinearPlan":
+        """The kernels' view of a plan from ``tensors()`` (what the ops rebuild inside)."""
+        order, start, end, win, *pooling = tensors
+        chunks = LinearChunks(order, start, end, win, int(start.shape[0]), 0)
+        return cls(None, bool(pooling), int(order.shape[0]), n_windows, None, None,
+                   pooling[0] if pooling else None, chunks=chunks)
+
     def __repr__(self) -> str:
         return (f"ScatteredLinearPlan({self.pattern!r}, neighbor_pooling={self.neighbor_pooling}, "
                 f"voxels={self.n_voxels}, windows={self.n_windows}, device={self.device})")

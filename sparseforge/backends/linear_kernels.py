@@ -35,6 +35,7 @@ import triton.language as tl
 from .. import envvars
 from ..dsl.problem import DTYPE_NAMES
 from .linear import EPS, FEATURE_MAPS, ScatteredLinearPlan, pool
+from .triton import interpreted_launch
 
 envvars.pin_triton_fp_fusion()
 
@@ -283,8 +284,6 @@ def launch(name: str, grid, *args, interpret: bool, head_dim: int, feature: int,
     if not interpret:
         globals()[name][grid](*args, **meta, num_warps=cfg["num_warps"])
         return
-    from .triton import interpreted_launch
-
     with interpreted_launch():
         _interpreted(name)[grid](*args, **meta)
 
@@ -309,56 +308,47 @@ def check_kernel_inputs(q, k, v, plan: ScatteredLinearPlan, interpret: bool) -> 
         raise ValueError("plan has no chunks (made by an older sparseforge?): make it with lin.plan(coords)")
 
 
-class TritonLinearAttention(torch.autograd.Function):
-    """out [N, H, D] of q [N, H, D], k/v [N, kv_heads, D] with the four kernels; backward
-    with the two backward kernels (first derivatives only: ``once_differentiable``)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, plan: ScatteredLinearPlan, feature_map: str, interpret: bool):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        n, heads, d = q.shape
-        kv_heads = k.shape[1]
-        ch = plan.chunks
-        bd = block_d(d)
-        opts = dict(interpret=interpret, head_dim=d, feature=FEATURE_MAPS.index(feature_map),
-                    fp32=q.dtype == torch.float32)
-        kv = torch.zeros(plan.n_windows, kv_heads, bd, bd, device=q.device, dtype=torch.float32)
-        s = torch.zeros(plan.n_windows, kv_heads, bd, device=q.device, dtype=torch.float32)
-        out = torch.empty_like(q)
-        idx = (ch.order, ch.start, ch.end, ch.win)
-        if ch.n_chunks:
-            launch("lin_fwd_kv", (ch.n_chunks, kv_heads), k, v, kv, s, *idx, kv_heads, d, **opts)
-            if plan.neighbor_pooling:
-                kv, s = pool(kv, plan.pool_index), pool(s, plan.pool_index)
-            launch("lin_fwd_out", (ch.n_chunks, heads), q, kv, s, out, *idx, heads, kv_heads, d, EPS, **opts)
-        ctx.save_for_backward(q, k, v, out, kv, s)
-        ctx.plan, ctx.opts = plan, opts
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        q, k, v, out, kv, s = ctx.saved_tensors
-        plan, opts = ctx.plan, ctx.opts
-        ch = plan.chunks
-        n, heads, d = q.shape
-        kv_heads = k.shape[1]
-        dout = dout.to(q.dtype).contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        if not ch.n_chunks:
-            return dq, dk, dv, None, None, None
-        idx = (ch.order, ch.start, ch.end, ch.win)
-        dkv, ds = torch.zeros_like(kv), torch.zeros_like(s)
-        launch("lin_bwd_q", (ch.n_chunks, kv_heads), q, dout, out, kv, s, dq, dkv, ds, *idx, heads, kv_heads, d,
-               EPS, **opts)
-        if plan.neighbor_pooling:  # the pooling matrix is symmetric: its transpose is itself
-            dkv, ds = pool(dkv, plan.pool_index), pool(ds, plan.pool_index)
-        launch("lin_bwd_kv", (ch.n_chunks, kv_heads), k, v, dkv, ds, dk, dv, *idx, kv_heads, d, **opts)
-        return dq, dk, dv, None, None, None
+def forward(q, k, v, plan: ScatteredLinearPlan, feature_map: str, interpret: bool):
+    """out [N, H, D] of q [N, H, D], k/v [N, kv_heads, D] (contiguous, checked) with the two
+    forward kernels; also the per-window KV [W, kv_heads, BD, BD] and S [W, kv_heads, BD]
+    (fp32, pooled when the plan pools) that the backward reads."""
+    n, heads, d = q.shape
+    kv_heads = k.shape[1]
+    ch = plan.chunks
+    bd = block_d(d)
+    opts = _options(q, feature_map, interpret)
+    kv = torch.zeros(plan.n_windows, kv_heads, bd, bd, device=q.device, dtype=torch.float32)
+    s = torch.zeros(plan.n_windows, kv_heads, bd, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    idx = (ch.order, ch.start, ch.end, ch.win)
+    if ch.n_chunks:
+        launch("lin_fwd_kv", (ch.n_chunks, kv_heads), k, v, kv, s, *idx, kv_heads, d, **opts)
+        if plan.neighbor_pooling:
+            kv, s = pool(kv, plan.pool_index), pool(s, plan.pool_index)
+        launch("lin_fwd_out", (ch.n_chunks, heads), q, kv, s, out, *idx, heads, kv_heads, d, EPS, **opts)
+    return out, kv, s
 
 
-def linear_attention(q, k, v, plan: ScatteredLinearPlan, feature_map: str, interpret: bool = False):
-    """out [N, H, D] in q's dtype from q [N, H, D], k/v [N, kv_heads, D] (heads NOT repeated)
-    with the Triton kernels (``interpret``: under the Triton interpreter, CPU tensors)."""
-    check_kernel_inputs(q, k, v, plan, interpret)
-    return TritonLinearAttention.apply(q, k, v, plan, feature_map, interpret)
+def backward(q, k, v, out, kv, s, dout, plan: ScatteredLinearPlan, feature_map: str, interpret: bool):
+    """dq, dk, dv of ``forward`` (first derivatives) with the two backward kernels."""
+    n, heads, d = q.shape
+    kv_heads = k.shape[1]
+    ch = plan.chunks
+    opts = _options(q, feature_map, interpret)
+    dout = dout.to(q.dtype).contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if not ch.n_chunks:
+        return dq, dk, dv
+    idx = (ch.order, ch.start, ch.end, ch.win)
+    dkv, ds = torch.zeros_like(kv), torch.zeros_like(s)
+    launch("lin_bwd_q", (ch.n_chunks, kv_heads), q, dout, out, kv, s, dq, dkv, ds, *idx, heads, kv_heads, d,
+           EPS, **opts)
+    if plan.neighbor_pooling:  # the pooling matrix is symmetric: its transpose is itself
+        dkv, ds = pool(dkv, plan.pool_index), pool(ds, plan.pool_index)
+    launch("lin_bwd_kv", (ch.n_chunks, kv_heads), k, v, dkv, ds, dk, dv, *idx, kv_heads, d, **opts)
+    return dq, dk, dv
+
+
+def _options(q, feature_map: str, interpret: bool) -> dict:
+    return dict(interpret=interpret, head_dim=q.shape[-1], feature=FEATURE_MAPS.index(feature_map),
+                fp32=q.dtype == torch.float32)

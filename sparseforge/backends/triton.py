@@ -14,7 +14,6 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import envvars
@@ -22,6 +21,8 @@ from ..dsl.problem import DTYPE_NAMES
 from ..atomic import write_atomic
 from ..codegen.config import KERNELS, KernelConfig
 from ..codegen.render import block_d, kernel_name, render
+from ..lower.paths import path_of
+from .aot import aot_compile
 from ..lower.schedule import TileSchedule
 
 envvars.pin_triton_fp_fusion()
@@ -102,8 +103,10 @@ def _interpretable_library_functions():
 class TritonKernels:
     """Forward and backward kernels of one schedule, loaded for GPU or interpreter use.
 
-    forward(q, k, v, scale)                      -> out [B, H, N, D], lse [B, H, N] fp32 (natural log)
-    backward(q, k, v, out, lse, dout, scale)     -> dq, dk, dv
+    forward(q, k, v, scale, tables)                  -> out [B, H, N, D], lse [B, H, N] fp32 (natural log)
+    backward(q, k, v, out, lse, dout, scale, tables) -> dq, dk, dv
+
+    ``tables``: the index tables by kernel argument name (``lower.paths.Path.kernel_tables``).
     """
 
     def __init__(self, schedule: TileSchedule, interpret: bool = False, config: KernelConfig | None = None):
@@ -111,23 +114,23 @@ class TritonKernels:
         self.interpret = interpret
         self.config = (KernelConfig() if config is None else config).resolved(schedule.problem, schedule.pattern)
         self.name = kernel_name(schedule)
+        self.path = path_of(schedule.pattern)
         self.sources = {kind: render(schedule, kind, self.config) for kind in ("fwd", "bwd")}
         self._modules: dict[str, object] = {}
-        self._tables: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     def source(self, kind: str) -> str:
         if kind not in self.sources:
             raise ValueError(f"kind must be one of {sorted(self.sources)}, got {kind!r}")
         return self.sources[kind]
 
-    def path(self, kind: str) -> Path:
+    def source_path(self, kind: str) -> Path:
         digest = hashlib.sha256(self.sources[kind].encode()).hexdigest()[:16]
         return envvars.cache_dir() / "kernels" / self.name / f"{kind}_{digest}.py"
 
     def module(self, kind: str):
         """The loaded module of ``kind``; written to the cache directory on first use."""
         if kind not in self._modules:
-            path = self.path(kind)
+            path = self.source_path(kind)
             if not path.exists() or path.read_text() != self.sources[kind]:
                 write_atomic(path, self.sources[kind])
             mod_name = f"sparseforge_generated.{self.name}.{kind}{'_interp' if self.interpret else ''}"
@@ -151,18 +154,6 @@ class TritonKernels:
         with interpreted_launch():
             self.kernel(name)[grid](*args, **self._meta(name))
 
-    def tables(self, device: torch.device) -> dict[str, torch.Tensor]:
-        if device not in self._tables:
-            s = self.schedule
-
-            def t(a):
-                return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device)
-            self._tables[device] = dict(
-                KV_PTR=t(s.forward.ptr), KV_IDX=t(s.forward.idx), KV_FULL=t(s.forward.full),
-                Q_PTR=t(s.inverse.ptr), Q_IDX=t(s.inverse.idx), Q_FULL=t(s.inverse.full),
-                HEAD_GROUP=t(s.head_group))
-        return self._tables[device]
-
     def constexprs(self) -> dict[str, int]:
         """The compile-time arguments every kernel of the module takes."""
         g = self.schedule.geometry
@@ -176,29 +167,21 @@ class TritonKernels:
         return meta
 
     # -- launches ----------------------------------------------------------------------
-    def _args(self, name: str, tables=None, **values) -> list:
+    def _args(self, name: str, tables: dict, **values) -> list:
         """Kernel ``name``'s runtime arguments in signature order, from ``values`` and the
-        schedule's tables (only those the kernel reads); ``tables`` replaces them (routed
-        schedules: ``lower.routed.routed_tables(...).kernels``, built per call)."""
-        if tables is None:
-            if self.schedule.routed is not None:
-                raise ValueError("a routed schedule's kernels need the per-call tables: pass tables= "
-                                 "(lower.routed.routed_tables(schedule, routes).kernels)")
-            if self.schedule.scattered is not None:
-                raise ValueError("a scattered schedule's kernels need the per-plan tables: pass tables= "
-                                 "(lower.segments.tables_from(plan.tensors(), heads))")
-            tables = self.tables(values["Q"].device)
+        index ``tables`` by argument name (``lower.paths.Path.kernel_tables``: the schedule's
+        own, or built per call; only those the kernel reads are passed)."""
         return [values[a] if a in values else tables[a] for a in self.signature(name)]
 
     def _n_tiles(self, n: int, side: str) -> int:
         """Query (side "q") or key tiles a launch covers: the schedule's, or for a scattered
         schedule those of the packed sequence of ``n`` rows (a multiple of both tiles)."""
         g = self.schedule.geometry
-        if self.schedule.scattered is not None:
+        if self.path.grid_free:
             return n // (g.block_m if side == "q" else g.block_n)
         return g.n_q_tiles if side == "q" else g.n_k_tiles
 
-    def forward(self, q, k, v, scale: float, tables=None):
+    def forward(self, q, k, v, scale: float, tables: dict):
         b, h, n, _ = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
@@ -209,7 +192,7 @@ class TritonKernels:
             qk_scale=scale * math.log2(math.e)))
         return out, lse
 
-    def backward(self, q, k, v, out, lse, dout, scale: float, tables=None):
+    def backward(self, q, k, v, out, lse, dout, scale: float, tables: dict):
         delta = rowsum_product(dout, out)
         dq = self.backward_dq(q, k, v, dout, lse, delta, scale, tables)
         dk, dv = self.backward_dkdv(q, k, v, dout, lse, delta, scale, tables)
@@ -219,14 +202,14 @@ class TritonKernels:
         return dict(Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, stride_qb=q.stride(0), stride_qh=q.stride(1),
                     stride_kb=k.stride(0), stride_kh=k.stride(1), sm_scale=scale, qk_scale=scale * math.log2(math.e))
 
-    def backward_dq(self, q, k, v, dout, lse, delta, scale: float, tables=None):
+    def backward_dq(self, q, k, v, dout, lse, delta, scale: float, tables: dict):
         """dq [B, H, N, D] (the ``bwd_dq`` kernel alone); delta = rowsum(dO * O) fp32."""
         dq = torch.empty_like(q)
         grid = (self._n_tiles(q.shape[2], "q"), q.shape[0] * q.shape[1])
         self._launch("bwd_dq", grid, *self._args("bwd_dq", tables, DQ=dq, **self._backward_args(q, k, v, dout, lse, delta, scale)))
         return dq
 
-    def backward_dkdv(self, q, k, v, dout, lse, delta, scale: float, tables=None):
+    def backward_dkdv(self, q, k, v, dout, lse, delta, scale: float, tables: dict):
         """dk, dv [B, KVH, N, D] (the ``bwd_dkdv`` kernel alone)."""
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         grid = (self._n_tiles(k.shape[2], "k"), k.shape[0] * k.shape[1])
@@ -257,7 +240,7 @@ class TritonKernels:
             sig.update(Q=dt, K=dt, V=dt, DO=dt, LSE="*fp32", DELTA="*fp32")
             sig.update(DQ=dt) if name == "bwd_dq" else sig.update(DK=dt, DV=dt)
         sig.update({t: "*i32" for t in tables})
-        if self.schedule.scattered is not None:
+        if self.path.grid_free:
             # segment ids of the packed rows and the packed length (a multiple of 16)
             sig.update(SEG="*i32", n_tokens="i32:16")
         strides = ["stride_qb", "stride_qh", "stride_kb", "stride_kh"]
@@ -272,7 +255,6 @@ class TritonKernels:
 
     def aot(self, name: str, target="sm_90"):
         """Compile kernel ``name`` for ``target`` on the CPU; returns its ResourceReport."""
-        from .aot import aot_compile
         if self.interpret:
             raise ValueError("ahead-of-time compile needs TritonKernels(interpret=False)")
         launch = self.config.launch(name)

@@ -145,9 +145,9 @@ def compile_cmd(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads, q_til
     from ..backends.aot import parse_target
     from ..codegen.config import KernelConfig
     from ..runtime.build import save
-    from ..runtime.compiled import compile as sf_compile
+    from ..api import compile as sf_compile
 
-    from ..runtime.compiled import check_triton_problem
+    from ..runtime.inputs import check_triton_problem
 
     pat = load_pattern_arg(pattern)
     problem = kernel_problem(pat, grid_text, seq, heads, head_dim, dtype, kv_heads)
@@ -261,36 +261,11 @@ def _option_name(param: str) -> str:
     return {"target": "DIR|PATTERN", "grid_text": "--grid"}.get(param, "--" + param.replace("_", "-"))
 
 
-def load_benchmark(name: str):
-    """benchmarks/<name>.py of the source checkout this package runs from, as the module
-    ``sparseforge_bench_<name>`` (loaded once; the benchmarks folder is not a package)."""
-    import importlib.util
-
-    module_name = f"sparseforge_bench_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    if not path.is_file():
-        raise InputError("'--suite'", f"needs the repository's benchmarks/{name}.py, not found at {path} "
-                                      "(run from a source checkout: pip install -e .)")
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_suite():
-    """benchmarks/suite.py of the source checkout this package runs from."""
-    return load_benchmark("suite")
-
-
 def _bench_suite(*, cpu: bool, only: str | None, repeat: int, as_json: bool, out_path, plot_path) -> None:
     import torch
 
     from ..atomic import write_atomic
-
-    suite = load_suite()
+    from ..bench import suite
     with user_errors("'--only'"):
         suite.select(only)
     if not cpu and not torch.cuda.is_available():
@@ -323,7 +298,7 @@ def _bench_suite(*, cpu: bool, only: str | None, repeat: int, as_json: bool, out
               help="Timed runs per method [default: 10; 3 with --suite].")
 @click.option("--backward/--no-backward", default=False, help="Time forward + backward.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-@click.option("--suite", is_flag=True, help="Run the benchmark suite (benchmarks/suite.py) instead of one op.")
+@click.option("--suite", is_flag=True, help="Run the benchmark suite (sparseforge.bench.suite) instead of one op.")
 @click.option("--cpu", is_flag=True, help="With --suite: the scaled-down CPU suite (exact tile counts, build, "
               "compile and CPU op times) [default: full size on a CUDA device].")
 @click.option("--only", default=None, metavar="P1,P4", help="With --suite: only these problem ids.")
@@ -339,7 +314,7 @@ def bench(target, grid_text, seq, heads, head_dim, dtype, kv_heads, batch, repea
     benchmark suite is --suite.
 
     \b
-    --suite runs every problem of benchmarks/suite.py against its peers:
+    --suite runs every problem of the benchmark suite (sparseforge.bench) against its peers:
       sparseforge bench --suite --cpu --only P1,P4 --out results.json --plot results.png
     Without --cpu it needs a CUDA device (full-size problems, do_bench timings)."""
     if suite:
@@ -362,7 +337,7 @@ def bench(target, grid_text, seq, heads, head_dim, dtype, kv_heads, batch, repea
 
     from ..dsl import dense_mask
     from ..runtime.build import load
-    from ..runtime.compiled import compile as sf_compile
+    from ..api import compile as sf_compile
 
     if Path(target).is_dir():
         with user_errors("'DIR'"):

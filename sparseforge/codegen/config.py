@@ -10,7 +10,9 @@ import dataclasses
 from typing import Any
 
 from ..dsl.args import positive_int
+from ..dsl.content import Grouped, Routed, Scattered
 from ..lower.defaults import default_tile, default_tile_tokens
+from ..lower.routed import routed_default_tiles
 
 #: The generated kernels of one schedule, in launch order.
 KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
@@ -135,10 +137,7 @@ def default_config(problem, pattern=None) -> KernelConfig:
     128-register budget for 8 warps; measured by tests/codegen/test_routed_kernels.py)."""
     import torch
 
-    from ..dsl.content import Routed
     if isinstance(pattern, Routed):
-        from ..lower.routed import routed_default_tiles
-
         q_tile, k_tile = routed_default_tiles(pattern, problem)
         one = Launch(8, 1)
         return KernelConfig(q_tile=q_tile, k_tile=k_tile, fwd=one, bwd_dq=one, bwd_dkdv=one)
@@ -146,7 +145,6 @@ def default_config(problem, pattern=None) -> KernelConfig:
     q, k = default_tile_tokens(problem)
     one_stage = problem.dtype != torch.float32 and 32 < problem.head_dim <= 128
     bwd = Launch(8, 1 if one_stage else 2)
-    from ..dsl.content import Grouped, Scattered
     if isinstance(pattern, (Scattered, Grouped)):  # 1-D tiles of the packed sequence (lower.segments)
         return KernelConfig(q_tile=(q,), k_tile=(k,), fwd=Launch(8, 2), bwd_dq=bwd, bwd_dkdv=bwd)
     return KernelConfig(q_tile=default_tile(problem, q), k_tile=default_tile(problem, k), fwd=Launch(8, 2),

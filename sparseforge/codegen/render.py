@@ -9,6 +9,8 @@ import sympy
 import torch
 
 from ..dsl.problem import DTYPE_NAMES
+from ..lower.paths import path_of
+from ..version import __version__
 from ..lower.families import Symbols, predicate
 from .printer import to_triton
 from ..lower.schedule import TileSchedule
@@ -25,7 +27,7 @@ _env = jinja2.Environment(
 )
 
 
-# Run-time segment-id predicate (``schedule.scattered``): the kernels load the segment ids of
+# Run-time segment-id predicate (the segment path, ``lower.paths``): the kernels load the segment ids of
 # their query rows (q_seg) and key rows (k_seg); padding rows have id -1 and match nothing.
 SEGMENT_PREDICATE = "(q_seg[:, None] == k_seg[None, :]) & (k_seg[None, :] >= 0)"
 SEGMENT_PREDICATE_T = "(k_seg[:, None] == q_seg[None, :]) & (k_seg[:, None] >= 0)"
@@ -82,11 +84,13 @@ def render(schedule: TileSchedule, kind: str, config=None) -> str:
     prob, geom = schedule.problem, schedule.geometry
     nd = len(geom.dims)
     sym = Symbols.make(nd)
-    # Routed tiles never straddle regions: inside a visited tile every pair is allowed.
-    segments = schedule.scattered is not None
+    # The path's template hooks (``lower.paths``): which predicate masks a PARTIAL tile (the
+    # pattern's; none: routed tiles never straddle regions; the run-time segment-id compare),
+    # and whether the head-group table is per batch element (routed tables per call).
+    path = path_of(schedule.pattern)
+    segments = path.predicate == "segments"
     causal_segments = segments and schedule.scattered.causal
-    # Segments (scattered voxel windows): the predicate is the run-time segment-id compare.
-    pred = sympy.true if schedule.routed is not None or segments else predicate(schedule.pattern, prob, sym)
+    pred = predicate(schedule.pattern, prob, sym) if path.predicate == "pattern" else sympy.true
 
     sides, row_dispatch = _row_functions(schedule)
 
@@ -103,7 +107,7 @@ def render(schedule: TileSchedule, kind: str, config=None) -> str:
         fold=geom.fold if schedule.group_geometry is None else f"per head group {list(schedule.group_folds)}",
         n_q_tiles=geom.n_q_tiles, n_k_tiles=geom.n_k_tiles, groups=schedule.groups,
         dtype=DTYPE_NAMES[prob.dtype], head_dim=prob.head_dim, block_d=block_d(prob.head_dim),
-        heads=prob.heads, group_stride_b=prob.heads if schedule.routed is not None else 0, kv_group=prob.heads // prob.kv_heads, tokens=0 if segments else prob.tokens,
+        heads=prob.heads, group_stride_b=prob.heads if path.batched_head_groups else 0, kv_group=prob.heads // prob.kv_heads, tokens=0 if segments else prob.tokens,
         sides=sides, row_dispatch=row_dispatch, rows_group=", group" if row_dispatch else "",
         q_coords=", ".join(f"qx{d}" for d in range(nd)), k_coords=", ".join(f"kx{d}" for d in range(nd)),
         kernel_name=kernel_name(schedule),
@@ -112,7 +116,7 @@ def render(schedule: TileSchedule, kind: str, config=None) -> str:
         predicate_t=(SEGMENT_PREDICATE_T + SEGMENT_CAUSAL_T * causal_segments if segments else
                      _bool_tensor(to_triton(pred, names("[None, :]", "[:, None]")), "k_valid[:, None] & q_valid[None, :]")),
         segments=segments, lse_stride="n_tokens" if segments else "N_TOKENS",
-        routed=schedule.routed is not None,
+        padding_only=path.predicate == "none",  # PARTIAL tiles mask padding keys only
         dot_args=', input_precision="ieee"' if prob.dtype in (torch.float32, torch.float64) else "",
         loop_bounds=schedule.loop_bounds, bounds_reason=schedule.bounds_reason,
         launches=_launches(config, ("fwd",) if kind == "fwd" else ("bwd_dq", "bwd_dkdv")),
@@ -184,5 +188,4 @@ def block_d(head_dim: int) -> int:
 
 
 def _version() -> str:
-    from .. import __version__
     return __version__

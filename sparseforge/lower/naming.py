@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from ..dsl import local, sequence
+from ..dsl.content import Routed, Scattered
 from ..dsl.pattern import Intersection, Pattern, PerHead, Union
 from ..dsl.problem import Problem
 
@@ -78,7 +79,6 @@ def pattern_tag(pattern: Pattern, ndim: int = 1) -> str:
         if not p.causal:
             s += "_bi"
         return s
-    from ..dsl.content import Routed, Scattered
     if isinstance(p, Scattered):
         return f"scattered_w{_v(p.window_size)}" + ("" if _is_default(p.shift, 0) else f"_s{_v(p.shift)}")
     if isinstance(p, Routed):

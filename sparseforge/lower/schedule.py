@@ -128,6 +128,15 @@ class TileSchedule:
             h.update(a.tobytes())
         return h.hexdigest()
 
+    def tables(self) -> dict[str, torch.Tensor]:
+        """The index tables as int32 CPU tensors by kernel argument name: the forward CSR
+        (KV_PTR, KV_IDX, KV_FULL), the inverse CSR (Q_PTR, Q_IDX, Q_FULL) and HEAD_GROUP [H]."""
+        def t(a):
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
+        return dict(KV_PTR=t(self.forward.ptr), KV_IDX=t(self.forward.idx), KV_FULL=t(self.forward.full),
+                    Q_PTR=t(self.inverse.ptr), Q_IDX=t(self.inverse.idx), Q_FULL=t(self.inverse.full),
+                    HEAD_GROUP=t(self.head_group))
+
     @property
     def name(self) -> str:
         """Readable unique name for kernels, ops and directories (``lower.naming``)."""

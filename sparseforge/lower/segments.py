@@ -11,7 +11,7 @@ Grouping (``plan``), on the coordinates' device with torch ops only:
 The kernels are the ordinary templates on the packed 1-D sequence ([1, H, N_pad, D]) with
 the template's run-time segment-id predicate (``render.SEGMENT_PREDICATE``): a pair is
 allowed iff both rows have the same segment id. The op permutes q/k/v into packed order
-and scatters outputs and gradients back (``runtime.op``).
+and scatters outputs and gradients back (``runtime.compiled``).
 
 Tables (built once per plan, ``schedule.CSR`` layout, one schedule group): because windows
 are contiguous, the key tiles a query tile visits are one contiguous range — from the tile

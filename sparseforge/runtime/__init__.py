@@ -1,8 +1,7 @@
-"""Stage 5 — run: compiled attention as torch custom ops, modules and the CPU executor."""
-from .build import load
-from .compiled import CompiledAttention, UnsupportedPatternError, compile
+"""Stage 5 — run: the fixed torch ops (``ops``), the objects that call them (compiled,
+grouped and linear attention), their input checks, numerics checks and build directories."""
+from .compiled import CompiledAttention, UnsupportedPatternError
+from .grouped import GroupedAttention
 from .linear_attention import ScatteredLinearAttention
-from .nn import SparseAttention
 
-__all__ = ["CompiledAttention", "ScatteredLinearAttention", "SparseAttention", "UnsupportedPatternError", "compile",
-           "load"]
+__all__ = ["CompiledAttention", "GroupedAttention", "ScatteredLinearAttention", "UnsupportedPatternError"]

@@ -19,24 +19,29 @@ import json
 from pathlib import Path
 
 import torch
+import triton
 
+from .. import envvars
+from ..version import __version__
+from ..backends.aot import parse_target
 from ..codegen.config import KERNELS, KernelConfig
 from ..dsl.parse import parse_pattern
 from ..dsl.problem import DTYPE_NAMES, Problem
+from ..lower.paths import path_of
 from .builddir import BuildIntegrityError, read_build, write_build
-from .compiled import CompiledAttention, check_backend, schedule_for
+from .compiled import CompiledAttention
+from .inputs import check_backend
 
 __all__ = ["load", "save", "versions"]
 
 SOURCES = {"fwd": "kernels/fwd.py", "bwd": "kernels/bwd.py"}
+#: The layout of a build's meta: 2 since the ops became one fixed set (builds before it
+#: named a torch op of their own, and have no "format").
+FORMAT = 2
 
 
 def versions() -> dict[str, str]:
     """Versions that decide what the kernels compile to (part of every build's manifest)."""
-    import triton
-
-    from .. import __version__, envvars
-
     return dict(sparseforge=__version__, triton=triton.__version__, torch=torch.__version__,
                 triton_fp_fusion=envvars.pin_triton_fp_fusion())
 
@@ -56,11 +61,10 @@ def save(attn: CompiledAttention, out_dir, targets=("sm_90",), *, progress=None)
     """Write ``attn``'s build directory to ``out_dir`` (atomically; an existing build there is
     replaced, anything else is refused). ``targets``: ahead-of-time targets ("sm_80", ...);
     empty for sources only. Returns the directory."""
-    from ..backends.aot import parse_target
 
     say = progress or (lambda _text, _done=None, _total=None: None)
     caps = [parse_target(t) for t in targets]
-    kernels = attn._entry.kernels(False)
+    kernels = attn.kernels()
     files: dict[str, bytes | str] = {SOURCES[kind]: kernels.source(kind) for kind in SOURCES}
     files["schedule.txt"] = attn.schedule.summary() + "\n"
     tuning = attn.tuning.as_dict() if attn.tuning is not None else None
@@ -77,7 +81,7 @@ def save(attn: CompiledAttention, out_dir, targets=("sm_90",), *, progress=None)
                 files[f"aot/sm_{cap}/{name}.cubin"] = report.cubin
             resources[name] = report.as_dict()
         files[f"aot/sm_{cap}/resources.json"] = json.dumps(resources, indent=2) + "\n"
-    meta = dict(name=attn.name, pattern=repr(attn.pattern), problem=problem_to_dict(attn.problem),
+    meta = dict(format=FORMAT, name=attn.name, pattern=repr(attn.pattern), problem=problem_to_dict(attn.problem),
                 config=attn.config.as_dict(), targets=[f"sm_{c}" for c in caps], versions=versions(),
                 schedule_fingerprint=attn.schedule.fingerprint(), loop_bounds=attn.schedule.loop_bounds,
                 tile_efficiency=attn.schedule.tile_efficiency)
@@ -85,12 +89,16 @@ def save(attn: CompiledAttention, out_dir, targets=("sm_90",), *, progress=None)
 
 
 def load(path, *, backend: str | None = None) -> CompiledAttention:
-    """The compiled attention of the build directory ``path``, its op registered as
-    ``torch.ops.sparseforge.<name>``. Raises ``BuildIntegrityError`` for a modified or
+    """The compiled attention of the build directory ``path`` (called through the fixed
+    ``torch.ops.sparseforge.attention`` ops). Raises ``BuildIntegrityError`` for a modified or
     incomplete build, or one whose kernels this installation would generate differently."""
     check_backend(backend)
     build = read_build(path)
     meta = build.meta
+    if meta.get("format") != FORMAT:
+        raise BuildIntegrityError(f"build directory '{build.path}' was made by an older sparseforge (build format "
+                                  f"{meta.get('format', 1)}, this one reads {FORMAT}: each build had a torch op of "
+                                  f"its own then); rebuild it with 'sparseforge compile ... --out {build.path}'")
     try:
         pattern = parse_pattern(meta["pattern"])
         problem = problem_from_dict(meta["problem"])
@@ -100,7 +108,7 @@ def load(path, *, backend: str | None = None) -> CompiledAttention:
         raise BuildIntegrityError(f"build directory '{build.path}': manifest.json meta is not a sparseforge "
                                   f"compile's ({type(exc).__name__}: {exc}); rebuild it with "
                                   f"'sparseforge compile ... --out {build.path}'") from exc
-    attn = CompiledAttention(schedule_for(pattern, problem, config), backend, config, build=build)
+    attn = CompiledAttention(path_of(pattern).build(pattern, problem, config), backend, config, build=build)
     recorded = meta.get("versions", {})
     for kind, rel in SOURCES.items():
         if attn.source(kind) != build.read_text(rel):

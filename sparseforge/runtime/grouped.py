@@ -25,9 +25,12 @@ import math
 
 import torch
 
-from ..dsl.content import Grouped, Scattered, check_groups
+from ..codegen.config import KernelConfig
+from ..dsl.content import Grouped, check_groups
 from ..dsl.problem import Problem
-from ..dsl.semantics import check_qkv
+from ..lower.paths import SEGMENTS
+from .compiled import CompiledAttention
+from .inputs import check_qkv, check_return_lse, check_scale
 
 __all__ = ["GroupedAttention", "GroupedPlan"]
 
@@ -82,18 +85,13 @@ class GroupedAttention:
     def _inner(self, per_head: bool):
         """The segment op on the packed grouped tokens (per-head ids: one head per voxel)."""
         if per_head not in self._inner_ops:
-            from ..codegen.config import KernelConfig
-            from ..lower.segments import build_scattered_schedule
-            from .compiled import CompiledAttention
-
             p = self.problem
             heads, kv_heads = (1, 1) if per_head else (p.heads, p.kv_heads)
             inner = Problem(heads=heads, kv_heads=kv_heads, head_dim=p.head_dim, dtype=p.dtype)
             config = self._tiles["config"]
             if config is None:
                 config = KernelConfig(q_tile=self._tiles["q_tile"], k_tile=self._tiles["k_tile"])
-            schedule = build_scattered_schedule(Scattered(window_size=1), inner, q_tile=config.q_tile,
-                                                k_tile=config.k_tile, causal=self.pattern.causal)
+            schedule = SEGMENTS.build(self.pattern, inner, config)
             self._inner_ops[per_head] = CompiledAttention(schedule, self.backend, config)
         return self._inner_ops[per_head]
 
@@ -118,12 +116,8 @@ class GroupedAttention:
         and exactly one of ``groups`` (int [B, N] or [B, H, N]) or ``plan`` (``self.plan(groups)``)."""
         p = self.problem
         check_qkv(q, k, v, p)
-        if scale is None:
-            scale = p.head_dim ** -0.5
-        elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"scale must be a finite real number, got {scale!r}")
-        if not isinstance(return_lse, bool):
-            raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+        scale = check_scale(scale, p.head_dim)
+        check_return_lse(return_lse)
         if (groups is None) == (plan is None):
             raise ValueError(f"{self.pattern!r} needs the group ids: pass exactly one of groups= (int [B, N] or "
                              "[B, H, N]) or plan= (attn.plan(groups))")

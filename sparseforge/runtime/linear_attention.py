@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from ..backends.linear import ScatteredLinearPlan, check_feature_map, linear_attention, plan as make_plan
+from ..backends.linear_kernels import KERNEL_DTYPES, MAX_HEAD_DIM, check_kernel_inputs
 from ..dsl.content import Scattered
 from ..dsl.problem import DTYPE_NAMES, Problem
+from . import ops
+from .inputs import check_voxel_qkv
 
 #: Values of ``backend=`` for attention="linear".
 LINEAR_BACKENDS = (None, "cpu", "triton", "interpret")
@@ -25,8 +29,6 @@ def check_linear_backend(problem: Problem, backend) -> None:
         raise ValueError(f"backend must be one of {list(LINEAR_BACKENDS)} for attention='linear', got {backend!r}")
     if backend not in ("triton", "interpret"):
         return
-    from ..backends.linear_kernels import KERNEL_DTYPES, MAX_HEAD_DIM
-
     if backend == "interpret" and problem.dtype == torch.bfloat16:
         # Triton 3.9's interpreter keeps bf16 as uint16 and tl.dot multiplies the raw bit
         # patterns (triton-lang/triton#11584): the results would be silently wrong.
@@ -59,8 +61,6 @@ class ScatteredLinearAttention:
 
     def __init__(self, pattern: Scattered, problem: Problem, *, feature_map: str = "relu",
                  neighbor_pooling: bool = False, backend: str | None = None):
-        from ..backends.linear import check_feature_map
-
         if not isinstance(pattern, Scattered):
             raise ValueError(f"attention='linear' is only for Scattered patterns, got {pattern!r}")
         if not isinstance(neighbor_pooling, bool):
@@ -79,16 +79,11 @@ class ScatteredLinearAttention:
     def plan(self, coords):
         """The window grouping (and neighbour table) of voxel ``coords`` (int [N, 1 + ndim],
         batch first): a ``ScatteredLinearPlan`` to pass as ``plan=``."""
-        from ..backends.linear import plan
-
-        return plan(self.pattern, coords, self.neighbor_pooling)
+        return make_plan(self.pattern, coords, self.neighbor_pooling)
 
     def __call__(self, q, k, v, *, coords=None, plan=None, return_lse: bool = False, scale=None, routes=None):
         """out [N, H, D] of q [N, H, D], k/v [N, kv_heads, D] (voxel order) and either
         ``coords`` or ``plan`` (``self.plan(coords)``)."""
-        from ..backends.linear import ScatteredLinearPlan, linear_attention
-        from .compiled import check_voxel_qkv
-
         if return_lse is not False:
             raise ValueError("return_lse=True is not available for attention='linear': linear attention has no "
                              "softmax and so no log-sum-exp")
@@ -116,8 +111,6 @@ class ScatteredLinearAttention:
                              "use backend='interpret' or 'cpu' for CPU tensors")
         if plan.device != q.device:
             raise ValueError(f"plan (coords) is on {plan.device} but q is on {q.device}")
-        from ..backends.linear_kernels import MAX_HEAD_DIM
-
         kernels = self.backend in ("triton", "interpret") or (
             self.backend is None and q.device.type == "cuda" and self.problem.head_dim <= MAX_HEAD_DIM)
         allowed = (self.problem.dtype,) if self.backend in ("triton", "interpret") else (self.problem.dtype,
@@ -128,9 +121,10 @@ class ScatteredLinearAttention:
             raise TypeError(f"q has dtype {q.dtype}, expected {want}{extra}, the dtype of {self.problem!r}"
                             + (f" (backend={self.backend!r} runs Triton kernels)" if len(allowed) == 1 else ""))
         if kernels and q.dtype != torch.float64:
-            from ..backends.linear_kernels import linear_attention as kernel_linear_attention
-
-            return kernel_linear_attention(q, k, v, plan, self.feature_map, interpret=self.backend == "interpret")
+            interpret = self.backend == "interpret"
+            check_kernel_inputs(q, k, v, plan, interpret)
+            out, _, _ = ops.linear_attention(q, k, v, plan.tensors(), plan.n_windows, self.feature_map, interpret)
+            return out
         group = self.problem.heads // self.problem.kv_heads
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

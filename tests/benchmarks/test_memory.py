@@ -1,4 +1,4 @@
-"""benchmarks/memory.py: the CPU allocation tracker counts exactly, and on small routed
+"""sparseforge.bench.memory: the CPU allocation tracker counts exactly, and on small routed
 problems our op's peak memory grows like the input while the gather implementation's is
 larger (and its backward grows quadratically), measured through the generated Triton kernels
 under the interpreter."""
@@ -10,10 +10,7 @@ import pytest
 import torch
 
 import sparseforge as sf
-from sparseforge.cli.build import load_benchmark
-
-memory = load_benchmark("memory")
-peers = memory.peers
+from sparseforge.bench import memory, peers
 
 
 @torch.library.custom_op("sftestmem::twice", mutates_args=())

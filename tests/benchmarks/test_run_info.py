@@ -1,13 +1,11 @@
-"""benchmarks/run_info.py: one description of the machine and versions for every result."""
+"""sparseforge.bench.run_info: one description of the machine and versions for every result."""
 from __future__ import annotations
 
 import torch
 import triton
 
 import sparseforge as sf
-from sparseforge.cli.build import load_benchmark
-
-run_info = load_benchmark("run_info")
+from sparseforge.bench import memory, run_info, suite
 
 
 def test_cpu_device_name_and_versions():
@@ -18,7 +16,6 @@ def test_cpu_device_name_and_versions():
 
 
 def test_suite_and_memory_describe_the_machine_alike():
-    suite, memory = load_benchmark("suite"), load_benchmark("memory")
     a, b = suite.metadata("cpu", 3, "cmd"), memory.metadata("cpu", "cmd")
     assert a["device"] == b["device"] == run_info.device_name(cuda=False)
     assert a["versions"] == b["versions"] == run_info.versions()

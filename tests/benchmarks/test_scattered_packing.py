@@ -1,4 +1,4 @@
-"""benchmarks/scattered_packing.py: its count of visited tiles is the one the kernels' real
+"""sparseforge.bench.scattered_packing: its count of visited tiles is the one the kernels' real
 tables give (at align 1, today's packing), and aligned packing starts every window on its
 boundary without losing or overlapping rows."""
 from __future__ import annotations
@@ -10,11 +10,9 @@ import pytest
 import torch
 
 import sparseforge as sf
-from sparseforge.cli.build import load_benchmark
+from sparseforge.bench import peers
+from sparseforge.bench import scattered_packing as packing
 from sparseforge.lower.segments import build_scattered_schedule, group, plan
-
-packing = load_benchmark("scattered_packing")
-peers = load_benchmark("peers")
 
 
 @pytest.mark.parametrize("tiles", [(64, 32), (32, 32), (16, 16), (32, 64)])

@@ -1,4 +1,4 @@
-"""``sparseforge bench --suite`` (benchmarks/suite.py) on CPU: the --cpu suite on tiny
+"""``sparseforge bench --suite`` (sparseforge.bench) on CPU: the --cpu suite on tiny
 problems through the CLI, its JSON, the not-runnable problems, option errors, the GPU mode
 without CUDA, the plot, and the exact counting and torch peers the suite relies on."""
 from __future__ import annotations
@@ -12,17 +12,15 @@ import torch
 from click.testing import CliRunner
 
 import sparseforge as sf
+from sparseforge.bench import cases, peers, suite
 from sparseforge.cli.main import main
-from sparseforge.cli.build import load_suite
 from sparseforge.lower.schedule import build_schedule
-
-suite = load_suite()
 
 # Tiny stand-ins for the issue's problems (same families, seconds on 2 cores).
 TINY = (
     suite.Case("T1", "T1", "tiny 2-D neighborhood", sf.Neighborhood(7), suite.Shape(1, 2, (14, 14), 32),
                (suite.FLEX, suite.NATTEN), sf.Neighborhood(3), suite.Shape(1, 2, (8, 8), 16)),
-    suite.Case("T2", "T2", "tiny MaxViT block + grid", suite._maxvit(2), suite.Shape(1, 2, (16, 16), 16),
+    suite.Case("T2", "T2", "tiny MaxViT block + grid", cases._maxvit(2), suite.Shape(1, 2, (16, 16), 16),
                (suite.MAXVIT, suite.FLEX), sf.PerHead([sf.Blocks(4), sf.Grid(4)]), suite.Shape(1, 2, (16, 16), 16)),
     # content-dependent (the harnesses of P7, P8, P9 on tiny inputs)
     suite.Case("T7", "T7", "tiny routed", sf.Routed((4, 4), 3), suite.Shape(2, 2, (16, 32), 16),
@@ -39,10 +37,10 @@ TINY = (
 
 
 def _tiny_suite(monkeypatch):
-    cases = TINY
-    monkeypatch.setattr(suite, "CASES", cases)
-    monkeypatch.setattr(suite, "PROBLEM_IDS", tuple(dict.fromkeys(c.problem for c in cases)))
-    monkeypatch.setattr(suite, "FLEX_COMPILE", False)  # torch.compile on CPU takes ~30 s per shape
+    # patched where they are read: select() reads cases.*, make_flex() and run_suite() peers.*
+    monkeypatch.setattr(cases, "CASES", TINY)
+    monkeypatch.setattr(cases, "PROBLEM_IDS", tuple(dict.fromkeys(c.problem for c in TINY)))
+    monkeypatch.setattr(peers, "FLEX_COMPILE", False)  # torch.compile on CPU takes ~30 s per shape
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +171,7 @@ def test_voxel_counts_match_the_dense_mask():
     case = next(c for c in TINY if c.id == "T8")
     coords = suite.voxel_coords(case, "full")
     problem = sf.Problem(heads=2, head_dim=16, dtype=torch.float64)
-    order = suite.peers.window_groups(coords, 12)["order"]
+    order = peers.window_groups(coords, 12)["order"]
     mask = sf.dense_mask(case.pattern, problem, coords=coords[order])     # window-sorted voxels
     mask = mask.reshape(-1, mask.shape[-2], mask.shape[-1])[0]
     assert suite.voxel_allowed_pairs(coords, case.pattern, 2) == 2 * int(mask.sum())
@@ -187,31 +185,31 @@ def test_voxel_counts_match_the_dense_mask():
 
 
 def test_make_voxels_is_deterministic_and_clustered():
-    coords = suite.peers.make_voxels(4096, batch=2)
-    assert torch.equal(coords, suite.peers.make_voxels(4096, batch=2))
+    coords = peers.make_voxels(4096, batch=2)
+    assert torch.equal(coords, peers.make_voxels(4096, batch=2))
     assert coords.shape == (4096, 3) and len(torch.unique(coords, dim=0)) == 4096
-    sizes = suite.peers.window_groups(coords, 12)["sizes"]
+    sizes = peers.window_groups(coords, 12)["sizes"]
     assert 45 < sizes.float().mean() < 55 and sizes.min() < 30 and sizes.max() > 100   # variable windows
     assert set(coords[:, 0].tolist()) == {0, 1}
 
 
 def test_voxel_peers_match_the_references():
     g = torch.Generator().manual_seed(0)
-    coords = suite.peers.make_voxels(500, batch=2)
+    coords = peers.make_voxels(500, batch=2)
     pattern = sf.Scattered((12, 12))
     problem = sf.Problem(heads=2, head_dim=8, dtype=torch.float64)
     q, k, v = (torch.randn(500, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    groups = suite.peers.window_groups(coords, 12)
+    groups = peers.window_groups(coords, 12)
     ref = sf.reference_attention(q, k, v, pattern, problem, coords=coords)
-    torch.testing.assert_close(suite.peers.padded_window_sdpa(q, k, v, groups), ref)
+    torch.testing.assert_close(peers.padded_window_sdpa(q, k, v, groups), ref)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     with warnings.catch_warnings():   # eager flex_attention warns that it is unfused
         warnings.simplefilter("ignore")
-        flex = suite.peers.flex_document_attention(q, k, v, groups, flex_attention, create_block_mask, "cpu")
+        flex = peers.flex_document_attention(q, k, v, groups, flex_attention, create_block_mask, "cpu")
     torch.testing.assert_close(flex, ref)
     for fmap in ("relu", "elu+1"):
-        lin = suite.peers.scatter_linear_attention(q, k, v, groups, fmap, chunk=128)
+        lin = peers.scatter_linear_attention(q, k, v, groups, fmap, chunk=128)
         torch.testing.assert_close(lin, sf.reference_linear_attention(q, k, v, pattern, coords, feature_map=fmap))
 
 
@@ -263,7 +261,7 @@ def test_every_issue_problem_is_listed():
             sf.dense_mask(c.cpu_pattern, c.cpu.problem(torch.float32))  # the scaled pattern is valid
 
 
-# one case per counting method (the others take seconds each, see benchmarks/suite.py)
+# one case per counting method (the others take seconds each, see sparseforge/bench/efficiency.py)
 @pytest.mark.parametrize("case_id", ["P1b", "P2", "P3b", "P4", "P6b", "P10", "P11"])
 def test_exact_counts_match_the_schedule(case_id):
     """The suite's cheap exact counts equal the schedule's tile-by-tile ones (scaled size)."""

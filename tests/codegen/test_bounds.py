@@ -107,12 +107,12 @@ def test_closed_form_kernels_match_reference(pattern, grid, q_tile, k_tile):
     kernels = TritonKernels(schedule, interpret=True)
     n = problem.tokens
     q, k, v = torch.randn(1, 2, n, d), torch.randn(1, 1, n, d), torch.randn(1, 1, n, d)
-    out, lse = kernels.forward(q, k, v, 0.3)
+    out, lse = kernels.forward(q, k, v, 0.3, schedule.tables())
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     ref, ref_lse = sf.reference_attention(q64, k64, v64, pattern, problem, scale=0.3, return_lse=True)
     dout = torch.randn_like(ref)
     ref.backward(dout)
-    dq, dk, dv = kernels.backward(q, k, v, out, lse, dout.float(), 0.3)
+    dq, dk, dv = kernels.backward(q, k, v, out, lse, dout.float(), 0.3, schedule.tables())
     for name, got, want in (("out", out, ref), ("lse", lse, ref_lse), ("dq", dq, q64.grad), ("dk", dk, k64.grad),
                             ("dv", dv, v64.grad)):
         err = ((got.double() - want).norm() / want.norm()).item()

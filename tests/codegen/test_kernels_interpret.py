@@ -47,13 +47,13 @@ def run_case(pattern, grid, tile, heads, kv_heads, dtype, batch=1, head_dim=16):
     k = torch.randn(batch, kv_heads, n, head_dim, dtype=dtype)
     v = torch.randn(batch, kv_heads, n, head_dim, dtype=dtype)
     scale = 0.7 * head_dim ** -0.5
-    out, lse = kernels.forward(q, k, v, scale)
+    out, lse = kernels.forward(q, k, v, scale, schedule.tables())
 
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     ref, ref_lse = sf.reference_attention(q64, k64, v64, pattern, problem, scale=scale, return_lse=True)
     dout = torch.randn_like(ref)
     ref.backward(dout)
-    dq, dk, dv = kernels.backward(q, k, v, out, lse, dout.to(dtype), scale)
+    dq, dk, dv = kernels.backward(q, k, v, out, lse, dout.to(dtype), scale, schedule.tables())
     return dict(out=(out, ref), dq=(dq, q64.grad), dk=(dk, k64.grad), dv=(dv, v64.grad)), (lse, ref_lse)
 
 

@@ -251,7 +251,7 @@ def test_interpret_refuses_bf16_and_gpu_tensors():
     with pytest.raises(TypeError, match="bf16, which cannot run under the Triton interpreter"):
         plan = sl.plan(pattern, _coords(4, (4, 4), 1, torch.Generator().manual_seed(0)), False)
         x = torch.randn(4, 2, 16).bfloat16()
-        lk.linear_attention(x, x, x, plan, "relu", interpret=True)
+        lk.check_kernel_inputs(x, x, x, plan, interpret=True)
 
 
 # ------------------------------------------------------------------ ahead-of-time compile

@@ -17,8 +17,8 @@ import sparseforge
 ROOT = pathlib.Path(sparseforge.__file__).parent
 
 #: The pipeline, in order: a package may import only from its own stage or the ones before it.
-STAGES = ["envvars", "atomic", "dsl", "lower", "codegen", "backends", "autotune", "runtime", "viz", "bench",
-          "nn", "api", "cli", "integrations", "__init__", "__main__"]
+STAGES = ["version", "envvars", "atomic", "dsl", "lower", "codegen", "backends", "autotune", "runtime", "api", "nn",
+          "viz", "bench", "cli", "integrations", "__init__", "__main__"]
 
 
 def _modules() -> dict[str, pathlib.Path]:

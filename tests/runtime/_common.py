@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 import sparseforge as sf
-from sparseforge.runtime import compile
+from sparseforge import compile
 
 # Relative (Frobenius) error allowed against the float64 reference, per input dtype. The
 # CPU executor accumulates in fp32 (fp64 for fp64 inputs); the bound is dominated by the
@@ -112,3 +112,22 @@ def inf_to_zero(t: torch.Tensor) -> torch.Tensor:
 
 __all__ = ["KERNEL_TOL", "TOL", "assert_gradients_match", "check_executor", "coords_of", "empty_rows",
            "finite_lse_err", "inf_to_zero", "qkv", "rand", "rel_err", "voxel_qkv"]
+
+
+def opcheck_attention(attn, q, k, v, dtype, *, routes=None, plan=None, grid=None, scale=0.3):
+    """``torch.library.opcheck`` of the forward op and of the backward op (with and without
+    an LSE gradient) on the inputs ``attn`` gives them for this call. A Scattered plan's
+    voxels are packed into window order first (the op's layout)."""
+    from sparseforge.lower.segments import pack
+
+    if plan is not None:
+        q, k, v = (pack(t, plan.order, plan.n_pad).detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+    args = attn.op_inputs(q, k, v, scale=scale, routes=routes, plan=plan, grid=grid)
+    torch.library.opcheck(attn.op.default, args)
+    out, lse = attn.op.default(*args)
+    gen = torch.Generator().manual_seed(3)
+    do, dl = rand(out.shape, dtype, gen), rand(lse.shape, lse.dtype, gen)
+    q, k, v, out, lse = (t.detach() for t in (q, k, v, out, lse))
+    rest = args[3:]
+    torch.library.opcheck(attn.backward_op.default, (q, k, v, out, lse, do, dl, *rest))
+    torch.library.opcheck(attn.backward_op.default, (q, k, v, out, lse, do, None, *rest))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sparseforge as sf
-from sparseforge.runtime import CompiledAttention, UnsupportedPatternError, compile
+from sparseforge import CompiledAttention, UnsupportedPatternError, compile
 
 from ._common import TOL, qkv, rel_err
 

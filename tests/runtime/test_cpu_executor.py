@@ -10,7 +10,9 @@ import torch
 
 import sparseforge as sf
 from sparseforge.lower.schedule import CSR, build_schedule
-from sparseforge.runtime import compile, cpu
+from sparseforge.backends import cpu
+from sparseforge.lower.paths import STATIC, Shape
+from sparseforge import compile
 
 from ._common import TOL, check_executor, empty_rows, inf_to_zero, qkv, rand, rel_err
 
@@ -154,16 +156,21 @@ def test_lse_gradient_matches_reference():
         assert rel_err(g, w) < TOL[F32]
 
 
+def _chunks(schedule, q, k):
+    """The static path's chunks of ``schedule`` for q, k (what the op feeds the executor)."""
+    return STATIC.chunks(schedule, [], Shape(q.shape[0], q.shape[1], k.shape[1], q.shape[2]), q.device)
+
+
 def test_functional_api_matches_op():
     """cpu.forward/backward called directly (what the op wraps)."""
     pattern, problem = sf.Neighborhood(3), P((5, 6))
     sched = build_schedule(pattern, problem, q_tile=(2, 4))
     q, k, v = qkv(problem, 2)
-    out, lse = cpu.forward(q, k, v, sched, 0.5)
+    out, lse = cpu.forward(q, k, v, _chunks(sched, q, k), 0.5)
     ref, rl = sf.reference_attention(q, k, v, pattern, problem, scale=0.5, return_lse=True)
     assert rel_err(out, ref) < TOL[F32] and rel_err(lse, rl) < TOL[F32]
     do = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    dq, dk, dv = cpu.backward(q, k, v, out, lse, do, sched, 0.5)
+    dq, dk, dv = cpu.backward(q, k, v, out, lse, do, _chunks(sched, q, k), 0.5)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
 
 
@@ -178,7 +185,7 @@ def test_executor_trusts_the_schedule():
     sched = build_schedule(pattern, problem, q_tile=(4, 4))
     q, k, v = qkv(problem, 1)
     ref = sf.reference_attention(q, k, v, pattern, problem)
-    good, _ = cpu.forward(q, k, v, sched, problem.head_dim ** -0.5)
+    good, _ = cpu.forward(q, k, v, _chunks(sched, q, k), problem.head_dim ** -0.5)
     assert rel_err(good, ref) < TOL[F32]
 
     fwd = sched.forward
@@ -186,7 +193,7 @@ def test_executor_trusts_the_schedule():
     full = fwd.full.copy()
     full[0, r] += 1
     wrong_full = _with_forward(sched, CSR(fwd.ptr, fwd.idx, full))
-    bad, _ = cpu.forward(q, k, v, wrong_full, problem.head_dim ** -0.5)
+    bad, _ = cpu.forward(q, k, v, _chunks(wrong_full, q, k), problem.head_dim ** -0.5)
     assert rel_err(bad, ref) > 1e-3
 
     # drop the last key tile of query tile r
@@ -195,7 +202,7 @@ def test_executor_trusts_the_schedule():
     ptr = fwd.ptr.copy()
     ptr[0, r + 1:] -= 1
     dropped = _with_forward(sched, CSR(ptr, fwd.idx[keep], fwd.full))
-    bad, _ = cpu.forward(q, k, v, dropped, problem.head_dim ** -0.5)
+    bad, _ = cpu.forward(q, k, v, _chunks(dropped, q, k), problem.head_dim ** -0.5)
     assert rel_err(bad, ref) > 1e-3
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sparseforge as sf
-from sparseforge.runtime import SparseAttention
+from sparseforge.nn import SparseAttention
 
 from ._common import TOL, rel_err
 
@@ -40,10 +40,11 @@ def test_image_input_grid_inferred():
     y.square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert m.qkv.weight.grad is not None and m.proj.weight.grad is not None
-    assert list(m._compiled) == [((7, 9), torch.float32)]
-    m(_x(1, 7, 9, 32))  # same grid: no new compile
-    m(_x(1, 6, 6, 32))  # new grid: compiled and cached
-    assert len(m._compiled) == 2
+    assert list(m._compiled) == [(2, torch.float32)]
+    m(_x(1, 7, 9, 32))  # same grid: nothing new
+    x6 = _x(1, 6, 6, 32)
+    assert rel_err(m(x6), manual(m, x6, (6, 6))) < TOL[torch.float32]  # new grid: a schedule, not a compile
+    assert len(m._compiled) == 1
 
 
 def test_video_input_gqa():
@@ -66,7 +67,7 @@ def test_sequence_input():
 def test_sequence_input_with_given_grid():
     torch.manual_seed(3)
     m = SparseAttention(sf.Blocks(2), dim=16, heads=2, grid=(4, 6))
-    assert list(m._compiled) == [((4, 6), torch.float32)]  # compiled at construction
+    assert list(m._compiled) == [(2, torch.float32)]  # compiled at construction (2-D grids, fp32)
     x = _x(2, 24, 16)
     assert rel_err(m(x), manual(m, x, (4, 6))) < TOL[torch.float32]
     x2 = _x(2, 4, 6, 16)
@@ -150,3 +151,36 @@ def test_tiles_pass_through_to_compile():
     m = sf.nn.SparseAttention(sf.Blocks(7), dim=32, heads=2, grid=(28, 28), q_tile=(4, 8), k_tile=(4, 4))
     attn = m.attention((28, 28), torch.float32)
     assert attn.schedule.geometry.q_tile == (4, 8) and attn.schedule.geometry.k_tile == (4, 4)
+
+
+@pytest.mark.parametrize("pattern, grids", [
+    (sf.SlidingWindow(3, 2) | sf.Sink(1), [(20,), (33,), (47,)]),
+    (sf.Neighborhood(3, dilation=2), [(6, 7), (9, 8)]),
+], ids=["1d_three_lengths", "2d_two_resolutions"])
+def test_torch_compile_dynamic_shapes_one_graph_no_new_ops(pattern, grids):
+    """fullgraph + dynamic=True: every size runs in the one captured graph (no recompile,
+    no graph break), forward and backward match the float64 reference, and the ops in
+    torch.ops.sparseforge stay the fixed four."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(5)
+    m = SparseAttention(pattern, dim=16, heads=2)
+    m(_x(1, *grids[0], 16))  # eager once: compiles the pattern (outside the trace)
+    ops_before = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("sparseforge::")}
+    cm = torch.compile(m, fullgraph=True, dynamic=True, backend="aot_eager")
+    for i, grid in enumerate(grids):
+        x = _x(2, *grid, 16, seed=i)
+        got = cm(x)
+        assert rel_err(got, manual(m, x, grid)) < TOL[torch.float32]
+        g = torch.autograd.grad(got.square().sum(), x)[0]
+        w = torch.autograd.grad(manual(m, x, grid).square().sum(), x)[0]
+        assert rel_err(g, w) < TOL[torch.float32]
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("sparseforge::")} == ops_before == {
+        "sparseforge::attention", "sparseforge::attention_backward", "sparseforge::linear_attention",
+        "sparseforge::linear_attention_backward"}
+    torch._dynamo.reset()

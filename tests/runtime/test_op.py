@@ -1,4 +1,5 @@
-"""The torch.library ops: names, registry, opcheck, gradcheck and torch.compile."""
+"""The torch.library ops: one fixed set, names, kernel registry, opcheck, gradcheck and
+torch.compile (also with dynamic shapes)."""
 from __future__ import annotations
 
 import re
@@ -7,10 +8,11 @@ import pytest
 import torch
 
 import sparseforge as sf
-from sparseforge.runtime import compile
-from sparseforge.runtime import op as op_mod
+from sparseforge import compile
+from sparseforge.lower.naming import readable_name
+from sparseforge.runtime import ops
 
-from ._common import TOL, qkv, rand, rel_err
+from ._common import TOL, opcheck_attention, qkv, rand, rel_err
 
 
 def P(grid, heads=2, head_dim=8, kv_heads=None, dtype=torch.float32):
@@ -22,7 +24,7 @@ def test_readable_name():
     attn = compile(sf.Neighborhood(7, dilation=2), sf.Problem(grid=(56, 56), heads=8, head_dim=64,
                                                               dtype=torch.bfloat16))
     assert re.fullmatch(r"na2d_k7_d2_g56x56_h8_d64_bf16_[0-9a-f]{8}", attn.name), attn.name
-    assert attn.op is getattr(torch.ops.sparseforge, attn.name)
+    assert attn.op is torch.ops.sparseforge.attention
 
 
 @pytest.mark.parametrize("pattern, grid, prefix", [
@@ -34,7 +36,7 @@ def test_readable_name():
 ])
 def test_names_are_sanitized(pattern, grid, prefix):
     problem = sf.Problem(grid=grid, heads=3 if "perhead" in prefix else 2, head_dim=16, dtype=torch.float16)
-    name = op_mod.op_name(pattern, problem, fingerprint="0123456789abcdef")
+    name = readable_name(pattern, problem, "0123456789abcdef")
     assert re.fullmatch(r"[a-z][a-z0-9_]*", name), name
     assert name.startswith(prefix) and name.endswith("_01234567"), name
 
@@ -43,26 +45,82 @@ def test_gqa_in_name_and_long_names_truncated():
     pattern = sf.PerHead([sf.Documents(tuple([1] * 8)), sf.Neighborhood(3), sf.SlidingWindow(1, 0),
                           sf.Sink(1)] + [sf.SlidingWindow(j + 1, j + 2) for j in range(4)])
     problem = P(8, heads=8, kv_heads=2)
-    name = op_mod.op_name(pattern, problem, fingerprint="f" * 16)
+    name = readable_name(pattern, problem, "f" * 16)
     assert "_g8_h8_d8_fp32_kv2_ffffffff" in name and len(name) < 130, name
     assert re.fullmatch(r"[a-z][a-z0-9_]*", name)
 
 
 
-def test_same_schedule_reuses_op_and_other_tiles_get_another():
+def test_same_schedule_reuses_kernel_and_other_tiles_get_another():
     pattern, problem = sf.Halo(2, 1), P((6, 6))
     a = compile(pattern, problem)
     b = compile(pattern, problem, backend="cpu")
     c = compile(pattern, problem, q_tile=(2, 2))
-    assert a.name == b.name and a.op is b.op
-    assert c.name != a.name
-    assert op_mod.registered()[a.name].schedule is a._entry.schedule
-    # registering the same name again is harmless; reusing a name for another schedule is refused
-    assert op_mod.register(b.schedule, a.name) is a._entry
-    with pytest.raises(ValueError, match=f"name='{a.name}' is already the op of another schedule"):
-        op_mod.register(c.schedule, a.name)
-    with pytest.raises(ValueError, match="name must match"):
-        op_mod.register(c.schedule, "Bad-Name")
+    d = compile(pattern, P((12, 10)))
+    assert a.name == b.name and a.kernel is b.kernel
+    assert c.name != a.name and c.kernel is not a.kernel
+    assert d.kernel is a.kernel  # another grid, same code: the same kernel entry
+    assert a.op is b.op is c.op is d.op is torch.ops.sparseforge.attention
+    assert ops.registered_kernel(a.kernel.key) is a.kernel
+    with pytest.raises(ValueError, match="kernel='nope' is not registered"):
+        ops.registered_kernel("nope")
+
+
+def _sparseforge_ops() -> set[str]:
+    return {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("sparseforge::")}
+
+
+FIXED_OPS = {f"sparseforge::{name}" for name in ops.OPS}
+assert len(FIXED_OPS) == 4
+
+
+def _fifty_problems():
+    """50 different (pattern, problem, call) cases across every path, grid and dtype."""
+    cases = []
+    for n in (8, 9, 16, 23, 32):
+        cases.append((sf.Causal(), P(n), {}))
+        cases.append((sf.SlidingWindow(2, 1) | sf.Sink(1), P(n, heads=2, kv_heads=1), {}))
+    for grid in ((6, 6), (7, 6), (6, 8), (7, 7), (8, 9)):
+        cases.append((sf.Neighborhood(3), P(grid), {}))
+        cases.append((sf.Neighborhood(3, dilation=2), P(grid, dtype=torch.float64), {}))
+        cases.append((sf.Blocks(2) | sf.GlobalTokens((0,)), P(grid, head_dim=4), {}))
+        cases.append((sf.Halo(2, 1), P(grid), {"q_tile": (2, 2)}))
+        cases.append((sf.Routed((2, 2), 2), P(grid), {}))
+    for d in (3, 4, 5):
+        cases.append((sf.Neighborhood((3, 3, 3)), P((d, 4, 4)), {}))
+    for w in (2, 3, 4, 5, 6):
+        cases.append((sf.Scattered(w), sf.Problem(heads=2, head_dim=8, dtype=torch.float32), {}))
+    for n in (10, 12, 14, 17):
+        cases.append((sf.Grouped(causal=n % 2 == 0), P(n), {}))
+    for n in (20, 24, 28):
+        cases.append((sf.StridedShards(4, 1, 2), P(n, heads=2), {}))
+    return cases
+
+
+def test_fifty_problems_register_no_op():
+    """Every pattern, problem and config runs through the same ops: compiling and calling
+    50 different problems (static, routed, scattered, grouped; 1-D to 3-D; fp32/fp64) leaves
+    exactly the fixed four (attention and linear attention, forward and backward) in
+    ``torch.ops.sparseforge``."""
+    compile(sf.Causal(), P(4))(*qkv(P(4), 1))
+    before = _sparseforge_ops()
+    assert before == FIXED_OPS
+    cases = _fifty_problems()
+    assert len(cases) == 50 and len({(repr(p), repr(pr), repr(o)) for p, pr, o in cases}) == 50
+    gen = torch.Generator().manual_seed(0)
+    for pattern, problem, options in cases:
+        attn = compile(pattern, problem, backend="cpu", **options)
+        if isinstance(pattern, sf.Scattered):
+            coords = torch.cat([torch.zeros(12, 1, dtype=torch.long), torch.randint(0, 9, (12, 2), generator=gen)], 1)
+            q = torch.randn(12, 2, 8, generator=gen)
+            out = attn(q, q, q, coords=coords)
+        elif isinstance(pattern, sf.Grouped):
+            q, k, v = qkv(problem, 2, problem.dtype)
+            out = attn(q, k, v, groups=torch.randint(-1, 3, (2, problem.tokens), generator=gen))
+        else:
+            out = attn(*qkv(problem, 2, problem.dtype))
+        assert torch.isfinite(out).all()
+        assert _sparseforge_ops() == FIXED_OPS, pattern
 
 
 def test_fingerprint_is_stable_across_builds():
@@ -77,23 +135,21 @@ def test_fingerprint_is_stable_across_builds():
 
 # -- opcheck / gradcheck ------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_opcheck_forward(dtype):
+def test_opcheck(dtype):
     pattern, problem = sf.Neighborhood(3) | sf.Sink(1), P((4, 5), heads=2, kv_heads=1)
     attn = compile(pattern, problem, backend="cpu", q_tile=(2, 4))
     q, k, v = qkv(problem, 2, dtype, requires_grad=True)
-    torch.library.opcheck(attn.op.default, (q, k, v, 0.3, "cpu"))
-    torch.library.opcheck(attn.op.default, (q, k, v, 0.3, "auto"))
+    opcheck_attention(attn, q, k, v, dtype)
+    opcheck_attention(attn, *qkv(P((3, 6), heads=2, kv_heads=1), 2, dtype, requires_grad=True), dtype, grid=(3, 6))
 
 
-def test_opcheck_backward():
+def test_opcheck_auto_backend():
     pattern, problem = sf.Causal(), P(12)
-    attn = compile(pattern, problem, backend="cpu", q_tile=(4,))
-    q, k, v = qkv(problem, 1)
-    out, lse = attn.op.default(q, k, v, 0.5, "cpu")
-    gen = torch.Generator().manual_seed(3)
-    do, dl = rand(out.shape, torch.float32, gen), rand(lse.shape, torch.float32, gen)
-    torch.library.opcheck(attn.backward_op.default, (q, k, v, out, lse, do, dl, 0.5, "cpu"))
-    torch.library.opcheck(attn.backward_op.default, (q, k, v, out, lse, do, None, 0.5, "cpu"))
+    attn = compile(pattern, problem, q_tile=(4,))
+    q, k, v = qkv(problem, 1, requires_grad=True)
+    args = attn.op_inputs(q, k, v, scale=0.5)
+    assert args[-1] == "auto" and args[3] == [] and args[4] == [12]
+    torch.library.opcheck(attn.op.default, args)
 
 
 @pytest.mark.parametrize("pattern, problem, q_tile", [

@@ -9,9 +9,9 @@ import torch
 import torch._dynamo  # noqa: F401  (imports triton.language before any kernel loads, as torch users do)
 
 import sparseforge as sf
-from sparseforge.runtime import compile
+from sparseforge import compile
 
-from ._common import KERNEL_TOL, TOL, assert_gradients_match, qkv, rand, rel_err
+from ._common import KERNEL_TOL, TOL, assert_gradients_match, opcheck_attention, qkv, rand, rel_err
 
 
 def P(grid, heads=2, head_dim=16, kv_heads=None, dtype=torch.float32):
@@ -144,13 +144,7 @@ def test_opcheck(dtype):
     attn = compile(pattern, problem, backend="cpu")
     q, k, v = qkv(problem, 2, dtype, requires_grad=True)
     routes = torch.tensor([[0, 1], [2, 3], [1, 1], [3, 0]]).expand(2, 2, 4, 2).contiguous()
-    torch.library.opcheck(attn.op.default, (q, k, v, routes, 0.3, "cpu"))
-    out, lse = attn.op.default(q, k, v, routes, 0.3, "cpu")
-    gen = torch.Generator().manual_seed(3)
-    do, dl = rand(out.shape, dtype, gen), rand(lse.shape, lse.dtype, gen)
-    q, k, v, out, lse = (t.detach() for t in (q, k, v, out, lse))
-    torch.library.opcheck(attn.backward_op.default, (q, k, v, routes, out, lse, do, dl, 0.3, "cpu"))
-    torch.library.opcheck(attn.backward_op.default, (q, k, v, routes, out, lse, do, None, 0.3, "cpu"))
+    opcheck_attention(attn, q, k, v, dtype, routes=routes)
 
 
 def test_lse_gradient_flows():
@@ -203,17 +197,17 @@ def test_triton_kernels_on_gpu(dtype):
 def test_cpu_executor_gathers_about_one_k_per_chunk_and_explicit_tiles():
     """Memory stays O(input): a chunk's gathered keys per (batch, head) are about N, however
     many routes; explicit (smaller) tiles give the same result as the defaults."""
-    from sparseforge.lower.routed import routed_tables, routes_for
-    from sparseforge.backends.cpu import _RoutedChunks
+    from sparseforge.lower.paths import ROUTED, Shape
+    from sparseforge.lower.routed import routes_for
 
     pattern, problem = sf.Routed((2, 4), 4), P((8, 8), heads=2)
     attn = compile(pattern, problem, backend="cpu")
     small = compile(pattern, problem, backend="cpu", q_tile=(2, 2), k_tile=(1, 4))
     assert small.schedule.geometry.q_tile == (2, 2)
     q, k, v = qkv(problem, 2)
-    tables = routed_tables(attn.schedule, routes_for(pattern, problem, q, k))
-    for _, _, kidx, _, _ in _RoutedChunks(attn.schedule, tables, q, k):
-        assert kidx.shape[2] * kidx.shape[3] <= problem.tokens
+    routes = routes_for(pattern, problem, q, k)
+    for chunk in ROUTED.chunks(attn.schedule, [routes], Shape(2, 2, 2, problem.tokens), q.device):
+        assert chunk.k_rows.shape[2] * chunk.k_rows.shape[3] <= problem.tokens
     assert rel_err(small(q, k, v), attn(q, k, v)) < TOL[torch.float32]
 
 

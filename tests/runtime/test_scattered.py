@@ -10,9 +10,9 @@ import torch
 import torch._dynamo  # noqa: F401  (imports triton.language before any kernel loads, as torch users do)
 
 import sparseforge as sf
-from sparseforge.runtime import compile
+from sparseforge import compile
 
-from ._common import KERNEL_TOL, TOL, assert_gradients_match, coords_of, rand, rel_err, voxel_qkv
+from ._common import KERNEL_TOL, TOL, assert_gradients_match, coords_of, opcheck_attention, rand, rel_err, voxel_qkv
 
 
 def P(heads=2, head_dim=16, kv_heads=None, dtype=torch.float32):
@@ -148,15 +148,8 @@ def test_opcheck(dtype):
     pattern, coords = _single_voxel_window(torch.Generator().manual_seed(2))
     problem = P(heads=2, kv_heads=1)
     attn = compile(pattern, problem, backend="cpu")
-    plan = attn.plan(coords).tensors()
     q, k, v = voxel_qkv(problem, coords.shape[0], dtype, 0)
-    torch.library.opcheck(attn.op.default, (q, k, v, plan, 0.3, "cpu"))
-    out, lse = attn.op.default(q, k, v, plan, 0.3, "cpu")
-    gen = torch.Generator().manual_seed(3)
-    do, dl = rand(out.shape, dtype, gen), rand(lse.shape, lse.dtype, gen)
-    q, k, v, out, lse = (t.detach() for t in (q, k, v, out, lse))
-    torch.library.opcheck(attn.backward_op.default, (q, k, v, plan, out, lse, do, dl, 0.3, "cpu"))
-    torch.library.opcheck(attn.backward_op.default, (q, k, v, plan, out, lse, do, None, 0.3, "cpu"))
+    opcheck_attention(attn, q, k, v, dtype, plan=attn.plan(coords))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "interpret"])

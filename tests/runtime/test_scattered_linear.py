@@ -237,3 +237,22 @@ def test_errors_name_the_argument():
         sf.reference_linear_attention(q, k, v, pattern, coords, feature_map="tanh")
     with pytest.raises(TypeError, match="coords must have an integer dtype"):
         sf.reference_linear_attention(q, k, v, pattern, coords.float())
+
+
+@pytest.mark.parametrize("pooling", [False, True], ids=["plain", "pooled"])
+def test_opcheck_linear_attention_ops(pooling):
+    """The kernels' op pair (``sparseforge::linear_attention`` and its backward) under the
+    interpreter: schema, fake tensors and autograd registration."""
+    pattern, coords = CASES["batches_shifted_2d"](torch.Generator().manual_seed(6))
+    problem = P(heads=2, head_dim=16, kv_heads=1)
+    lin = sf.compile(pattern, problem, attention="linear", backend="interpret", neighbor_pooling=pooling)
+    plan = lin.plan(coords)
+    q, k, v = voxel_qkv(problem, coords.shape[0], torch.float32, 0)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    args = (q, k, v, plan.tensors(), plan.n_windows, "elu+1", True)
+    torch.library.opcheck(torch.ops.sparseforge.linear_attention.default, args)
+    out, kv, s = torch.ops.sparseforge.linear_attention.default(*args)
+    dout = rand(out.shape, torch.float32, torch.Generator().manual_seed(7))
+    detached = tuple(t.detach() for t in (q, k, v, out, kv, s))
+    torch.library.opcheck(torch.ops.sparseforge.linear_attention_backward.default,
+                          (*detached, dout, plan.tensors(), plan.n_windows, "elu+1", True))

@@ -1,9 +1,19 @@
-"""Plain-torch peers of the content-dependent problems (P7 routed, P8/P9 scattered voxel
-windows), shared by ``benchmarks/suite.py`` and ``benchmarks/memory.py``. Written from the
-papers' released code and the problems' definitions, independently of sparseforge's own
-code (no sparseforge import here), device-agnostic, tensors [B, H, N, D] (routed) or
-[N, H, D] (voxels, batch id in ``coords[:, 0]``).
+"""The peers: the implementations the suite and the memory report compare ours with, their
+set-up for a case, and the synthetic voxels of P8/P9. Tensors [B, H, N, D] (grid and
+routed problems) or [N, H, D] (voxels, batch id in ``coords[:, 0]``); device-agnostic.
 
+The peers' computations are written from the papers' released code and the problems'
+definitions, independently of sparseforge's own code; only the adapters that set a peer up
+for a sparseforge pattern (``vectorised_mask_mod``, ``natten_forward``, ``torch_peer``) read
+the pattern.
+
+- FlexAttention: ``make_flex`` (``torch.compile`` or eager, see ``FLEX_COMPILE``), with a
+  block mask from ``vectorised_mask_mod`` (the pattern's own ``mask`` under vmap) or
+  ``dense_mask_mod`` (a dense boolean mask).
+- masked SDPA: ``sdpa_mask_bytes``, the memory it needs on CPU.
+- NATTEN: ``natten_forward`` (imported when called; not installed: ImportError).
+- HaloNet: ``halo_attention_unfold``; MaxViT: ``maxvit_reshape_sdpa``; ``torch_peer`` picks
+  the one of a case.
 - ``biformer_routing`` / ``biformer_gather_attention``: BiFormer's bi-level routing attention
   as its released ``nchwBRA`` (``BiLevelRoutingAttention_nchw`` + ``regional_routing_attention_torch``):
   region means -> region affinity over all heads' channels -> top-k -> ``torch.gather`` of
@@ -22,9 +32,21 @@ code (no sparseforge import here), device-agnostic, tensors [B, H, N, D] (routed
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Callable
 
 import torch
 
+import sparseforge as sf
+from sparseforge.dsl.pattern import as_4d
+from sparseforge.dsl.semantics import make_context
+
+from .cases import HALO, MAXVIT, Case, Shape, scalar
+from .messages import log, why
+
+#: Run FlexAttention under torch.compile (False: eager; the tests use it to stay fast).
+#: ``make_flex`` and ``runner.run_suite`` read it here: patch ``peers.FLEX_COMPILE``.
+FLEX_COMPILE = True
 #: The linear attention's denominator guard (ScatterFormer; ``sf.reference_linear_attention``).
 LINEAR_EPS = 1e-6
 
@@ -252,3 +274,153 @@ def scatter_linear_attention(q, k, v, groups: dict, feature_map: str = "relu", c
                      for start in range(0, q.shape[0], chunk)])
     den = (fq * s[win]).sum(-1, keepdim=True) + LINEAR_EPS
     return (num / den).to(q.dtype)
+
+
+# ------------------------------------------------------------------------------------
+# FlexAttention, masked SDPA, NATTEN
+# ------------------------------------------------------------------------------------
+def make_flex(device: str) -> tuple[Callable, str]:
+    """flex_attention under torch.compile (checked by one tiny call), else eager."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if not FLEX_COMPILE:
+        def eager_only(*a, **k):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return flex_attention(*a, **k)
+        return eager_only, "eager flex_attention (torch.compile switched off: peers.FLEX_COMPILE)"
+    compiled = torch.compile(flex_attention, dynamic=False)
+    try:
+        x = torch.randn(1, 1, 128, 16, device=device)
+        bm = create_block_mask(lambda b, h, q, k: q >= k, None, None, 128, 128, device=device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled(x, x, x, block_mask=bm)
+        return compiled, "torch.compile(flex_attention)"
+    except Exception as exc:  # noqa: BLE001
+        log(f"torch.compile(flex_attention) failed on {device} ({why(exc)}); using eager")
+
+        def eager(*a, **k):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return flex_attention(*a, **k)
+        return eager, f"eager flex_attention (torch.compile failed: {why(exc)})"
+
+
+def vectorised_mask_mod(pattern: sf.Pattern, problem: sf.Problem):
+    """A FlexAttention mask_mod that evaluates the pattern's own ``mask`` (vmap-friendly),
+    and whether it depends on the head."""
+    ctx = make_context(pattern, problem)
+    probe = as_4d(pattern.mask(ctx, torch.arange(2), torch.arange(2)))
+    per_head = probe.shape[1] > 1
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        m = as_4d(pattern.mask(ctx, q_idx.reshape(1), kv_idx.reshape(1)))[0]   # [H|1, 1, 1]
+        if per_head:
+            return m.index_select(0, h.reshape(1)).reshape(())
+        return m.reshape(())
+    return mask_mod, per_head
+
+
+def dense_mask_mod(mask: torch.Tensor):
+    """A mask_mod reading a dense [H|1, N, N] boolean mask."""
+    if mask.shape[0] > 1:
+        return lambda b, h, q_idx, kv_idx: mask[h, q_idx, kv_idx]
+    flat = mask[0]
+    return lambda b, h, q_idx, kv_idx: flat[q_idx, kv_idx]
+
+
+def sdpa_mask_bytes(shape: Shape) -> int:
+    """Memory masked SDPA needs on CPU: the bool mask [H, N, N] plus float32 scores and
+    probabilities [B, H, N, N] (forward) and their gradients (backward)."""
+    n = math.prod(shape.grid)
+    return shape.heads * n * n + 4 * 4 * shape.batch * shape.heads * n * n
+
+
+def natten_forward(pattern: sf.Pattern, shape: Shape):  # pragma: no cover - needs NATTEN and CUDA
+    """NATTEN's fused neighborhood attention for a plain Neighborhood pattern."""
+    import natten  # ImportError: reported as not installed
+
+    try:
+        from natten import na1d, na2d, na3d                 # NATTEN >= 0.20
+    except ImportError:
+        from natten.functional import na1d, na2d, na3d      # older releases
+    log(f"  NATTEN {getattr(natten, '__version__', '?')}")
+
+    if not isinstance(pattern, sf.Neighborhood):
+        raise ValueError(f"NATTEN runs Neighborhood patterns only, not {pattern!r}")
+    fn = {1: na1d, 2: na2d, 3: na3d}[len(shape.grid)]
+    p = pattern.params(shape.problem(torch.bfloat16))
+    kernel = tuple(d["kernel"] for d in p)
+    dilation = tuple(d["dilation"] for d in p)
+    stride = tuple(d["stride"] for d in p)
+
+    def run(q, k, v):  # NATTEN takes [B, *grid, H, D]
+        def to(x):
+            return x.transpose(1, 2).reshape(shape.batch, *shape.grid, shape.heads, shape.head_dim)
+        kw = dict(kernel_size=kernel, dilation=dilation)
+        if any(s > 1 for s in stride):
+            kw["stride"] = stride
+        out = fn(to(q), to(k), to(v), **kw)
+        return out.reshape(shape.batch, -1, shape.heads, shape.head_dim).transpose(1, 2)
+    return run
+
+
+# ------------------------------------------------------------------------------------
+# P10 / P11: HaloNet and MaxViT in plain torch
+# ------------------------------------------------------------------------------------
+def halo_attention_unfold(q, k, v, grid: tuple[int, int], block: int, halo: int):
+    """HaloNet attention with unfold: each block x block query tile attends to its
+    (block + 2 halo)^2 neighbourhood of keys; keys in the zero padding are masked, which is
+    the truncation at the border of ``Halo(block, halo)``. q, k, v [B, H, N, D]."""
+    b, h, n, d = q.shape
+    gh, gw = grid
+    win = block + 2 * halo
+
+    def windows(x):  # [B, H, N, D] -> [B*H, blocks, win*win, D]
+        x = x.reshape(b * h, gh, gw, d).permute(0, 3, 1, 2)
+        x = torch.nn.functional.pad(x, (halo, halo, halo, halo))
+        x = torch.nn.functional.unfold(x, kernel_size=win, stride=block)    # [BH, D*win*win, blocks]
+        return x.reshape(b * h, d, win * win, -1).permute(0, 3, 2, 1)
+    ones = torch.nn.functional.pad(torch.ones(1, 1, gh, gw, device=q.device), (halo,) * 4)
+    valid = torch.nn.functional.unfold(ones, kernel_size=win, stride=block)[0].T > 0   # [blocks, win*win]
+    qb = q.reshape(b * h, gh // block, block, gw // block, block, d).permute(0, 1, 3, 2, 4, 5)
+    qb = qb.reshape(b * h, -1, block * block, d)
+    out = torch.nn.functional.scaled_dot_product_attention(qb, windows(k), windows(v), attn_mask=valid[:, None, :])
+    out = out.reshape(b * h, gh // block, gw // block, block, block, d).permute(0, 1, 3, 2, 4, 5)
+    return out.reshape(b, h, n, d)
+
+
+def maxvit_reshape_sdpa(q, k, v, grid: tuple[int, int], size: int):
+    """MaxViT attention by reshaping: the first H/2 heads attend within size x size blocks,
+    the others within the size x size grid (tokens strided by S/size), each as plain SDPA."""
+    b, h, n, d = q.shape
+    gh, gw = grid
+    hb = h // 2
+
+    def block_view(x):   # [B, h', N, D] -> [B, h', blocks, size*size, D]
+        x = x.reshape(b, x.shape[1], gh // size, size, gw // size, size, d).transpose(3, 4)
+        return x.reshape(b, x.shape[1], -1, size * size, d)
+
+    def grid_view(x):    # tokens i*(S/size) + r share the residue r: [B, h', residues, size*size, D]
+        x = x.reshape(b, x.shape[1], size, gh // size, size, gw // size, d).permute(0, 1, 3, 5, 2, 4, 6)
+        return x.reshape(b, x.shape[1], -1, size * size, d)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    ob = sdpa(*(block_view(x[:, :hb]) for x in (q, k, v)))
+    og = sdpa(*(grid_view(x[:, hb:]) for x in (q, k, v)))
+    ob = ob.reshape(b, hb, gh // size, gw // size, size, size, d).transpose(3, 4).reshape(b, hb, n, d)
+    og = og.reshape(b, h - hb, gh // size, gw // size, size, size, d).permute(0, 1, 4, 2, 5, 3, 6)
+    return torch.cat([ob, og.reshape(b, h - hb, n, d)], dim=1)
+
+
+def torch_peer(case: Case, shape: Shape, pattern: sf.Pattern):
+    """The plain-torch peer of the case (name, forward(q, k, v)) for ``pattern``, or None."""
+    if HALO in case.peers:
+        block, halo = scalar(pattern.block_size, "block_size"), scalar(pattern.halo, "halo")
+        return HALO, lambda q, k, v: halo_attention_unfold(q, k, v, shape.grid, block, halo)
+    if MAXVIT in case.peers:
+        size = scalar(pattern.patterns[0].size, "size")
+        return MAXVIT, lambda q, k, v: maxvit_reshape_sdpa(q, k, v, shape.grid, size)
+    return None
+
+

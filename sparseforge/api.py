@@ -1,0 +1,143 @@
+"""``sparseforge.compile`` and ``sparseforge.load``: a pattern (or a build directory) turned
+into a callable attention.
+
+    attn = sf.compile(Neighborhood(7, dilation=2), Problem(grid=(56, 56), heads=8, head_dim=64))
+    grouped = sf.compile(Grouped(), Problem(grid=N, heads=H, head_dim=D))   # attn(q, k, v, groups=ids)
+    lin = sf.compile(Scattered(window_size=(12, 12, 1)), problem, attention="linear",  # ScatterFormer
+                     feature_map="elu+1", neighbor_pooling=True)
+    attn = sf.load("build/na2d")                                              # sparseforge compile --out
+
+Static, routed and scattered patterns give a ``runtime.compiled.CompiledAttention``;
+``Grouped`` a ``runtime.grouped.GroupedAttention`` (on the same segment kernels);
+``attention="linear"`` a ``runtime.linear_attention.ScatteredLinearAttention``. Other
+content-dependent patterns raise ``UnsupportedPatternError``.
+"""
+from __future__ import annotations
+
+from .autotune import tune
+from .codegen.config import KernelConfig
+from .dsl.content import Grouped, Routed, Scattered
+from .dsl.pattern import Pattern
+from .dsl.problem import Problem
+from .dsl.semantics import check_pattern_problem
+from .lower.paths import path_of
+from .runtime.build import load
+from .runtime.check import check_numerics
+from .runtime.compiled import CompiledAttention, UnsupportedPatternError
+from .runtime.grouped import GroupedAttention
+from .runtime.inputs import check_backend, check_kernel_options
+from .runtime.linear_attention import ScatteredLinearAttention, check_linear_backend
+
+__all__ = ["ATTENTIONS", "compile", "load", "verify_config"]
+
+#: Values of ``compile(..., attention=)``.
+ATTENTIONS = ("softmax", "linear")
+
+
+def verify_config(pattern: Pattern, problem: Problem, config: KernelConfig, device) -> bool:
+    """The autotuner's numerics check of a measured config: its kernels against the float64
+    reference on ``device`` (``runtime.check``)."""
+    return check_numerics(compile(pattern, problem, backend="triton", config=config), device=device).passed
+
+
+def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q_tile=None, k_tile=None,
+            config: KernelConfig | None = None, autotune: bool = False, target=None, attention: str = "softmax",
+            feature_map: str | None = None,
+            neighbor_pooling: bool | None = None) -> "CompiledAttention | ScatteredLinearAttention | GroupedAttention":
+    """Lower ``pattern`` on ``problem`` to a tile schedule and wrap it as calls of the
+    ``sparseforge::attention`` ops.
+
+    backend:  None (CUDA tensors -> generated Triton kernels, CPU tensors -> the CPU
+              executor), "triton", "cpu" or "interpret" (Triton kernels under the Triton
+              interpreter, on CPU tensors).
+    q_tile, k_tile: tile shapes (one extent per grid dimension); default chosen per grid.
+    config:   a full ``KernelConfig`` (tiles, loop bounds, launches) instead of q_tile/k_tile.
+    autotune: take the config from the tuning database, tuning first if it has none
+              (``sparseforge.autotune.tune``: timed on a GPU of the target, predicted by the
+              cost model otherwise); ``target`` ("sm_80", "sm_90", ...) as in ``tune``.
+    attention: "softmax" (default) or "linear": ScatterFormer's scattered linear attention,
+              ``Scattered`` patterns only, returning a ``ScatteredLinearAttention`` (Triton
+              kernels on CUDA, torch ops on CPU); ``feature_map`` ("relu" default, or
+              "elu+1") and ``neighbor_pooling`` (bool, default False) apply to it only.
+    """
+    check_pattern_problem(pattern, problem)
+    check_backend(backend)
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {list(ATTENTIONS)}, got {attention!r}")
+    if attention == "linear" or feature_map is not None or neighbor_pooling is not None:
+        if not isinstance(pattern, Scattered):
+            given = "attention='linear'" if attention == "linear" else \
+                ("feature_map" if feature_map is not None else "neighbor_pooling")
+            raise ValueError(f"{given} is only for Scattered patterns (scattered linear attention), "
+                             f"got {pattern!r}")
+        if attention != "linear":
+            given = "feature_map" if feature_map is not None else "neighbor_pooling"
+            raise ValueError(f"{given} is only for attention='linear', got attention={attention!r}")
+        return _compile_linear(pattern, problem, backend=backend, q_tile=q_tile, k_tile=k_tile, config=config,
+                               autotune=autotune, target=target, feature_map=feature_map,
+                               neighbor_pooling=neighbor_pooling)
+    if isinstance(pattern, Grouped):
+        return _compile_grouped(pattern, problem, backend=backend, q_tile=q_tile, k_tile=k_tile, config=config,
+                                autotune=autotune, target=target)
+    scattered = isinstance(pattern, Scattered)
+    if not pattern.is_static and not isinstance(pattern, Routed) and not scattered:
+        raise UnsupportedPatternError(
+            f"{pattern!r} depends on run-time content ({', '.join(sorted(pattern.inputs_needed()))}); "
+            "of the content-dependent patterns only a Routed or a Scattered pattern on its own compiles so far "
+            "(and a Grouped one) — "
+            "use sparseforge.reference_attention for the others meanwhile")
+    if scattered:
+        _check_voxel_problem(pattern, problem)
+    if problem.grid is None and not scattered:
+        raise ValueError(f"problem has no grid ({problem!r}); compiling a static pattern needs Problem(grid=...)")
+    check_kernel_options(problem, backend, config, q_tile, k_tile)
+    if autotune and (config is not None or q_tile is not None or k_tile is not None):
+        raise ValueError("autotune=True chooses the tiles and launches; do not also give config, q_tile or k_tile")
+    if target is not None and not autotune:
+        raise ValueError("target is the autotuner's target; it needs autotune=True")
+    if scattered and autotune:
+        raise UnsupportedPatternError(f"autotune=True is not supported for {pattern!r}: its tile tables depend on "
+                                      "the voxel coordinates, known only at call time; give q_tile/k_tile or a "
+                                      "config")
+    tuning = None
+    if autotune:
+        tuning = tune(pattern, problem, target=target, verify=verify_config)
+        config = tuning.config
+    elif config is None:
+        config = KernelConfig(q_tile=q_tile, k_tile=k_tile)
+    schedule = path_of(pattern).build(pattern, problem, config)
+    return CompiledAttention(schedule, backend, config, tuning=tuning)
+
+
+def _check_voxel_problem(pattern, problem: Problem) -> None:
+    if problem.grid is not None:
+        raise ValueError(f"{pattern!r} takes its voxels from coords at call time: give Problem(grid=None), "
+                         f"got grid={problem.grid}")
+
+
+def _compile_grouped(pattern, problem: Problem, *, backend, q_tile, k_tile, config, autotune, target):
+    """``compile(Grouped(...), problem)``: checks, then a ``GroupedAttention``."""
+    if problem.grid is None:
+        raise ValueError(f"{pattern!r} needs the number of tokens: give Problem(grid=N), got {problem!r}")
+    if autotune or target is not None:
+        raise UnsupportedPatternError(f"autotune=True is not supported for {pattern!r}: its tile tables depend on "
+                                      "the group ids, known only at call time; give q_tile/k_tile or a config")
+    check_kernel_options(problem, backend, config, q_tile, k_tile)
+    return GroupedAttention(pattern, problem, backend=backend, q_tile=q_tile, k_tile=k_tile, config=config)
+
+
+def _compile_linear(pattern, problem: Problem, *, backend, q_tile, k_tile, config, autotune, target, feature_map,
+                    neighbor_pooling):
+    """``compile(..., attention="linear")``: checks, then a ``ScatteredLinearAttention``."""
+    _check_voxel_problem(pattern, problem)
+    check_linear_backend(problem, backend)  # None/"cpu": torch ops on CPU; "triton"/"interpret": kernels
+    for name, value in (("q_tile", q_tile), ("k_tile", k_tile), ("config", config), ("target", target)):
+        if value is not None:
+            raise ValueError(f"{name} is not used by attention='linear' (its kernels take no tile config); "
+                             "leave it None")
+    if autotune:
+        raise ValueError("autotune=True is not available for attention='linear' (its kernels have fixed "
+                         "launches per head dim)")
+    return ScatteredLinearAttention(pattern, problem, backend=backend,
+                                    feature_map="relu" if feature_map is None else feature_map,
+                                    neighbor_pooling=False if neighbor_pooling is None else neighbor_pooling)
