@@ -15,20 +15,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import math
 import time
 
 import numpy as np
 import torch
 
-from ..dsl import sequence
 from ..dsl.pattern import Intersection, Pattern, PerHead, Union, as_4d
 from ..dsl.problem import Problem
 from ..dsl.semantics import make_context
 from .naming import readable_name
 from .bounds import ClosedForm, derive as derive_bounds
 from .defaults import default_tile, default_tile_tokens
-from .families import EMPTY, FULL, PARTIAL, SEPARABLE, choose_fold, head_signature, leaf_for_head, span_1d
+from .families import EMPTY, FULL, PARTIAL, SEPARABLE, Flat, TileTokens, choose_fold, classes, head_signature, \
+    leaf_for_head, lowering, span_1d
 from .tiling import DimTiling, TileGeometry
 
 # Largest folded extent for which a 1-D rule is classified through its dense 1-D mask.
@@ -355,6 +354,7 @@ class _Classifier:
         self.problem, self.geom = problem, geom
         self.q_tok = geom.token_table("q")
         self.k_tok = geom.token_table("k")
+        self.tiles = TileTokens(self.q_tok, self.k_tok, geom.dims)
 
     def pattern(self, p: Pattern, head: int) -> np.ndarray:
         if isinstance(p, Union):
@@ -395,62 +395,12 @@ class _Classifier:
             out = c if out is None else np.minimum(out, c)
         return out.reshape(self.geom.n_q_tiles, self.geom.n_k_tiles)
 
-    # -- flat families: from the token range of each tile -----------------------------
+    # -- flat families: from the token ranges of each tile (``lower.families``) ------
     def flat(self, leaf, head: int) -> np.ndarray:
-        q, k = self.q_tok, self.k_tok
-        big = np.iinfo(np.int64).max
-        qmin = np.where(q >= 0, q, big).min(1)[:, None]
-        qmax = q.max(1)[:, None]
-        kmin = np.where(k >= 0, k, big).min(1)[None, :]
-        kmax = k.max(1)[None, :]
-        shape = (q.shape[0], k.shape[0])
-        if isinstance(leaf, sequence.Full):
-            return np.full(shape, FULL, np.int8)
-        if isinstance(leaf, sequence.Causal):
-            return _classes(kmax <= qmin, kmin > qmax)
-        if isinstance(leaf, sequence.Sink):
-            return np.broadcast_to(_classes(kmax < leaf.n, kmin >= leaf.n), shape)
-        if isinstance(leaf, sequence.Documents):
-            ends = np.cumsum(leaf.lengths)
-            def doc(t):
-                return np.searchsorted(ends, t, side="right")
-            dq0, dq1, dk0, dk1 = doc(qmin), doc(qmax), doc(kmin), doc(kmax)
-            return _classes((dq0 == dq1) & (dk0 == dk1) & (dq0 == dk0), (dk1 < dq0) | (dk0 > dq1))
-        if isinstance(leaf, sequence.GlobalTokens):
-            g = np.array(leaf.indices)
-            qg = (np.isin(q, g) & (q >= 0)).sum(1)[:, None]
-            kg = (np.isin(k, g) & (k >= 0)).sum(1)[None, :]
-            return _classes((qg == (q >= 0).sum(1)[:, None]) | (kg == (k >= 0).sum(1)[None, :]),
-                            (qg == 0) & (kg == 0))
-        if isinstance(leaf, sequence.StridedShards):
-            return self.strided_shards(leaf, head)
-        raise ValueError(f"{type(leaf).__name__} has no static tile schedule")
-
-    def strided_shards(self, leaf: sequence.StridedShards, head: int) -> np.ndarray:
-        geom = self.geom
-        if len(geom.dims) != 1 or geom.dims[0].fold != 1:
-            raise ValueError("StridedShards is scheduled on 1-D grids only; give Problem(grid=N)")
-        dim = geom.dims[0]
-        cell = math.gcd(dim.tq, dim.tk, leaf.block_size)
-        n_cells = dim.extent // cell
-        blocks = np.arange(n_cells) * cell // leaf.block_size
-        block_ids = torch.arange(int(blocks[-1]) + 1)
-        layout = leaf.block_mask(self.problem, block_ids, block_ids)[head].numpy()
-        visible = layout[np.ix_(blocks, blocks)]
-        if leaf.causal:
-            i = np.arange(n_cells)
-            below = i[:, None] > i[None, :]
-            diag = i[:, None] == i[None, :]
-            cells = np.where(visible & below, FULL, np.where(visible & diag, PARTIAL if cell > 1 else FULL, EMPTY))
-        else:
-            cells = np.where(visible, FULL, EMPTY)
-        cells = cells.astype(np.int8).reshape(dim.q_tiles, dim.tq // cell, dim.k_tiles, dim.tk // cell)
-        lo, hi = cells.min(axis=(1, 3)), cells.max(axis=(1, 3))
-        return np.where(lo == FULL, FULL, np.where(hi == EMPTY, EMPTY, PARTIAL)).astype(np.int8)
-
-
-def _classes(full, empty) -> np.ndarray:
-    return np.where(full, FULL, np.where(empty, EMPTY, PARTIAL)).astype(np.int8)
+        entry = lowering(leaf)
+        if not isinstance(entry, Flat):
+            raise ValueError(f"{type(leaf).__name__} has no static tile schedule")
+        return entry.classify(leaf, self.tiles, self.problem, head)
 
 
 def _classes_1d(leaf, dim: DimTiling, p: dict) -> np.ndarray:
@@ -467,7 +417,7 @@ def _classes_1d(leaf, dim: DimTiling, p: dict) -> np.ndarray:
     m = leaf.allowed_1d(dim.length, xt[:, None], xt[None, :], **p).numpy()
     m &= valid[:, None] & valid[None, :]
     m = m.reshape(dim.q_tiles, dim.tq, dim.k_tiles, dim.tk)
-    return _classes(m.all(axis=(1, 3)), ~m.any(axis=(1, 3)))
+    return classes(m.all(axis=(1, 3)), ~m.any(axis=(1, 3)))
 
 
 def _classes_by_interval(dim: DimTiling, x, valid, lo, hi) -> np.ndarray:
