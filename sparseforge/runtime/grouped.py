@@ -99,7 +99,8 @@ class GroupedAttention:
         """The packing of group ids ``groups`` (int [B, N] or [B, H, N]; negative = no group),
         built on their device with torch ops: a ``GroupedPlan`` to pass as ``plan=``."""
         p = self.problem
-        g = check_groups(groups, None, p.heads, p.tokens, keep_device=True)
+        n = groups.shape[-1] if isinstance(groups, torch.Tensor) and groups.dim() in (2, 3) else p.tokens
+        g = check_groups(groups, None, p.heads, n, keep_device=True)  # any sequence length: segments are grid-free
         b, n = g.shape[0], g.shape[2]
         if g.shape[1] == 1:
             index = (g[:, 0] >= 0).nonzero(as_tuple=True)                  # (b, n), in token order
@@ -115,7 +116,7 @@ class GroupedAttention:
         """out [B, H, N, D] (and the natural-log LSE [B, H, N], -inf on empty rows) of q, k, v
         and exactly one of ``groups`` (int [B, N] or [B, H, N]) or ``plan`` (``self.plan(groups)``)."""
         p = self.problem
-        check_qkv(q, k, v, p)
+        check_qkv(q, k, v, p, tokens=q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else None)
         scale = check_scale(scale, p.head_dim)
         check_return_lse(return_lse)
         if (groups is None) == (plan is None):

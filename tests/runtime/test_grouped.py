@@ -166,3 +166,17 @@ def test_torch_compile_fullgraph_with_a_plan():
     assert rel_err(out, eager) < 1e-6
     for g, e in zip(grads, eager_grads):
         assert rel_err(g, e) < 1e-5
+
+
+def test_other_sequence_lengths_run_on_the_same_attention():
+    """Segments do not depend on the grid: a Grouped attention compiled for N runs any N."""
+    pattern = sf.Grouped(causal=True)
+    attn = sf.compile(pattern, sf.Problem(grid=12, heads=2, head_dim=8, dtype=torch.float32), backend="cpu")
+    gen = torch.Generator().manual_seed(11)
+    for n in (7, 12, 30):
+        problem = sf.Problem(grid=n, heads=2, head_dim=8, dtype=torch.float32)
+        q, k, v = (torch.randn(2, 2, n, 8, generator=gen) for _ in range(3))
+        ids = torch.randint(-1, 3, (2, n), generator=gen)
+        got = attn(q, k, v, groups=ids)
+        want = sf.reference_attention(q, k, v, pattern, problem, groups=ids)
+        assert (got.double() - want).norm() <= 1e-5 * want.norm()
