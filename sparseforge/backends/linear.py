@@ -16,7 +16,7 @@ included): the 3 x 3 neighbourhood in the first two window-grid dimensions, same
 element, same remaining window coordinates; windows holding no voxel (or outside the grid)
 contribute nothing. With 1-D coordinates the neighbourhood is the 3 windows w_1 - 1..w_1 + 1.
 
-Implementation: O(N) torch ops on the window grouping (``lower.segments.group``): the
+Implementation: O(N) torch ops on the window grouping (``lower.segments.sort_into_windows``): the
 window index of every voxel, ``index_add_`` segment sums, gathers back; neighbour windows
 are found by encoding each window id as one int64 (mixed radix) and ``searchsorted`` over
 the sorted unique window codes (no Python loop over windows), and pooling is one sparse
@@ -38,7 +38,7 @@ import dataclasses
 import torch
 
 from ..dsl.content import Scattered, check_coords
-from ..lower.segments import group, window_ids
+from ..lower.segments import sort_into_windows, window_ids
 
 #: Values of ``compile(..., feature_map=)`` for linear attention.
 FEATURE_MAPS = ("relu", "elu+1")
@@ -143,7 +143,7 @@ class LinearChunks:
 
 def chunk_windows(order, win_start, win_len, rows: int) -> LinearChunks:
     """``LinearChunks`` of windows w occupying sorted positions [win_start[w], win_start[w] +
-    win_len[w]) (int64 [W] each); ``order`` int64 [N] from ``group``."""
+    win_len[w]) (int64 [W] each); ``order`` int64 [N] from ``sort_into_windows``."""
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise ValueError(f"chunk_rows must be an int >= 1, got {rows!r}")
     if order.numel() >= 2 ** 31:
@@ -162,7 +162,7 @@ def chunk_windows(order, win_start, win_len, rows: int) -> LinearChunks:
 
 
 def neighbor_table(keys: torch.Tensor) -> torch.Tensor:
-    """keys int64 [W, 1 + n] distinct window ids sorted lexicographically (``group``'s order);
+    """keys int64 [W, 1 + n] distinct window ids sorted lexicographically (``sort_into_windows``'s order);
     returns int64 [W, 3 ** min(n, 2)]: for every window the index of each window of its
     neighbourhood (offsets -1..1 in window dims 1 and 2), W where absent."""
     w_count, cols = keys.shape
@@ -200,7 +200,7 @@ def plan(pattern: Scattered, coords: torch.Tensor, neighbor_pooling: bool,
     n = coords.shape[0]
     pattern.check_rank(coords)
     dev = coords.device
-    order, seg, start, end = group(pattern, coords)
+    order, seg, start, end = sort_into_windows(pattern, coords)
     win = torch.empty(n, dtype=torch.long, device=dev)
     win[order] = seg
     n_windows = int(seg[-1]) + 1 if n else 0

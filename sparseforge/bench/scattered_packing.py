@@ -71,13 +71,13 @@ def main(argv=None) -> int:
 
     import sparseforge as sf
     from sparseforge.atomic import write_atomic
-    from sparseforge.lower.segments import group
+    from sparseforge.lower.segments import sort_into_windows
 
     from . import peers, run_info
 
     pattern = sf.Scattered((12, 12))
     coords = peers.make_voxels(args.voxels, batch=args.batch, seed=0)
-    seg = group(pattern, coords)[1]
+    seg = sort_into_windows(pattern, coords)[1]
     sizes = np.bincount(seg.numpy())
     rows = measure(sizes)
     for r in rows:

@@ -187,7 +187,7 @@ def _csr(lo, count, flo, n_full):
             n_full.view(1, -1).to(torch.int32).contiguous())
 
 
-def group(pattern: Scattered, coords: torch.Tensor):
+def sort_into_windows(pattern: Scattered, coords: torch.Tensor):
     """Window grouping of checked int64 ``coords`` [N, 1 + ndim] with torch ops on their
     device (no host reads): (order [N] packed position -> voxel, seg [N] window number of
     every packed row, start [N] / end [N] the packed rows [start, end) of its window)."""
@@ -220,7 +220,7 @@ def plan(schedule: TileSchedule, coords: torch.Tensor) -> ScatteredPlan:
     coords = check_coords(coords, keep_device=True)
     dev = coords.device
     n = coords.shape[0]
-    order, seg_real, start, end = group(pattern, coords)
+    order, seg_real, start, end = sort_into_windows(pattern, coords)
     if n == 0:  # no voxels: one dummy window bound so the range arithmetic has rows to read
         start, end, seg_real = (torch.zeros(1, dtype=torch.long, device=dev), torch.ones(1, dtype=torch.long, device=dev),
                                 torch.zeros(1, dtype=torch.long, device=dev))

@@ -12,7 +12,7 @@ import torch
 import sparseforge as sf
 from sparseforge.bench import peers
 from sparseforge.bench import scattered_packing as packing
-from sparseforge.lower.segments import build_scattered_schedule, group, plan
+from sparseforge.lower.segments import build_scattered_schedule, plan, sort_into_windows
 
 
 @pytest.mark.parametrize("tiles", [(64, 32), (32, 32), (16, 16), (32, 64)])
@@ -23,7 +23,7 @@ def test_visited_tiles_match_the_plan_tables(tiles, seed):
     schedule = build_scattered_schedule(pattern, sf.Problem(heads=2, head_dim=32, dtype=torch.float16),
                                         q_tile=(tiles[0],), k_tile=(tiles[1],))
     kv_ptr = plan(schedule, coords).tables["KV_PTR"]
-    sizes = np.bincount(group(pattern, coords)[1].numpy())
+    sizes = np.bincount(sort_into_windows(pattern, coords)[1].numpy())
     visited, rows = packing.visited_tiles(sizes, *tiles, align=1)
     assert visited == int(kv_ptr[0, -1]) and rows == len(coords)
 

@@ -6,7 +6,7 @@ import torch
 
 import sparseforge as sf
 from sparseforge.backends.triton import TritonKernels
-from sparseforge.lower.segments import build_scattered_schedule, group, pack, plan, unpack, window_ids
+from sparseforge.lower.segments import build_scattered_schedule, pack, plan, sort_into_windows, unpack, window_ids
 
 from ._aot import assert_tensor_cores_without_spills, compile_reports, instance_ids
 
@@ -90,7 +90,7 @@ def test_grouping_runs_on_meta_tensors():
     """Grouping is torch ops on the coordinates' device, no Python loop over voxels or
     windows and no host reads: it runs on meta tensors (the tables then read one size)."""
     coords = torch.empty(100, 3, dtype=torch.long, device="meta")
-    order, seg, start, end = group(sf.Scattered((4, 4), shift=(2, 1)), coords)
+    order, seg, start, end = sort_into_windows(sf.Scattered((4, 4), shift=(2, 1)), coords)
     assert all(t.device.type == "meta" and t.shape == (100,) for t in (order, seg, start, end))
 
 
