@@ -123,6 +123,11 @@ class Kernel:
                 self._grids.popitem(last=False)
         return found
 
+    def add(self, schedule: TileSchedule) -> None:
+        """Cache ``schedule`` (built elsewhere with this kernel's config) for its grid."""
+        with self._lock:
+            self._grids.setdefault(self._grid_key(schedule.problem.grid), _AtGrid(schedule))
+
     def triton(self, grid, interpret: bool) -> TritonKernels:
         """The generated Triton kernels for ``grid`` (rendered and loaded on first use)."""
         entry = self.at(grid)
@@ -192,7 +197,10 @@ def register(path: Path, schedule: TileSchedule, config: KernelConfig) -> Kernel
     object for the same key; ``schedule`` seeds its grid cache)."""
     new = Kernel(path, schedule, config)
     with _KERNELS_LOCK:
-        return _KERNELS.setdefault(new.key, new)
+        found = _KERNELS.setdefault(new.key, new)
+    if found is not new:
+        found.add(schedule)
+    return found
 
 
 def registered_kernel(key: str) -> Kernel:

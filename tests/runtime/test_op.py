@@ -237,3 +237,11 @@ def test_op_matches_reference_with_lse_grad_through_compile():
     for g, w in zip(got, want):
         assert rel_err(g, w) < TOL[torch.float32]
     torch._dynamo.reset()
+
+
+def test_a_second_compile_seeds_the_shared_kernel_with_its_schedule():
+    a = compile(sf.Neighborhood(3), P((11, 6), head_dim=12))   # grids no other test uses
+    b = compile(sf.Neighborhood(3), P((9, 13), head_dim=12))
+    assert b.kernel is a.kernel
+    assert a.kernel.at((9, 13)).schedule is b.schedule  # not built a second time
+    assert a.kernel.at((11, 6)).schedule is a.schedule
