@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .. import envvars
+from .sass import analyse, disassemble
 
 # Before Triton reads it: the generated code must not depend on Triton's changing default.
 envvars.pin_triton_fp_fusion()
@@ -55,6 +56,9 @@ class ResourceReport:
     spill_loads: int  # bytes, from ptxas -v
     tensor_core: str  # "tcgen05" (sm_100), "wgmma" (sm_90), "mma" (mma.sync) or "none"
     ptx: str = field(repr=False, compare=False)
+    #: ptxas's "wgmma ... serialized" performance warnings (C7510-C7515, e.g. "C7515: ...
+    #: non wgmma instructions defining accumulator registers"); each costs 10-25% silently
+    serialized: tuple[str, ...] = ()
     cubin: bytes = field(default=b"", repr=False, compare=False)
 
     @property
@@ -62,9 +66,14 @@ class ResourceReport:
         """Total spill traffic in bytes (stores + loads); 0 means nothing spilled."""
         return self.spill_stores + self.spill_loads
 
+    def sass(self):
+        """The ``backends.sass.SassReport`` of the cubin: loops, wgmma/HMMA counts and shapes."""
+        return analyse(disassemble(self.cubin))
+
     def as_dict(self) -> dict[str, Any]:
         """Every field except ``ptx`` and ``cubin``, plus ``spills``; JSON-ready."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("ptx", "cubin")}
+        d["serialized"] = list(self.serialized)
         d["spills"] = self.spills
         return d
 
@@ -262,6 +271,8 @@ def _build_source_args(jf, signature: Mapping[str, str], constexprs: Mapping[str
 _ENTRY_RE = re.compile(r"Compiling entry function '([^']+)'")
 _REGS_RE = re.compile(r"Used (\d+) registers")
 _SPILL_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+#: ptxas warnings that wgmma instructions were serialized (C7510-C7515), with their reason.
+_SERIALIZED_RE = re.compile(r"\((C751[0-5])\)[^:\n]*:?\s*([^\n]*)")
 
 
 def _ptxas_command(cap: int, ptx_path: str, metadata) -> list[str]:
@@ -285,8 +296,9 @@ def _ptxas_command(cap: int, ptx_path: str, metadata) -> list[str]:
             f"--gpu-name={sm_arch_from_capability(cap)}", ptx_path, "-o", os.devnull]
 
 
-def _ptxas_resources(cap: int, ptx: str, metadata) -> tuple[int, int, int]:
-    """(registers, spill store bytes, spill load bytes) of the kernel's entry function."""
+def _ptxas_resources(cap: int, ptx: str, metadata) -> tuple[int, int, int, tuple[str, ...]]:
+    """(registers, spill store bytes, spill load bytes, wgmma serialization warnings) of the
+    kernel's entry function."""
     with tempfile.TemporaryDirectory(prefix="sparseforge-aot-") as tmp:
         ptx_path = os.path.join(tmp, "kernel.ptx")
         with open(ptx_path, "w") as f:
@@ -297,7 +309,12 @@ def _ptxas_resources(cap: int, ptx: str, metadata) -> tuple[int, int, int]:
     if proc.returncode != 0:
         raise RuntimeError(f"ptxas failed (exit {proc.returncode}) on the PTX Triton produced:\n{log}\n"
                            f"command: {' '.join(cmd)}")
-    return _parse_ptxas_log(log, getattr(metadata, "name", None))
+    return (*_parse_ptxas_log(log, getattr(metadata, "name", None)), serialization_warnings(log))
+
+
+def serialization_warnings(log: str) -> tuple[str, ...]:
+    """``"C7515: <reason>"`` for every distinct wgmma serialization warning in a ptxas log."""
+    return tuple(dict.fromkeys(f"{code}: {why.strip()}" for code, why in _SERIALIZED_RE.findall(log)))
 
 
 def _parse_ptxas_log(log: str, entry: str | None = None) -> tuple[int, int, int]:
@@ -378,7 +395,7 @@ def aot_compile(fn, signature: dict[str, str], constexprs: dict[str, object], *,
 
     md = compiled.metadata
     ptx = compiled.asm["ptx"]
-    registers, spill_stores, spill_loads = _ptxas_resources(cap, ptx, md)
+    registers, spill_stores, spill_loads, serialized = _ptxas_resources(cap, ptx, md)
     return ResourceReport(
         target=_target_name(cap),
         num_warps=int(md.num_warps),
@@ -390,4 +407,5 @@ def aot_compile(fn, signature: dict[str, str], constexprs: dict[str, object], *,
         tensor_core=tensor_core_kind(ptx),
         ptx=ptx,
         cubin=bytes(compiled.asm.get("cubin", b"")),
+        serialized=serialized,
     )
