@@ -24,6 +24,11 @@ file is moved aside, under the lock file and after checking again (so two proces
 find the same bad file move it only once), to ``<db>.corrupt-<UTC time>[-n]`` together with
 its ``-wal``/``-shm``/``-journal`` siblings; a fresh database replaces it and a
 ``TuningDatabaseWarning`` names both paths. An earlier moved-aside file is never overwritten.
+
+Bad records: a row of a sound file can still be unusable (a config that is not a JSON object,
+a negative metric, or one the caller's ``check`` refuses, such as a tile of 0). ``get`` and
+``entries`` drop such a row (delete it, if it is unchanged) with a ``TuningDatabaseWarning``
+naming the record and why, so one bad record costs a re-tune, never every compile.
 """
 from __future__ import annotations
 
@@ -246,17 +251,24 @@ class TuningDB:
         return f"TuningDB({str(self._path)!r})"
 
     # -- public operations ---------------------------------------------------------------
-    def get(self, key: TuningKey) -> TuningRecord | None:
-        """The record stored for ``key``, or None."""
+    def get(self, key: TuningKey, *, check: Callable[[TuningRecord], object] | None = None) -> TuningRecord | None:
+        """The record stored for ``key``, or None.
+
+        A stored record that cannot be used is dropped: one that is not a valid
+        ``TuningRecord`` (config not a JSON object, metric negative, ...) or that ``check``
+        refuses (``check(record)`` raises ValueError or TypeError saying why, e.g. a tile of
+        0) is deleted with a ``TuningDatabaseWarning`` and None is returned, so the caller
+        tunes again instead of failing on it every time."""
         _check_key(key)
         where = " AND ".join(f"{c} = ?" for c in _KEY_COLUMNS)
-        sql = f"SELECT {', '.join(_RECORD_COLUMNS)} FROM tuning WHERE {where}"
-
-        def op(conn: sqlite3.Connection) -> TuningRecord | None:
-            row = conn.execute(sql, key._row()).fetchone()
-            return None if row is None else TuningRecord._from_row(row)
-
-        return self._run(op, write=False)
+        sql = f"SELECT rowid, {', '.join(_RECORD_COLUMNS)} FROM tuning WHERE {where}"
+        row = self._run(lambda conn: conn.execute(sql, key._row()).fetchone(), write=False)
+        if row is None:
+            return None
+        record, why = _usable(row[1:], check)
+        if record is None:
+            self._drop(row[0], key._row() + tuple(row[1:]), why, key)
+        return record
 
     def put(self, key: TuningKey, record: TuningRecord) -> None:
         """Insert or replace the record for ``key`` in one transaction; ``record.created``
@@ -272,17 +284,25 @@ class TuningDB:
         values = key._row() + record._row()
         self._run(lambda conn: conn.execute(sql, values), write=True)
 
-    def entries(self) -> list[tuple[TuningKey, TuningRecord]]:
-        """Every (key, record), oldest ``created`` first."""
+    def entries(self, *, check: Callable[[TuningRecord], object] | None = None) -> list[tuple[TuningKey, TuningRecord]]:
+        """Every (key, record), oldest ``created`` first; unusable records are dropped as in ``get``."""
         columns = _KEY_COLUMNS + _RECORD_COLUMNS
-        sql = f"SELECT {', '.join(columns)} FROM tuning ORDER BY created, rowid"
+        sql = f"SELECT rowid, {', '.join(columns)} FROM tuning ORDER BY created, rowid"
         n = len(_KEY_COLUMNS)
-
-        def op(conn: sqlite3.Connection) -> list[tuple[TuningKey, TuningRecord]]:
-            return [(TuningKey(**dict(zip(_KEY_COLUMNS, row[:n]))), TuningRecord._from_row(row[n:]))
-                    for row in conn.execute(sql)]
-
-        return self._run(op, write=False)
+        out = []
+        for row in self._run(lambda conn: conn.execute(sql).fetchall(), write=False):
+            rowid, values = row[0], tuple(row[1:])
+            try:
+                key = TuningKey(**dict(zip(_KEY_COLUMNS, values[:n])))
+            except (TypeError, ValueError) as exc:
+                key, record, why = None, None, f"its key is invalid ({exc})"
+            else:
+                record, why = _usable(values[n:], check)
+            if record is None:
+                self._drop(rowid, values, why, key)
+            else:
+                out.append((key, record))
+        return out
 
     def remove(self, key: TuningKey) -> bool:
         """Delete the record for ``key``; True if there was one."""
@@ -297,6 +317,21 @@ class TuningDB:
     def __len__(self) -> int:
         return self._run(lambda conn: conn.execute("SELECT COUNT(*) FROM tuning").fetchone()[0],
                          write=False)
+
+    def _drop(self, rowid: int, values: tuple, why: str, key: TuningKey | None) -> None:
+        """Delete the unusable row ``rowid`` if it still holds ``values`` (a writer may have
+        replaced it meanwhile) and warn, in one line, which record went and why."""
+        columns = _KEY_COLUMNS + _RECORD_COLUMNS
+        sql = f"DELETE FROM tuning WHERE rowid = ? AND {' AND '.join(f'{c} IS ?' for c in columns)}"
+        which = (f"the record for {key.problem} on {key.target} ({key.device_name}), pattern "
+                 f"{key.pattern_fingerprint[:16]}," if key is not None else f"record {rowid}")
+        try:
+            self._run(lambda conn: conn.execute(sql, (rowid, *values)), write=True)
+            done = "removed it (it is tuned again when next needed)"
+        except (sqlite3.Error, OSError) as exc:  # e.g. a read-only database: skip it all the same
+            done = f"ignored it (could not remove it: {exc})"
+        warnings.warn(f"the tuning database {self._path}: {which} is unusable ({why}); {done}",
+                      TuningDatabaseWarning, stacklevel=3)
 
     # -- machinery -----------------------------------------------------------------------
     def _run(self, op: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
@@ -445,6 +480,20 @@ def _transaction(conn: sqlite3.Connection, op: Callable[[sqlite3.Connection], T]
         raise
     conn.execute("COMMIT")
     return result
+
+
+def _usable(values: tuple, check: Callable[[TuningRecord], object] | None) -> tuple[TuningRecord | None, str]:
+    """(record, "") for the record columns ``values`` if usable, else (None, why not)."""
+    try:
+        record = TuningRecord._from_row(values)
+    except (TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        return None, f"{type(exc).__name__}: {exc}"
+    if check is not None:
+        try:
+            check(record)
+        except (TypeError, ValueError) as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+    return record, ""
 
 
 def _utc_stamp() -> str:

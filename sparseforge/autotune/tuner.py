@@ -38,6 +38,7 @@ from ..dsl.problem import DTYPE_NAMES, Problem
 from ..lower.paths import ROUTED, path_of
 from ..lower.routed import balanced_routes, build_routed_schedule, with_tables
 from ..lower.schedule import TileSchedule, build_schedule
+from ..lower.tiling import TileGeometry
 from . import cost, space
 from .db import TuningDB, TuningKey, TuningRecord
 
@@ -159,7 +160,7 @@ def tune(pattern: Pattern, problem: Problem, *, target=None, db: TuningDB | None
     db = TuningDB() if db is None else db
     key = tuning_key(pattern, problem, cap, device_name)
     if not force:
-        hit = db.get(key)
+        hit = db.get(key, check=lambda record: check_record(record, pattern, problem))
         if hit is not None:
             return TuningResult(KernelConfig.from_dict(hit.config), f"sm_{cap}", device_name, hit.measured,
                                 hit.metric, cached=True, seconds=time.perf_counter() - t0)
@@ -204,6 +205,19 @@ def tune(pattern: Pattern, problem: Problem, *, target=None, db: TuningDB | None
     raise TuningError(f"no config for {pattern!r} on {problem!r} survived on sm_{cap}: {'; '.join(reasons[:5])}")
 
 
+def check_record(record: TuningRecord, pattern: Pattern, problem: Problem) -> None:
+    """Raise ValueError/TypeError unless ``record`` holds a config ``tune`` could have stored
+    for ``pattern`` on ``problem``: every tile and launch set, tiles valid for the grid (and,
+    routed, for the padded region). The database drops a record this refuses."""
+    config = KernelConfig.from_dict(record.config)
+    if config.q_tile is None or config.k_tile is None or any(config.launch(k) is None for k in KERNELS):
+        raise ValueError(f"config {record.config} leaves a tile or a launch unset")
+    if isinstance(pattern, Routed):
+        build_routed_schedule(pattern, problem, q_tile=config.q_tile, k_tile=config.k_tile)  # cheap: no tables
+    else:
+        TileGeometry.make(problem.grid, config.q_tile, config.k_tile)
+
+
 def candidate_schedule(pattern: Pattern, problem: Problem, q_tile, k_tile) -> TileSchedule:
     """The schedule a candidate's tiles give (the one its kernels are compiled from)."""
     if isinstance(pattern, Routed):
@@ -232,6 +246,8 @@ def _static_candidate(schedule, costed, kernel: str, launch: Launch, cap: int, s
     rejected = None
     if report.spills:
         rejected = f"spills {report.spills} B of registers"
+    elif report.serialized:
+        rejected = f"ptxas serializes its wgmma ({report.serialized[0]})"
     elif report.shared_bytes > spec.shared_per_block:
         rejected = f"needs {report.shared_bytes} B of shared memory, more than {spec.shared_per_block}"
     predicted = cost.predict_us(costed, kernel, report, spec)

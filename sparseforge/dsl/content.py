@@ -83,12 +83,13 @@ class Routed(Pattern):
         its query heads), any float dtype. Routing is detached, as in BiFormer, and computed
         in float64 from the inputs' values: region sums accumulate ``ROUTING_CHUNK_TOKENS``
         tokens at a time, so no float64 copy of q or k is ever whole (peak memory O(R), not
-        O(N), beyond the inputs).
+        O(N), beyond the inputs). On the ``meta`` device it gives meta routes of the right
+        shape (shape propagation: no values exist to route on).
         """
         ids, n_regions = self.regions(grid)
         b, h, n, d = q.shape
+        counts = torch.bincount(ids, minlength=n_regions).to(device=q.device, dtype=torch.float64)  # static: on CPU
         ids = ids.to(q.device)
-        counts = torch.bincount(ids, minlength=n_regions).to(torch.float64)
 
         def region_mean(x):  # [B, Hx, N, D] -> float64 [B, R, Hx, D]
             x = x.detach()
@@ -120,6 +121,9 @@ class Routed(Pattern):
             else:
                 routes = check_routes(routes, ctx.q.shape[0] if ctx.q is not None else None,
                                       ctx.problem.heads, n_regions, self.topk)
+            if routes.device.type == "meta":
+                raise ValueError(f"routes is on the meta device, but the exact mask of {self!r} (dense_mask, "
+                                 f"reference_attention) needs its values: pass routes holding data")
             layout = torch.zeros(*routes.shape[:2], n_regions, n_regions, dtype=torch.bool)
             layout.scatter_(-1, routes.cpu(), True)
             ctx.cache[key] = layout
@@ -132,7 +136,9 @@ class Routed(Pattern):
 
 
 def check_routes(routes: torch.Tensor, batch: int | None, heads: int, n_regions: int, topk: int) -> torch.Tensor:
-    """Validate caller-given routes int [B, (H,) R, topk]; returns them as int64 [B, H|1, R, topk]."""
+    """Validate caller-given routes int [B, (H,) R, topk]; returns them as int64 [B, H|1, R, topk].
+    Routes on the ``meta`` device (shape propagation) have no values: only their dtype and
+    shape are checked."""
     if not isinstance(routes, torch.Tensor) or routes.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"routes must be an int32/int64 tensor [B, (H,) R, topk], got "
                         f"{getattr(routes, 'dtype', type(routes).__name__)}")
@@ -141,7 +147,7 @@ def check_routes(routes: torch.Tensor, batch: int | None, heads: int, n_regions:
     if routes.dim() != 4 or routes.shape[1] not in (1, heads) or routes.shape[2] != n_regions \
             or routes.shape[3] != topk or (batch is not None and routes.shape[0] != batch):
         raise ValueError(f"routes must have shape [B, (H,) R={n_regions}, topk={topk}], got {tuple(routes.shape)}")
-    if routes.numel() and (routes.min() < 0 or routes.max() >= n_regions):
+    if routes.numel() and routes.device.type != "meta" and (routes.min() < 0 or routes.max() >= n_regions):
         raise ValueError(f"routes must index regions in [0, {n_regions}), got values in "
                          f"[{int(routes.min())}, {int(routes.max())}]")
     return routes.long()

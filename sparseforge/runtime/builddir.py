@@ -12,23 +12,44 @@
 ``read_build`` accepts a directory only if the manifest is ours and every file on disk is
 listed, is a regular file and has the recorded hash: nothing missing, changed or extra.
 
-Atomicity: ``write_build`` writes (and fsyncs) everything into a fresh sibling
-``.<name>.staging-<random>`` directory, then publishes it with ``rename`` while holding a
-``filelock`` on the sibling ``.<name>.lock``. ``rename`` within one directory is atomic,
-so ``DIR`` is at any instant absent, the old complete build or the new complete build;
-an old build is first renamed aside and deleted only after the new one is in place.
-A failure removes the staging directory and leaves ``DIR`` as it was; a hard kill can at
-worst leave a hidden staging/old sibling behind, never a half-written ``DIR``.
+Crash safety: ``DIR`` is a symbolic link to an immutable version directory beside it,
+``.<name>.v-<32 hex>``. ``write_build`` writes (and fsyncs) everything into a fresh
+``.<name>.staging-<pid>-<host>-<hex>``, then, holding the ``filelock`` ``.<name>.lock``,
+renames it to a new version, points a temporary link ``.<name>.link-<hex>`` at that and
+``os.replace``-s the link over ``DIR``. Replacing a link by rename is atomic, so ``DIR`` is at
+every instant the old complete build or the new one, whatever step a kill interrupts; a
+failure removes what it wrote and leaves ``DIR`` as it was.
+
+Readers resolve ``DIR`` once and read only from the version it names, so a concurrent
+replace never pulls files from under them; should that version go mid-read they resolve
+again. A superseded version is kept ``RETAIN_S`` seconds for readers in flight (its mtime
+says when it was superseded). The next ``write_build`` of the same name, under the lock,
+deletes older versions and what killed writers left: staging directories of processes no
+longer alive on this host (any older than ``STALE_S``), temporary links, versions that
+never became current.
+
+A build written by an older sparseforge (``DIR`` a real directory) is swapped with the link
+in one ``renameat2(RENAME_EXCHANGE)`` where the system has it; elsewhere it is first renamed
+to ``.<name>.old-<hex>``, and should a kill come before the link takes its place, the next
+reader or writer puts it back (under the lock).
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime
+import errno
+import functools
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 import stat
+import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +62,14 @@ MANIFEST = "manifest.json"
 FORMAT = "sparseforge-build/1"
 _CHUNK = 1 << 20
 _HEX = frozenset("0123456789abcdef")
+#: Seconds a superseded version stays for readers that resolved it before the replace.
+RETAIN_S = 300.0
+#: Seconds after which a staging directory whose writer cannot be checked is abandoned.
+STALE_S = 3600.0
+#: How often a reader resolves the build again when it was replaced under it.
+_READ_ATTEMPTS = 20
+#: The hidden siblings of build ``name``: (kind, rest of the name).
+_SIBLING = r"\.(v|staging|link|old)-([0-9a-f-]+)"
 
 
 class BuildIntegrityError(ValueError):
@@ -128,8 +157,10 @@ def _is_build(path: Path) -> bool:
 def write_build(out_dir: str | os.PathLike, files: Mapping[str, bytes | str], meta: Mapping) -> Path:
     """Atomically write a build of ``files`` (relative POSIX path -> content) and ``meta`` to ``out_dir``.
 
-    Replaces an existing build; refuses (FileExistsError) to replace anything else except an
-    empty directory. Returns the absolute ``out_dir``.
+    ``out_dir`` becomes a link to a new version directory beside it (module docstring), switched
+    atomically. Replaces an existing build (ours, or an older sparseforge's real directory);
+    refuses (FileExistsError) to replace anything else except an empty directory, a link of
+    the user's included. Returns the absolute ``out_dir``.
     """
     if not isinstance(files, Mapping):
         raise TypeError(f"files must be a mapping of relative path -> bytes | str, got {type(files).__name__}")
@@ -181,7 +212,7 @@ def write_build(out_dir: str | os.PathLike, files: Mapping[str, bytes | str], me
         _write_file(staging / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
         for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
             _fsync_dir(d)
-        with FileLock(str(parent / f".{out.name}.lock")):
+        with _lock(out):
             _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -190,8 +221,10 @@ def write_build(out_dir: str | os.PathLike, files: Mapping[str, bytes | str], me
 
 
 def _make_staging(parent: Path, name: str) -> Path:
+    """A fresh ``.<name>.staging-<pid>-<host>-<hex>``: the pid and host say whose it is, so a
+    later write can tell one left by a killed process from one still being written."""
     while True:  # os.mkdir (not mkdtemp) so the published directory gets the usual umask permissions
-        staging = parent / f".{name}.staging-{secrets.token_hex(8)}"
+        staging = parent / f".{name}.staging-{os.getpid()}-{_host_tag()}-{secrets.token_hex(8)}"
         try:
             os.mkdir(staging)
             return staging
@@ -199,59 +232,253 @@ def _make_staging(parent: Path, name: str) -> Path:
             continue
 
 
+@functools.lru_cache(maxsize=None)
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def _lock(out: Path) -> FileLock:
+    return FileLock(str(out.parent / f".{out.name}.lock"))
+
+
+def _siblings(out: Path) -> list[tuple[str, str, Path]]:
+    """(kind, rest, path) of the hidden siblings of ``out`` that builds of its name make."""
+    pattern = re.compile(r"\." + re.escape(out.name) + _SIBLING)
+    found = []
+    try:
+        entries = list(os.scandir(out.parent))
+    except OSError:
+        return []
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m:
+            found.append((m[1], m[2], Path(entry.path)))
+    return found
+
+
+def _is_version_name(name: str, target: str) -> bool:
+    """Whether the link text ``target`` names a version of build ``name`` (one of our links)."""
+    return re.fullmatch(rf"\.{re.escape(name)}\.v-[0-9a-f]{{32}}", target) is not None
+
+
+def _current_version(out: Path) -> str | None:
+    """The version ``out`` links to when it is one of our links, else None."""
+    try:
+        target = os.readlink(out)
+    except OSError:
+        return None
+    return target if _is_version_name(out.name, target) else None
+
+
+def _refuse(out: Path, why: str) -> FileExistsError:
+    return FileExistsError(f"out_dir '{out}' {why}; refusing to replace it (remove it or choose another --out)")
+
+
 def _publish(staging: Path, out: Path) -> None:
-    """Move ``staging`` to ``out`` (caller holds the lock)."""
-    if not os.path.lexists(out):
-        os.rename(staging, out)
-    elif out.is_symlink() or not out.is_dir():
-        raise FileExistsError(f"out_dir '{out}' exists and is not a sparseforge build directory; "
-                              f"refusing to replace it (remove it or choose another --out)")
+    """Make ``staging`` the build at ``out`` (caller holds the lock): ``out`` is at every
+    instant the old build or the new one."""
+    _recover(out)
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        st = None
+    current = None
+    if st is None:
+        kind = "absent"
+    elif stat.S_ISLNK(st.st_mode):
+        current = _current_version(out)
+        if current is None:  # a link of the user's: never replaced
+            raise _refuse(out, "exists and is not a sparseforge build directory")
+        kind = "link"
+    elif not stat.S_ISDIR(st.st_mode):
+        raise _refuse(out, "exists and is not a sparseforge build directory")
     elif not any(out.iterdir()):
-        os.rmdir(out)
-        os.rename(staging, out)
+        kind = "empty"
     elif not _is_build(out):
-        raise FileExistsError(f"out_dir '{out}' is a non-empty directory without a {FORMAT!r} {MANIFEST}; "
-                              f"refusing to replace it (remove it or choose another --out)")
+        raise _refuse(out, f"is a non-empty directory without a {FORMAT!r} {MANIFEST}")
     else:
-        old = out.parent / f".{out.name}.old-{secrets.token_hex(8)}"
-        os.rename(out, old)
+        kind = "legacy"  # a real directory holding a build of an older sparseforge
+
+    version = out.parent / f".{out.name}.v-{secrets.token_hex(16)}"
+    os.rename(staging, version)
+    aside = None
+    try:
+        link = out.parent / f".{out.name}.link-{secrets.token_hex(8)}"
+        os.symlink(version.name, link)
         try:
-            os.rename(staging, out)
+            if kind == "link":
+                _touch(out.parent / current)  # superseded now: kept RETAIN_S for readers in flight
+                os.replace(link, out)
+            elif kind == "legacy":
+                aside = _swap_legacy(link, out)
+            else:
+                if kind == "empty":
+                    os.rmdir(out)
+                os.replace(link, out)
         except BaseException:
-            os.rename(old, out)
+            with contextlib.suppress(OSError):
+                os.unlink(link)
             raise
-        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(version, ignore_errors=True)
+        raise
     _fsync_dir(out.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    _prune(out)
+
+
+def _swap_legacy(link: Path, out: Path) -> Path:
+    """Put ``link`` in the place of the real directory ``out``; returns where the old
+    directory went. Atomic where ``renameat2(RENAME_EXCHANGE)`` is; elsewhere a kill between
+    the two renames leaves ``.<name>.old-<hex>``, which ``_recover`` puts back."""
+    if _exchange(link, out):
+        return link  # the old directory now has the link's name
+    aside = out.parent / f".{out.name}.old-{secrets.token_hex(8)}"
+    os.rename(out, aside)
+    try:
+        os.replace(link, out)
+    except BaseException:
+        os.rename(aside, out)
+        raise
+    return aside
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+@functools.lru_cache(maxsize=None)
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the entries ``a`` and ``b`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``);
+    False, changing nothing, where the system or filesystem cannot."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(b))
+
+
+def _touch(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+def _recover(out: Path) -> None:
+    """Caller holds the lock. Where a kill came between renaming an older sparseforge's
+    build directory aside and linking ``out``, put the directory back."""
+    if os.path.lexists(out):
+        return
+    olds = [p for kind, _, p in _siblings(out) if kind == "old" and _is_build(p)]
+    if olds:
+        newest = max(olds, key=lambda p: p.stat().st_mtime)
+        os.rename(newest, out)
+        _fsync_dir(out.parent)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def _prune(out: Path) -> None:
+    """Caller holds the lock, ``out`` is in place. Delete versions superseded more than
+    ``RETAIN_S`` ago (or never current), staging directories of dead writers, temporary links
+    and directories renamed aside. Best effort: what cannot be deleted now is left for later."""
+    now, current = time.time(), _current_version(out)
+    for kind, rest, path in _siblings(out):
+        try:
+            age = now - os.lstat(path).st_mtime
+            if kind == "v":
+                if path.name == current or len(rest) != 32 or age <= RETAIN_S:
+                    continue
+            elif kind == "staging":
+                owner = re.fullmatch(r"(\d+)-([0-9a-f]{8})-[0-9a-f]{16}", rest)
+                dead = owner is not None and owner[2] == _host_tag() and not _pid_alive(int(owner[1]))
+                if not dead and age <= STALE_S:
+                    continue
+            if path.is_symlink() or not path.is_dir():
+                os.unlink(path)
+            else:
+                shutil.rmtree(path)
+        except OSError:
+            continue
 
 
 # -- reading ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Build:
-    """A verified build directory: ``files`` maps relative path -> sha256 (manifest excluded)."""
+    """A verified build directory: ``files`` maps relative path -> sha256 (manifest excluded).
+
+    ``path`` is the directory as given (what messages name); ``root`` the directory read, the
+    version ``path`` linked to when it was read (``path`` itself when None is given)."""
 
     path: Path
     meta: dict
     files: dict[str, str]
+    root: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.root is None:
+            object.__setattr__(self, "root", self.path)
 
     def read_bytes(self, rel: str) -> bytes:
         """Content of the listed file ``rel``, re-checked against its recorded sha256."""
         if rel not in self.files:
             raise _NotInBuildError(f"{rel!r} is not a file of build '{self.path}'; "
                                    f"it has {sorted(self.files)}")
-        data = self.path.joinpath(*rel.split("/")).read_bytes()
+        parts = rel.split("/")
+        try:
+            data = self.root.joinpath(*parts).read_bytes()
+        except FileNotFoundError:
+            data = None
+        if data is not None and hashlib.sha256(data).hexdigest() == self.files[rel]:
+            return data
+        root_now = Path(os.path.realpath(self.root))
+        now = Path(os.path.realpath(self.path))
+        if now != root_now or root_now != self.root:  # replaced since read (and the version read pruned)
+            try:
+                again = now.joinpath(*parts).read_bytes()
+            except OSError:
+                again = None
+            if again is not None and hashlib.sha256(again).hexdigest() == self.files[rel]:
+                return again  # the build there now has the very same file
+            raise BuildIntegrityError(f"build directory '{self.path}' was replaced since it was read ({rel} "
+                                      f"differs or is gone); read it again (sparseforge.load)")
+        if data is None:
+            raise _fail(self.path, [f"{rel}: missing since the build was read"])
         actual = hashlib.sha256(data).hexdigest()
-        if actual != self.files[rel]:
-            raise _fail(self.path, [f"{rel}: sha256 mismatch (expected {self.files[rel][:12]}, got {actual[:12]}) "
-                                    f"since the build was read"])
-        return data
+        raise _fail(self.path, [f"{rel}: sha256 mismatch (expected {self.files[rel][:12]}, got {actual[:12]}) "
+                                f"since the build was read"])
 
     def read_text(self, rel: str) -> str:
         """``read_bytes(rel)`` decoded as UTF-8."""
         return self.read_bytes(rel).decode("utf-8")
 
 
-def _load_manifest(path: Path) -> tuple[dict, dict[str, dict]]:
-    m = path / MANIFEST
+def _load_manifest(path: Path, root: Path) -> tuple[dict, dict[str, dict]]:
+    m = root / MANIFEST
     try:
         st = os.lstat(m)
     except FileNotFoundError:
@@ -282,23 +509,20 @@ def _load_manifest(path: Path) -> tuple[dict, dict[str, dict]]:
     return meta, listed
 
 
-def read_build(path: str | os.PathLike) -> Build:
-    """Read and verify the build directory at ``path``; raise BuildIntegrityError unless intact."""
-    path = Path(path)
-    if not os.path.lexists(path):
-        raise _BuildNotFoundError(f"build directory '{path}' does not exist; {_hint(path)}")
-    if not path.is_dir():
+def _verify(path: Path, root: Path) -> tuple[dict, dict[str, dict]]:
+    """Verify the build in directory ``root`` (messages name ``path``)."""
+    if not root.is_dir():
         raise _fail(path, ["it is not a directory"])
-    meta, listed = _load_manifest(path)
+    meta, listed = _load_manifest(path, root)
 
     problems: list[str] = []
     needed_dirs = {"/".join(rel.split("/")[:i]) for rel in listed for i in range(1, rel.count("/") + 1)}
-    for root, dirnames, filenames in os.walk(path):
-        base = Path(root).relative_to(path).as_posix()
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise):
+        base = Path(dirpath).relative_to(root).as_posix()
         prefix = "" if base == "." else base + "/"
         for d in dirnames:
             rel = prefix + d
-            if rel not in needed_dirs or os.path.islink(os.path.join(root, d)):
+            if rel not in needed_dirs or os.path.islink(os.path.join(dirpath, d)):
                 problems.append(f"{rel}/: unexpected directory (not in {MANIFEST})")
         dirnames[:] = [d for d in dirnames if prefix + d in needed_dirs]
         for f in filenames:
@@ -307,7 +531,7 @@ def read_build(path: str | os.PathLike) -> Build:
                 problems.append(f"{rel}: unexpected file (not in {MANIFEST})")
 
     for rel, entry in sorted(listed.items()):
-        fp = path.joinpath(*rel.split("/"))
+        fp = root.joinpath(*rel.split("/"))
         try:
             st = os.lstat(fp)
         except (FileNotFoundError, NotADirectoryError):
@@ -322,4 +546,43 @@ def read_build(path: str | os.PathLike) -> Build:
                             f"{entry['bytes']} bytes recorded, {n} on disk)")
     if problems:
         raise _fail(path, problems)
-    return Build(path=path, meta=meta, files={rel: e["sha256"] for rel, e in sorted(listed.items())})
+    return meta, listed
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def _resolve(path: Path) -> Path:
+    """The directory ``path`` names now (following links once, all the way), or
+    ``_BuildNotFoundError``. A build an interrupted older-format replace left renamed
+    aside is put back first (under the lock)."""
+    if not os.path.lexists(path):
+        out = Path(os.path.abspath(path))
+        if any(kind == "old" for kind, _, _ in _siblings(out)):
+            with contextlib.suppress(OSError), _lock(out):  # the writer holds it until done
+                _recover(out)
+        if not os.path.lexists(path):
+            raise _BuildNotFoundError(f"build directory '{path}' does not exist; {_hint(path)}")
+    return Path(os.path.realpath(path))
+
+
+def read_build(path: str | os.PathLike) -> Build:
+    """Read and verify the build directory at ``path``; raise BuildIntegrityError unless intact.
+
+    Safe against a concurrent ``write_build`` to ``path``: the result is the old build or the
+    new one, complete, never a mixture and never an error caused by the replace."""
+    path = Path(path)
+    for attempt in range(_READ_ATTEMPTS):
+        root = _resolve(path)
+        try:
+            meta, listed = _verify(path, root)
+        except (BuildIntegrityError, OSError) as exc:
+            replaced = Path(os.path.realpath(path)) != root or not os.path.lexists(path)
+            if replaced and attempt + 1 < _READ_ATTEMPTS:
+                continue  # the version read was replaced and pruned under us: read the new one
+            if isinstance(exc, BuildIntegrityError):
+                raise
+            raise _fail(path, [f"it could not be read ({exc})"]) from None
+        return Build(path=path, meta=meta, files={rel: e["sha256"] for rel, e in sorted(listed.items())}, root=root)
+    raise AssertionError("unreachable")  # pragma: no cover

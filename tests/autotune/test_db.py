@@ -519,3 +519,129 @@ def test_concurrent_openers_of_a_corrupt_file_move_it_aside_once(tmp_path):
     assert len(warned) == 1 and str(aside) in warned[0]
     assert sorted(k.pattern_fingerprint for k, _ in TuningDB(path).entries()) == [
         f"w{i}" for i in range(N_WORKERS)]
+
+
+# ------------------------------------------------------------------------------------
+# unusable records in a sound file: dropped on read, with one warning each
+# ------------------------------------------------------------------------------------
+def _edit_row(path: Path, fingerprint: str, **columns) -> None:
+    """Overwrite columns of the stored row of ``key(fingerprint)`` with raw SQL values."""
+    sets = ", ".join(f"{c} = ?" for c in columns)
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        n = conn.execute(f"UPDATE tuning SET {sets} WHERE pattern_fingerprint = ?",
+                         (*columns.values(), fingerprint)).rowcount
+    assert n == 1
+
+
+BAD_ROWS = {
+    "config_not_json": (dict(config="{not json"), r"JSONDecodeError"),
+    "config_not_object": (dict(config="[64, 32]"), r"TypeError: config must be a dict, got \[64, 32\]"),
+    "config_a_number": (dict(config=7), r"TypeError"),
+    "negative_metric": (dict(metric=-1.0), r"ValueError: metric must be finite and >= 0, got -1\.0"),
+    "metric_text": (dict(metric="fast"), r"TypeError: metric must be a float, got 'fast'"),
+    "kernel_name_blob": (dict(kernel_name=b"\x00"), r"TypeError: kernel_name must be a str"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_ROWS))
+def test_unusable_row_is_dropped_with_one_warning(db, bad):
+    columns, reason = BAD_ROWS[bad]
+    db.put(key("good"), record())
+    db.put(key("bad"), record())
+    _edit_row(db.path, "bad", **columns)
+    with pytest.warns(TuningDatabaseWarning) as caught:
+        assert db.get(key("bad")) is None
+    assert len(caught) == 1 and caught[0].filename == __file__
+    message = str(caught[0].message)
+    assert "\n" not in message and str(db.path) in message and "pattern bad," in message
+    assert re.search(reason, message) and message.endswith("removed it (it is tuned again when next needed)")
+    assert len(db) == 1 and db.get(key("good")) is not None  # only the bad row went
+    db.put(key("bad"), record(metric=2.0))  # tuned again: stored and read back
+    assert db.get(key("bad")).metric == 2.0
+
+
+def test_entries_drop_unusable_rows(db, recwarn):
+    for name in ("a", "b", "c"):
+        db.put(key(name), record(created=float(ord(name))))
+    _edit_row(db.path, "b", config="{not json")
+    assert [k.pattern_fingerprint for k, _ in db.entries()] == ["a", "c"]
+    assert len([w for w in recwarn if w.category is TuningDatabaseWarning]) == 1
+    assert len(db) == 2 and [k.pattern_fingerprint for k, _ in db.entries()] == ["a", "c"]
+    assert len(recwarn) == 1  # gone: no second warning
+
+
+def test_check_refuses_a_record(db):
+    db.put(key(), record(config={"q_tile": [0, 0]}))
+
+    def check(rec):
+        if 0 in rec.config["q_tile"]:
+            raise ValueError(f"q_tile must be positive, got {rec.config['q_tile']}")
+    assert db.get(key(), check=lambda rec: None) is not None  # accepted: kept
+    with pytest.warns(TuningDatabaseWarning, match=r"unusable \(ValueError: q_tile must be positive, got \[0, 0\]\)"):
+        assert db.get(key(), check=check) is None
+    assert len(db) == 0
+    db.put(key(), record())
+    with pytest.raises(KeyError):  # anything but ValueError/TypeError is the checker's own bug: raised
+        db.get(key(), check=lambda rec: {}["x"])
+    assert len(db) == 1
+
+
+def test_a_record_replaced_meanwhile_is_not_dropped(db):
+    """The bad row is deleted only if unchanged: a writer's fresh record survives."""
+    db.put(key(), record(config={"q_tile": [0, 0]}))
+
+    def check(rec):
+        db.put(key(), record(metric=3.0))  # another writer stores a good record meanwhile
+        raise ValueError("impossible tile")
+    with pytest.warns(TuningDatabaseWarning, match="impossible tile"):
+        assert db.get(key(), check=check) is None
+    assert db.get(key()).metric == 3.0
+
+
+def test_a_bad_record_that_cannot_be_deleted_is_skipped(db, monkeypatch):
+    """A database the user may only read: the bad record is skipped all the same."""
+    db.put(key(), record())
+    _edit_row(db.path, "fp0", metric=-5.0)
+    real = TuningDB._run
+
+    def read_only(self, op, *, write):
+        if write:
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+        return real(self, op, write=write)
+    monkeypatch.setattr(TuningDB, "_run", read_only)
+    with pytest.warns(TuningDatabaseWarning, match=r"ignored it \(could not remove it: attempt to write a readonly"):
+        assert db.get(key()) is None
+    monkeypatch.undo()
+    assert len(db) == 1
+
+
+def test_tune_drops_an_impossible_record_instead_of_failing(tmp_path):
+    """A tile of 0, a tile of the wrong rank, a launch missing, a routed tile that does not
+    divide the padded region: each is dropped with a warning and tuning runs again (here
+    with no candidates, so it ends in TuningError), never raised on every compile."""
+    from sparseforge import Neighborhood, Problem, Routed
+    from sparseforge.autotune.tuner import TuningError, check_record, tune, tuning_key
+    from sparseforge.codegen.config import KernelConfig, Launch
+
+    tdb = TuningDB(tmp_path / "t.sqlite3")
+    launch = Launch(4, 1)
+    good = KernelConfig((4, 4), (4, 4), True, fwd=launch, bwd_dq=launch, bwd_dkdv=launch).as_dict()
+    cases = [
+        (Neighborhood(3), good, None),
+        (Neighborhood(3), {**good, "q_tile": [0, 0]}, r"q_tile must be >= 1, got 0"),
+        (Neighborhood(3), {**good, "k_tile": [8]}, r"k_tile=\(8,\) must have one positive entry per grid dimension"),
+        (Neighborhood(3), {**good, "bwd_dq": None}, r"leaves a tile or a launch unset"),
+        (Routed((4, 4), 2), {**good, "q_tile": [4, 3]}, r"must have power-of-two extents dividing the padded region"),
+    ]
+    problem = Problem(grid=(8, 8), heads=2, head_dim=16, dtype=torch.float16)
+    for pattern, config, reason in cases:
+        k = tuning_key(pattern, problem, 90, "cost-model sm_90")
+        tdb.put(k, TuningRecord(config=config, measured=False, metric=1.0, kernel_name="x"))
+        if reason is None:
+            check_record(tdb.get(k), pattern, problem)
+            hit = tune(pattern, problem, target="sm_90", db=tdb, measure=False, tiles=[])
+            assert hit.cached and hit.config == KernelConfig.from_dict(good)
+            continue
+        with pytest.warns(TuningDatabaseWarning, match=reason), pytest.raises(TuningError, match="survived"):
+            tune(pattern, problem, target="sm_90", db=tdb, measure=False, tiles=[])
+        assert tdb.get(k) is None, reason

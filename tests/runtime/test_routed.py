@@ -238,3 +238,51 @@ def test_very_negative_scores_with_padding_keys_stay_finite(backend):
     assert rel_err(out, ref) < KERNEL_TOL[torch.float32]
     for got, w in zip(grads, want):
         assert torch.isfinite(got).all() and rel_err(got, w) < 1e-4
+
+
+# -- the meta device: shapes propagate, values are refused where the exact mask needs them ------
+@pytest.mark.parametrize("case", ["computed", "given", "given_per_head", "per_head_gqa"])
+def test_meta_tensors_propagate_shapes(case):
+    """Routing inside the call and given routes on ``meta`` (e.g. a model built on the meta
+    device): out, LSE and gradients get their shapes, no value is asked for."""
+    per_head = case in ("given_per_head", "per_head_gqa")
+    pattern = sf.Routed((4, 4), 2, per_head=per_head)
+    problem = P((8, 8), heads=2, kv_heads=1 if case == "per_head_gqa" else None)
+    attn = compile(pattern, problem, backend="cpu")
+    q = torch.empty(3, 2, 64, 16, device="meta", requires_grad=True)
+    k, v = (torch.empty(3, problem.kv_heads, 64, 16, device="meta", requires_grad=True) for _ in range(2))
+    routes = {"given": torch.empty(3, 4, 2, dtype=torch.long, device="meta"),
+              "given_per_head": torch.empty(3, 2, 4, 2, dtype=torch.int32, device="meta")}.get(case)
+    out, lse = attn(q, k, v, return_lse=True, routes=routes)
+    assert out.device.type == lse.device.type == "meta"
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (3, 2, 64)
+    (out.sum() + lse.sum()).backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+    real = qkv(problem, 3)
+    expected = pattern.routes(real[0], real[1], problem.grid)
+    got = pattern.routes(q, k, problem.grid)
+    assert got.device.type == "meta" and got.shape == expected.shape and got.dtype == expected.dtype
+
+
+def test_meta_routes_still_have_their_dtype_and_shape_checked():
+    attn, (q, k, v) = _attn()
+    q, k, v = (t.to("meta") for t in (q, k, v))
+    with pytest.raises(TypeError, match=r"routes must be an int32/int64 tensor"):
+        attn(q, k, v, routes=torch.empty(2, 4, 2, device="meta"))
+    with pytest.raises(ValueError, match=r"routes must have shape \[B, \(H,\) R=4, topk=2\], got \(2, 1, 5, 2\)"):
+        attn(q, k, v, routes=torch.empty(2, 5, 2, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match=r"routes is on cpu but q is on meta"):
+        attn(q, k, v, routes=torch.zeros(2, 4, 2, dtype=torch.long))
+
+
+def test_exact_mask_on_meta_is_refused_naming_the_argument():
+    pattern, problem = sf.Routed((2, 4), 2), P((4, 8), heads=2)
+    q, k, v = qkv(problem, 2)
+    with pytest.raises(ValueError, match=r"^routes is on the meta device, but the exact mask of Routed\(\(2, 4\), 2\) "
+                                         r"\(dense_mask, reference_attention\) needs its values"):
+        sf.reference_attention(q, k, v, pattern, problem, routes=torch.empty(2, 4, 2, dtype=torch.long, device="meta"))
+    for name in ("q", "k"):
+        meta = {"q": q, "k": k, name: (q if name == "q" else k).to("meta")}
+        with pytest.raises(ValueError, match=rf"^{name} is on the meta device, but routing on content .* needs its "
+                                             r"values: pass q and k holding data"):
+            sf.dense_mask(pattern, problem, **meta)
