@@ -17,6 +17,9 @@ what they wrote.
 - ``memory``: peak memory of routed attention, ours vs the gather implementation
 - ``scattered_packing``: visited tiles of the scattered kernels per tile shape and alignment
 - ``tile_efficiency``: tile efficiency of N-D tiles vs 1-D tiles for fixed problems
+- ``schedule_build``: the time a compiled attention takes to meet a new grid
+- ``static_report``: ours vs FlexAttention's templates compiled ahead of time for sm_90 (SASS per
+  tile loop, issue slots per allowed pair; no GPU)
 
 Nothing outside ``sparseforge.bench`` and ``sparseforge.cli`` imports this package.
 """
