@@ -73,7 +73,6 @@ class ResourceReport:
     def as_dict(self) -> dict[str, Any]:
         """Every field except ``ptx`` and ``cubin``, plus ``spills``; JSON-ready."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("ptx", "cubin")}
-        d["serialized"] = list(self.serialized)
         d["spills"] = self.spills
         return d
 
