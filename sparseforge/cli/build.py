@@ -18,7 +18,7 @@ import click
 
 from .. import envvars
 from .main import InputError, PositiveInt, command, load_pattern_arg, main, parse_sizes, problem_from_options, \
-    problem_options, user_errors
+    problem_options, require_cache_dir, user_errors
 
 DTYPE_CHOICES = ("fp16", "bf16", "fp32")
 
@@ -55,6 +55,32 @@ def _refuse_grouped(pattern) -> None:
 
         raise UnsupportedPatternError(f"{pattern!r} reads group ids at call time and has no build directory or "
                                       "bench support yet; use sparseforge.compile(...)(q, k, v, groups=ids) in Python")
+
+
+def check_out_dir(out: Path, option: str = "'--out'") -> None:
+    """Refuse up front, before minutes of compiling, a build directory that cannot be written:
+    a file, a non-empty directory or a symbolic link that holds no build (``write_build``
+    replaces only builds and empty directories, and judges the rest itself), or a place where
+    nothing can be created."""
+    value = str(out)
+    expected = "expected a new or empty directory, or an existing build"
+    if out.is_symlink():
+        if not (out / "manifest.json").is_file():  # a build is a link to its current version
+            raise InputError(option, f"{value!r} is a symbolic link to something that is not a sparseforge build; "
+                                     f"{expected} (a link of yours is never replaced)")
+    elif out.exists() and not out.is_dir():
+        raise InputError(option, f"{value!r} is a file; {expected}")
+    elif out.is_dir():
+        try:
+            entries = [p.name for p in out.iterdir()]
+        except OSError as e:
+            raise InputError(option, f"{value!r} cannot be read ({e.strerror or e}); {expected}") from None
+        if entries and "manifest.json" not in entries:
+            raise InputError(option, f"{value!r} is a non-empty directory that is not a sparseforge build; {expected} "
+                                     "(remove it or choose another)")
+    why = envvars.unwritable_reason(out.parent if out.parent != out else out)
+    if why is not None:
+        raise InputError(option, f"{value!r}: {why}; expected a place where a directory can be written")
 
 
 def tile_option(name: str):
@@ -159,6 +185,9 @@ def compile_cmd(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads, q_til
         raise InputError("'--autotune'", "chooses the tiles itself; drop --q-tile/--k-tile or --autotune")
     with user_errors("'--target'"):
         cap = resolve_target(target) if target is None else parse_target(target)
+    require_cache_dir()  # kernel sources, the tuning database and the default build go there
+    if out_dir is not None:
+        check_out_dir(Path(out_dir))
     t0 = time.perf_counter()
     with progress_reporter(as_json) as say:
         tuning = None
@@ -173,7 +202,7 @@ def compile_cmd(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads, q_til
             attn = sf_compile(pat, problem, config=config)
         attn.tuning = tuning
         out = Path(out_dir) if out_dir else envvars.cache_dir() / "builds" / attn.name
-        with user_errors("'--out'"):
+        with user_errors("'--out'", paths=True):
             path = save(attn, out, targets=(f"sm_{cap}",), progress=say)
     from ..runtime.builddir import read_build
 
@@ -233,8 +262,8 @@ def check(build_dir, backend, batch, seed, as_json) -> None:
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
     else:
-        rows = [(name, f"{err:.2e}") for name, err in result.errors.items()]
-        rows += [("tolerance", f"{result.tolerance:.0e} ({result.dtype})"),
+        rows = [(name, f"{err:.2e} (tolerance {result.tolerances[name]:.1e})") for name, err in result.errors.items()]
+        rows += [("errors", f"largest row error; tolerance c * eps * sqrt(terms summed) ({result.dtype})"),
                  ("executor", f"{'Triton kernels' if result.device.startswith('cuda') or backend == 'interpret' else 'CPU executor'} on {result.device}"),
                  ("verdict", "PASS" if result.passed else "FAIL")]
         print_table(f"relative error vs float64 reference: {attn.name}", rows)
@@ -275,11 +304,11 @@ def _bench_suite(*, cpu: bool, only: str | None, repeat: int, as_json: bool, out
         " ".join(["sparseforge bench --suite"] + (["--cpu"] if cpu else []) + ([f"--only {only}"] if only else []))
     result = suite.run_suite(only, cpu=cpu, repeat=repeat, command=command)
     if out_path:
-        with user_errors("'--out'"):
+        with user_errors("'--out'", paths=True):
             write_atomic(out_path, json.dumps(result, indent=1) + "\n")
         log(f"wrote {out_path}")
     if plot_path:
-        with user_errors("'--plot'"):
+        with user_errors("'--plot'", paths=True):
             suite.plot(result, plot_path)
         log(f"wrote {plot_path}")
     if as_json:
@@ -339,6 +368,7 @@ def bench(target, grid_text, seq, heads, head_dim, dtype, kv_heads, batch, repea
     from ..runtime.build import load
     from ..api import compile as sf_compile
 
+    require_cache_dir()
     if Path(target).is_dir():
         with user_errors("'DIR'"):
             attn = load(target)
@@ -449,7 +479,8 @@ def cache_list(as_json: bool) -> None:
         root = envvars.cache_dir()
         parts = _cache_parts()
         kernels = sorted(p.name for p in (root / "kernels").iterdir()) if (root / "kernels").is_dir() else []
-        builds = sorted(p.name for p in (root / "builds").iterdir()) if (root / "builds").is_dir() else []
+        builds = sorted(p.name for p in (root / "builds").iterdir()
+                        if not p.name.startswith(".")) if (root / "builds").is_dir() else []  # not versions, locks
         entries = TuningDB().entries() if default_db_path().exists() else []
         info = dict(cache_dir=str(root), bytes={k: sum(_size(p) for p in v) for k, v in parts.items()},
                     kernels=kernels, builds=builds,

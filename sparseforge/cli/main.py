@@ -5,15 +5,20 @@ errors become one-line messages), reuse ``pattern_argument`` / ``problem_options
 turn their values into objects with ``load_pattern_arg`` / ``problem_from_options``.
 Raise ``InputError`` for bad input (exit 2) and ``click.ClickException`` for failures
 (exit 1); any other exception becomes a one-line "internal error" unless ``--debug``.
+click's own usage errors (unknown option, missing argument, bad choice) and Python warnings
+are one line on stderr as well.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import json
+import os
 import platform
 import sys
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
@@ -45,10 +50,18 @@ def _debug() -> bool:
     return settings.debug if settings else False
 
 
+SIZE_OPTION = "sparseforge.size_option"
+
+
 @contextlib.contextmanager
-def user_errors(param: str | None = None):
+def user_errors(param: str | None = None, *, paths: bool = False):
     """Turn ``ValueError``/``TypeError`` raised inside into an ``InputError`` about ``param``
-    and anything unexpected into a one-line internal error; with ``--debug`` re-raise as is."""
+    and anything unexpected into a one-line internal error; with ``--debug`` re-raise as is.
+
+    A step refused by the memory budget is an ``InputError`` about the size option the
+    command was given (``--grid``/``--seq``), else ``param``. A file error (``OSError``) in the
+    cache directory is an ``InputError`` naming ``SPARSEFORGE_CACHE_DIR``; elsewhere it is one
+    about ``param`` when ``paths`` (the block writes where ``param`` says), else internal."""
     try:
         yield
     except click.ClickException:
@@ -56,16 +69,93 @@ def user_errors(param: str | None = None):
     except (ValueError, TypeError) as e:
         if _debug():
             raise
+        from ..dsl.budget import MemoryBudgetError
+
+        if isinstance(e, MemoryBudgetError):
+            ctx = click.get_current_context(silent=True)
+            raise InputError((ctx.meta.get(SIZE_OPTION) if ctx else None) or param, str(e)) from e
         raise InputError(param, str(e)) from e
+    except OSError as e:
+        if _debug():
+            raise
+        if _in_cache_dir(e):
+            raise InputError(None, envvars.cache_dir_problem() or
+                             f"environment variable {envvars.CACHE_DIR.name}: {os_error_text(e)}") from e
+        if paths:
+            raise InputError(param, os_error_text(e)) from e
+        raise _internal(e) from e
     except Exception as e:  # noqa: BLE001 — the CLI's promise: no traceback without --debug
         if _debug():
             raise
-        raise click.ClickException(
-            f"internal error: {type(e).__name__}: {' '.join(str(e).split())} "
-            "(run 'sparseforge --debug ...' for the traceback)") from e
+        raise _internal(e) from e
 
 
-@click.group(context_settings=CONTEXT_SETTINGS)
+def _internal(e: BaseException) -> click.ClickException:
+    return click.ClickException(f"internal error: {type(e).__name__}: {' '.join(str(e).split())} "
+                                "(run 'sparseforge --debug ...' for the traceback)")
+
+
+def os_error_text(e: OSError) -> str:
+    """One phrase for a file error: the message of one raised with a message only, else
+    '<reason>: '<file>''."""
+    if e.filename is None or e.strerror is None:
+        return " ".join(str(e).split())
+    return f"{e.strerror}: '{e.filename}'"
+
+
+def _in_cache_dir(e: OSError) -> bool:
+    try:
+        cache = os.path.abspath(envvars.cache_dir())
+    except Exception:  # noqa: BLE001 — no cache dir to blame
+        return False
+    for name in (e.filename, e.filename2):
+        if isinstance(name, (str, os.PathLike)):
+            path = os.path.abspath(name)
+            if path == cache or path.startswith(cache.rstrip(os.sep) + os.sep):
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def one_line_usage_errors():
+    """click's usage errors (``Usage: ...``, ``Try ...``, blank line, ``Error: ...``) as one line."""
+    try:
+        yield
+    except getattr(click.exceptions, "NoArgsIsHelpError", ()):
+        raise  # 'sparseforge' alone prints the help (click >= 8.2)
+    except click.UsageError as e:
+        command = e.ctx.command_path if e.ctx is not None else "sparseforge"
+        raise InputError(None, f"{e.format_message()} (see '{command} --help')") from None
+
+
+class Group(click.Group):
+    """A click group whose usage errors, its own and its subcommands', are one line (exit 2)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        with one_line_usage_errors():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        with one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Python warnings as one line on stderr: ``Warning: <message> (<Category>, <file>:<line>)``."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = " ".join(str(message).split())
+        click.echo(f"Warning: {text} ({category.__name__}, {Path(filename).name}:{lineno})", err=True)
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+@click.group(cls=Group, context_settings=CONTEXT_SETTINGS)
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors "
               f"(also ${envvars.DEBUG.name}=1).")
 @click.version_option(package_name="sparseforge", prog_name="sparseforge")
@@ -79,9 +169,12 @@ def main(ctx: click.Context, debug: bool) -> None:
     """
     try:
         env_debug = envvars.debug()
+        envvars.memory_budget()
     except ValueError as e:
         raise InputError(None, str(e)) from None
     ctx.obj = Settings(debug=debug or env_debug)
+    if not ctx.obj.debug:
+        ctx.with_resource(one_line_warnings())
 
 
 def command(*args, **kwargs):
@@ -185,8 +278,18 @@ def problem_from_options(pattern, grid_text: str | None, seq: int | None, heads:
         grid = None
     if heads is None:
         heads = default_heads(pattern)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and grid is not None:  # where memory-budget errors point
+        ctx.meta[SIZE_OPTION] = "'--seq'" if seq is not None else "'--grid'"
     with user_errors("'--grid'"):
         return Problem(grid=grid, heads=heads)
+
+
+def require_cache_dir() -> None:
+    """An ``InputError`` naming SPARSEFORGE_CACHE_DIR unless the cache directory can be written."""
+    why = envvars.cache_dir_problem()
+    if why is not None:
+        raise InputError(None, why)
 
 
 def problem_hint(problem) -> str:
@@ -253,6 +356,34 @@ def group_label(pattern, heads: tuple[int, ...], total: int) -> str:
     return text
 
 
+def check_show_memory(pattern, problem, draw_mask: bool) -> None:
+    """Refuse up front, as an ``InputError`` on the size option, what ``show`` could not hold
+    within the memory budget: the inputs it makes up, the statistics' chunk of mask rows
+    (``describe`` evaluates at least one query row of every head at a time), the routing
+    layouts and the pictures. Nothing [H, N, N] is built unless N is small enough to draw."""
+    from ..dsl import budget
+    from ..dsl.semantics import CHUNK_ELEMENTS
+
+    h, n = problem.heads, problem.tokens
+    needs = pattern.inputs_needed()
+    inputs = (2 * h * n * problem.head_dim * 8 if "qk" in needs else 0) + \
+        (3 * n * (1 + problem.ndim) * 8 if "coords" in needs else 0) + (2 * n * 8 if "groups" in needs else 0)
+    rows = budget.mask_rows_bytes(h, n, 1, CHUNK_ELEMENTS)
+    routing = budget.routing_bytes(pattern, problem)
+    pictures = h * n * (n if draw_mask else 1) * budget.MASK_ELEMENT_BYTES
+    why = (f"grid {'x'.join(map(str, problem.grid))} ({n} tokens), {h} head{'s' if h != 1 else ''}: "
+           f"{budget.format_bytes(rows)} to count the keys of "
+           f"each query a chunk of rows at a time ({budget.MASK_ELEMENT_BYTES} bytes per mask entry)")
+    for amount, what in ((inputs, "made-up inputs"), (routing, "routing"), (pictures, "pictures")):
+        if amount >= 1 << 20:
+            why += f", {budget.format_bytes(amount)} of {what}"
+    try:
+        budget.check("show", inputs + rows + routing + pictures, why, "use a smaller --grid or --seq")
+    except budget.MemoryBudgetError as e:
+        ctx = click.get_current_context(silent=True)
+        raise InputError((ctx.meta.get(SIZE_OPTION) if ctx else None) or "'--grid'", str(e)) from None
+
+
 def query_from_option(text: str | None, grid: tuple[int, ...]) -> tuple[int, ...]:
     if text is None:
         return tuple(s // 2 for s in grid)
@@ -308,10 +439,11 @@ def show(pattern: str, grid_text, seq, heads, query_text, png_path, as_json) -> 
         if not target.resolve().parent.is_dir():
             raise InputError("'--png'", f"directory {str(target.resolve().parent)!r} does not exist")
 
-    inputs, notes = runtime_inputs(pat, problem)
     n = problem.tokens
-    q_index = viz.flat_index(query, problem.grid)
     draw_mask = n <= (viz.PNG_MASK_MAX_TOKENS if png_path else viz.TEXT_MASK_MAX_TOKENS)
+    check_show_memory(pat, problem, draw_mask)
+    inputs, notes = runtime_inputs(pat, problem)
+    q_index = viz.flat_index(query, problem.grid)
     with user_errors(f"'PATTERN' with {problem_hint(problem)}"):    # the pattern does not fit the problem
         ctx = make_context(pat, problem, **inputs)
         stats = describe(pat, problem, **inputs)

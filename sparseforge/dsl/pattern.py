@@ -145,16 +145,37 @@ def _pattern_operand(op: str, other) -> "Pattern":
     return other
 
 
+def _flat_parts(cls: type, parts) -> tuple["Pattern", ...]:
+    """``parts`` as a flat tuple: a part of the same combinator gives its own parts in its
+    place (``a | (b | c)`` is one union of three), so equal patterns have one structure, one
+    repr and one fingerprint however they were built, and the repr parses back to them."""
+    if isinstance(parts, list):
+        parts = tuple(parts)
+    if not isinstance(parts, tuple):
+        raise TypeError(f"{cls.__name__} takes a tuple of patterns, got {parts!r} ({type(parts).__name__})")
+    flat: list[Pattern] = []
+    for i, p in enumerate(parts):
+        if not isinstance(p, Pattern):
+            raise TypeError(f"{cls.__name__} parts[{i}] must be a pattern, got {p!r} ({type(p).__name__})")
+        flat.extend(p.parts if type(p) is cls else (p,))
+    if len(flat) < 2:
+        raise ValueError(f"{cls.__name__} needs at least two parts, got {len(flat)} ({tuple(flat)!r}); "
+                         "a single pattern stands on its own")
+    return tuple(flat)
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class Union(Pattern):
-    """Keys allowed by any of ``parts`` (``a | b``)."""
+    """Keys allowed by any of ``parts`` (``a | b``); nested unions are flattened into one."""
 
     parts: tuple[Pattern, ...]
 
+    def __post_init__(self):
+        object.__setattr__(self, "parts", _flat_parts(Union, self.parts))
+
     @classmethod
     def of(cls, a: Pattern, b: Pattern) -> "Union":
-        flat = (a.parts if isinstance(a, Union) else (a,)) + (b.parts if isinstance(b, Union) else (b,))
-        return cls(flat)
+        return cls((a, b))
 
     def children(self):
         return self.parts
@@ -175,15 +196,16 @@ class Union(Pattern):
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class Intersection(Pattern):
-    """Keys allowed by all of ``parts`` (``a & b``)."""
+    """Keys allowed by all of ``parts`` (``a & b``); nested intersections are flattened into one."""
 
     parts: tuple[Pattern, ...]
 
+    def __post_init__(self):
+        object.__setattr__(self, "parts", _flat_parts(Intersection, self.parts))
+
     @classmethod
     def of(cls, a: Pattern, b: Pattern) -> "Intersection":
-        flat = (a.parts if isinstance(a, Intersection) else (a,)) + (
-            b.parts if isinstance(b, Intersection) else (b,))
-        return cls(flat)
+        return cls((a, b))
 
     def children(self):
         return self.parts
@@ -240,15 +262,16 @@ class PerHead(Pattern):
             p.check(problem)
 
     def mask(self, ctx, qi, ki):
-        cache: dict[Pattern, torch.Tensor] = {}
-        heads = []
-        for h, p in enumerate(self.patterns):
-            if p not in cache:
-                cache[p] = as_4d(p.mask(ctx, qi, ki))
-            m = cache[p]
-            heads.append(m[:, h if m.shape[1] > 1 else 0])
-        b = max(m.shape[0] for m in heads)
-        return torch.stack([m.expand(b, len(qi), len(ki)) for m in heads], dim=1)
+        # one mask per distinct pattern, selected per head with elementwise ``where`` (no
+        # per-head tensors, so thousands of heads stay cheap; no data-dependent ops, so the
+        # mask still evaluates under vmap, as FlexAttention's mask_mod does)
+        index: dict[Pattern, int] = {}
+        which = torch.tensor([index.setdefault(p, len(index)) for p in self.patterns])
+        out = None
+        for j, p in enumerate(index):
+            m = as_4d(p.mask(ctx, qi, ki))
+            out = m if out is None else torch.where((which == j).to(m.device)[None, :, None, None], m, out)
+        return out.expand(out.shape[0], len(self.patterns), len(qi), len(ki))
 
     def __repr__(self):
         return "PerHead([" + ", ".join(map(repr, self.patterns)) + "])"

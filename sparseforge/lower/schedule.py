@@ -25,6 +25,7 @@ from ..dsl.problem import Problem
 from ..dsl.semantics import make_context
 from .naming import readable_name
 from .bounds import ClosedForm, derive as derive_bounds
+from .budget import check_schedule, check_tables
 from .defaults import default_tile, default_tile_tokens
 from .families import EMPTY, FULL, PARTIAL, SEPARABLE, Flat, TileTokens, choose_fold, classes, head_signature, \
     leaf_for_head, lowering, span_1d
@@ -265,6 +266,7 @@ def build_schedule(pattern: Pattern, problem: Problem, *, q_tile=None, k_tile=No
         group_geometry = _group_geometries(pattern, problem, head_group, group_heads, q_tile, k_tile)
     fold = tuple(fold) if fold is not None else choose_fold(pattern, problem)
     geom = TileGeometry.make(problem.grid, q_tile, k_tile, fold) if group_geometry is None else group_geometry[0]
+    check_schedule(pattern, problem, geom if group_geometry is None else group_geometry, len(group_heads))  # before allocating
 
     classifiers: dict = {}
     classes = []
@@ -272,6 +274,7 @@ def build_schedule(pattern: Pattern, problem: Problem, *, q_tile=None, k_tile=No
         gg = geom if group_geometry is None else group_geometry[g]
         classifier = classifiers.setdefault(gg.fold, _Classifier(problem, gg))
         classes.append(classifier.apply_padding(classifier.pattern(leaf_for_head(pattern, h), h)))
+    check_tables(problem, geom, classes)
     forward, inverse = _csr_pair(classes)
     if closed_form:
         bounds, reason = derive_bounds(pattern, problem, geom)

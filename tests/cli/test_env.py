@@ -25,6 +25,7 @@ def test_env_text(sf, monkeypatch, tmp_path):
 def test_env_json(sf, monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSEFORGE_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("SPARSEFORGE_DEBUG", raising=False)
+    monkeypatch.setenv("SPARSEFORGE_MEMORY_BUDGET", "32GiB")
     result = sf("env", "--json")
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
@@ -34,7 +35,8 @@ def test_env_json(sf, monkeypatch, tmp_path):
     assert info["triton"]
     assert (info["cuda_device"] == "none") == (not torch.cuda.is_available())
     assert info["cache_dir"] == str(tmp_path)
-    assert info["env"] == {"SPARSEFORGE_CACHE_DIR": str(tmp_path), "SPARSEFORGE_DEBUG": None}
+    assert info["env"] == {"SPARSEFORGE_CACHE_DIR": str(tmp_path), "SPARSEFORGE_DEBUG": None,
+                           "SPARSEFORGE_MEMORY_BUDGET": "32GiB"}
 
 
 def test_cache_dir_default_is_platformdirs(monkeypatch):

@@ -220,6 +220,88 @@ def test_union_and_intersection_flatten():
     assert repr((a | b) & c) == "((Causal() | Sink(1)) & Full())"
 
 
+def test_per_head_mask_with_many_heads_and_under_vmap():
+    """PerHead selects each head's mask elementwise: thousands of heads need no per-head
+    tensors, and the mask still evaluates under vmap (FlexAttention's mask_mod does that)."""
+    heads = 4096
+    p = sf.PerHead([sf.Causal(), sf.Full(), sf.SlidingWindow(1)] * (heads // 4) + [sf.Sink(2)] * (heads // 4))
+    problem = sf.Problem(grid=GRID, heads=heads)
+    got = sf.dense_mask(p, problem)
+    for h in (0, 1, 2, heads - 1):
+        assert_mask_equal(got[h].numpy(), dm(p.patterns[h])[0], f"head {h}")
+    ctx = sf.dsl.semantics.make_context(p, problem)
+    rows = torch.arange(N)
+    one = torch.vmap(lambda q: p.mask(ctx, q.reshape(1), rows)[0, :, 0])(rows)     # [N, H, N]
+    assert torch.equal(one.permute(1, 0, 2), got)
+
+
+def test_nested_combinators_built_directly_are_flat():
+    """``Union((a, Union((b, c))))`` is ``a | b | c``: one structure, repr, hash and fingerprint,
+    and its repr parses back to it (it used to print ``(a | (b | c))``, which parsed to another)."""
+    a, b, c = sf.Causal(), sf.Sink(1), sf.Full()
+    for cls, op in ((sf.Union, lambda x, y: x | y), (sf.Intersection, lambda x, y: x & y)):
+        built = cls((a, cls((b, c))))
+        chained = op(op(a, b), c)
+        assert built == chained and built.parts == (a, b, c)
+        assert repr(built) == repr(chained) and hash(built) == hash(chained)
+        assert built.fingerprint() == chained.fingerprint()
+        assert sf.parse_pattern(repr(built)) == built
+        assert cls([a, b]) == cls((a, b))                     # a list is taken as the tuple
+    mixed = sf.Union((a, sf.Intersection((b, c))))          # another combinator stays a part
+    assert mixed.parts == (a, sf.Intersection((b, c))) and sf.parse_pattern(repr(mixed)) == mixed
+
+
+@pytest.mark.parametrize("parts,error,match", [
+    ((sf.Causal(),), ValueError, r"Union needs at least two parts, got 1"),
+    ((), ValueError, r"Union needs at least two parts, got 0"),
+    (sf.Causal(), TypeError, r"Union takes a tuple of patterns, got Causal\(\) \(Causal\)"),
+    ((sf.Causal(), 3), TypeError, r"Union parts\[1\] must be a pattern, got 3 \(int\)"),
+])
+def test_union_parts_are_checked(parts, error, match):
+    with pytest.raises(error, match=match):
+        sf.Union(parts)
+
+
+def long_union(n: int) -> sf.Union:
+    return sf.Union(tuple(sf.SlidingWindow(i % 50, i // 50) for i in range(n)))
+
+
+@pytest.mark.parametrize("n", [600, 4000])
+def test_long_unions_parse_back(n):
+    """The repr of a union of hundreds or thousands of parts parses back (no RecursionError),
+    alone and inside other combinators, with the same identity."""
+    u = long_union(n)
+    for p in (u, sf.Causal() & u, sf.PerHead([u, sf.Full()]), u & sf.Intersection(tuple(u.parts[:n // 2]))):
+        text = repr(p)
+        q = sf.parse_pattern(text)
+        assert q == p and repr(q) == text and hash(q) == hash(p) and q.fingerprint() == p.fingerprint()
+
+
+def test_long_chains_of_every_operator_parse():
+    many = 1000
+    assert sf.parse_pattern(" & ".join(["Causal()"] * many)) == sf.Intersection((sf.Causal(),) * many)
+    heads = sf.parse_pattern("PerHead(" + " + ".join(["[Full()]", "[Causal()]"] * (many // 2)) + ")")
+    assert heads == sf.PerHead([sf.Full(), sf.Causal()] * (many // 2))
+    mixed = " | ".join(["Causal() & Sink(2)"] * many)          # '&' operands inside a '|' chain
+    assert sf.parse_pattern(mixed) == sf.Union((sf.Intersection((sf.Causal(), sf.Sink(2))),) * many)
+
+
+@SETTINGS
+@given(TREES)
+def test_balanced_brackets_keep_the_meaning(p):
+    """Every repr still parses to the same pattern when every chain is re-bracketed."""
+    from sparseforge.dsl import parse
+
+    text = repr(sf.Union((p, p, p)))
+    original = parse.CHAIN_SPLIT
+    parse.CHAIN_SPLIT = 1
+    try:
+        assert sf.parse_pattern(text) == sf.Union((p, p, p))
+        assert parse.balance_chains(text) != text
+    finally:
+        parse.CHAIN_SPLIT = original
+
+
 @pytest.mark.parametrize("other", [1, True, None, "Causal()", np.ones(3, dtype=bool)])
 def test_combining_with_a_non_pattern_raises(other):
     with pytest.raises(TypeError, match="combines two patterns"):

@@ -328,6 +328,7 @@ PARSE_ERRORS = [
     ("[Causal()] * 5000", r"list '\* int' are allowed"),
     ("[Causal()] * -1", r"list '\* int' are allowed"),
     ("PerHead([Causal()] * 2 ** 3)", r"list '\* int' are allowed"),
+    ("PerHead([Full()] * 4096 * 4096)", r"list '\* 4096' makes a list of 16777216 items; at most 65536 are allowed"),
     ("Neighborhood(*[3])", r"\*args and \*\*kwargs are not allowed"),
     ("Neighborhood(**{'kernel_size': 3})", r"\*args and \*\*kwargs are not allowed"),
     ("Neighborhood(kernel=3)", r"unexpected keyword argument 'kernel'"),
@@ -343,6 +344,19 @@ def test_parse_errors(text, match):
         sf.parse_pattern(text)
     assert isinstance(info.value, ValueError)
     assert repr(text) in str(info.value)  # the message quotes the whole expression
+
+
+@pytest.mark.parametrize("text", [
+    "PerHead(" + "[Full()]" + " * 1" * 5000 + ")",           # an AST 5000 deep
+    "Full() | " + "(" * 5000 + "Full()" + ")" * 5000,         # brackets past Python's limit
+    " | ".join(["Full()"] * 200) + " | " + "Full() or " * 3000 + "Full()",  # a chain beside other operators
+])
+def test_too_deep_is_a_clean_parse_error(text):
+    with pytest.raises(sf.PatternSyntaxError) as info:
+        sf.parse_pattern(text)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 1000           # the long text is elided
+    assert "more characters" in message
 
 
 def test_parse_value_errors_come_from_the_constructor():
@@ -392,6 +406,17 @@ def test_load_pattern(tmp_path):
         sf.load_pattern(f"{f}:number")
     with pytest.raises(ValueError, match=r"pattern file .*missing\.py.* does not exist"):
         sf.load_pattern(f"{tmp_path / 'missing.py'}:na")
+
+
+def test_load_pattern_file_that_exits(tmp_path):
+    f = tmp_path / "quits.py"
+    f.write_text("import sys\nsys.exit(0)\n")
+    with pytest.raises(ValueError, match=r"pattern file '.*quits\.py' called sys\.exit\(0\) while it was imported"):
+        sf.load_pattern(f"{f}:p")
+    g = tmp_path / "quits_later.py"
+    g.write_text("def p():\n    raise SystemExit('bye')\n")
+    with pytest.raises(ValueError, match=r"quits_later\.py:p\(\) called sys\.exit\('bye'\)"):
+        sf.load_pattern(f"{g}:p")
 
 
 ROUTING_QK_ERRORS = [
