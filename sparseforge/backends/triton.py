@@ -143,16 +143,19 @@ class TritonKernels:
         return self._modules[kind]
 
     def kernel(self, name: str):
-        kind = "fwd" if name == "fwd" else "bwd"
+        kind = "fwd" if name.startswith("fwd") else "bwd"
         return getattr(self.module(kind), f"{self.name}_{name}")
 
     def _launch(self, name: str, grid, *args):
-        # The interpreter also reads TRITON_INTERPRET while running (lazy imports assert it).
-        if not self.interpret:
-            self.kernel(name)[grid](*args, **self._meta(name))
-            return
-        with interpreted_launch():
-            self.kernel(name)[grid](*args, **self._meta(name))
+        # Each kernel is followed by its NaN/Inf containment kernel (``<name>_fix``, same
+        # arguments; a no-op for finite inputs) where visited tiles may hold masked pairs.
+        for n in (name, f"{name}_fix") if self.path.predicate != "none" else (name,):
+            if not self.interpret:
+                self.kernel(n)[grid](*args, **self._meta(n))
+                continue
+            # The interpreter also reads TRITON_INTERPRET while running (lazy imports assert it).
+            with interpreted_launch():
+                self.kernel(n)[grid](*args, **self._meta(n))
 
     def constexprs(self) -> dict[str, int]:
         """The compile-time arguments every kernel of the module takes."""
@@ -162,7 +165,7 @@ class TritonKernels:
     def _meta(self, name: str):
         meta = self.constexprs()
         if not self.interpret:
-            launch = self.config.launch(name)
+            launch = self.config.launch(name.removesuffix("_fix"))  # <kernel>_fix: as its kernel
             meta.update(num_warps=launch.num_warps, num_stages=launch.num_stages)
         return meta
 
@@ -230,7 +233,9 @@ class TritonKernels:
         return ["KV_PTR", "KV_IDX", "KV_FULL", "HEAD_GROUP"]
 
     def signature(self, name: str) -> dict[str, str]:
-        """Triton type string of every runtime argument of kernel ``name``."""
+        """Triton type string of every runtime argument of kernel ``name`` (``<kernel>_fix``:
+        the same as its kernel's)."""
+        name = name.removesuffix("_fix")
         dt = "*" + DTYPE_NAMES[self.schedule.problem.dtype]
         tables = self.table_arguments(name)
         sig: dict[str, str] = {}
@@ -257,7 +262,7 @@ class TritonKernels:
         """Compile kernel ``name`` for ``target`` on the CPU; returns its ResourceReport."""
         if self.interpret:
             raise ValueError("ahead-of-time compile needs TritonKernels(interpret=False)")
-        launch = self.config.launch(name)
+        launch = self.config.launch(name.removesuffix("_fix"))
         return aot_compile(self.kernel(name), self.signature(name), self.constexprs(), target=target,
                            num_warps=launch.num_warps, num_stages=launch.num_stages)
 

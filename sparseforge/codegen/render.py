@@ -117,6 +117,9 @@ def render(schedule: TileSchedule, kind: str, config=None) -> str:
                      _bool_tensor(to_triton(pred, names("[None, :]", "[:, None]")), "k_valid[:, None] & q_valid[None, :]")),
         segments=segments, lse_stride="n_tokens" if segments else "N_TOKENS",
         padding_only=path.predicate == "none",  # PARTIAL tiles mask padding keys only
+        # NaN/Inf containment kernels (``*_fix``): wherever a visited tile may hold a pair the
+        # pattern masks (routed tiles mask padding only, which is never loaded)
+        contain=path.predicate != "none",
         dot_args=', input_precision="ieee"' if prob.dtype in (torch.float32, torch.float64) else "",
         loop_bounds=schedule.loop_bounds, bounds_reason=schedule.bounds_reason,
         launches=_launches(config, ("fwd",) if kind == "fwd" else ("bwd_dq", "bwd_dkdv")),

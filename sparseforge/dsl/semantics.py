@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .budget import check_dense_mask, check_mask_rows
 from .content import Scattered, check_coords, check_groups
 from .pattern import MaskContext, Pattern, as_4d
 from .problem import Problem
@@ -75,6 +76,9 @@ def _check_routing_qk(q: torch.Tensor, k: torch.Tensor, problem: Problem, tokens
             raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape [B, H, N, D], got {tuple(t.shape)}")
+        if t.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device, but routing on content for the exact mask "
+                             f"(dense_mask, reference_attention) needs its values: pass q and k holding data")
     b, h, n, d = q.shape
     if (h, n) != (problem.heads, tokens):
         raise ValueError(f"q has shape {tuple(q.shape)}, expected [B, H={problem.heads}, N={tokens}, D] "
@@ -107,7 +111,15 @@ def dense_mask(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=Non
     ``Scattered``, ``groups`` by ``Grouped``; they are ignored by static patterns.
     """
     ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes, groups=groups)
-    m = mask_rows(pattern, ctx, torch.arange(ctx.tokens))
+    check_dense_mask(pattern, ctx, CHUNK_ELEMENTS)
+    keys, m = torch.arange(ctx.tokens), None
+    for rows in list(_row_chunks(ctx)) or [keys]:  # temporaries a chunk of rows at a time; heads stay shared
+        part = as_4d(pattern.mask(ctx, rows, keys))
+        if m is None:
+            m = torch.empty(*part.shape[:2], ctx.tokens, ctx.tokens, dtype=torch.bool)
+        start = int(rows[0]) if len(rows) else 0
+        m[:, :, start:start + len(rows)] = part
+    m = m.expand(m.shape[0], problem.heads, ctx.tokens, ctx.tokens)
     needs = pattern.inputs_needed()
     if "groups" in needs:
         return m.expand(ctx.groups.shape[0], *m.shape[1:])
@@ -141,13 +153,162 @@ def check_qkv(q, k, v, problem: Problem, *, tokens: int | None = None, names=("q
                              f"[B, {'H' if name == names[0] else 'kv_heads'}, N, D] for {problem!r}")
 
 
-def masked_softmax_attention(q, k, v, mask, scale):
+# ------------------------------------------------------------------------------------
+# Products over allowed pairs only: a key a query may not see never reaches it
+# ------------------------------------------------------------------------------------
+# Elements of one batch of the non-finite corrections below (entries x rows).
+CORRECTION_ELEMENTS = 1 << 22
+
+
+def finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with its NaN and +-Inf entries replaced by 0."""
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _flat3(t: torch.Tensor, lead, rows: int, cols: int) -> torch.Tensor:
+    """``t`` broadcast to [*lead, rows, cols], as [prod(lead), rows, cols] (a copy if broadcast)."""
+    return t.expand(*lead, rows, cols).reshape(-1, rows, cols)
+
+
+def _batches(n: int, per_entry: int):
+    step = max(1, CORRECTION_ELEMENTS // max(1, per_entry))
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
+
+
+def _allowed_dot(a, b, mask):
+    """Forward of ``allowed_dot`` (no autograd)."""
+    bad_a, bad_b = ~torch.isfinite(a), ~torch.isfinite(b)
+    if not (bool(bad_a.any()) or bool(bad_b.any())):
+        return torch.where(mask, a @ b.transpose(-1, -2), 0)
+    m, n, d = a.shape[-2], b.shape[-2], a.shape[-1]
+    lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2], mask.shape[:-2])
+    A, B, M = _flat3(a, lead, m, d), _flat3(b, lead, n, d), _flat3(mask, lead, m, n)
+    # the finite terms in one product; then each non-finite entry adds its own terms, at
+    # allowed pairs only (a term with a non-finite a_id once, the rest with their b_jd)
+    S = _flat3(finite_or_zero(a) @ finite_or_zero(b).transpose(-1, -2), lead, m, n).clone()
+    finite_a = ~_flat3(bad_a, lead, m, d)
+    l, i, dd = (~finite_a).nonzero(as_tuple=True)
+    for sl in _batches(len(l), n):
+        terms = A[l[sl], i[sl], dd[sl]][:, None] * B[l[sl], :, dd[sl]]                  # [E, n]
+        S.index_put_((l[sl], i[sl]), torch.where(M[l[sl], i[sl]], terms, 0), accumulate=True)
+    l, j, dd = _flat3(bad_b, lead, n, d).nonzero(as_tuple=True)
+    St = S.transpose(1, 2)
+    for sl in _batches(len(l), m):
+        terms = A[l[sl], :, dd[sl]] * B[l[sl], j[sl], dd[sl]][:, None]                  # [E, m]
+        keep = M[l[sl], :, j[sl]] & finite_a[l[sl], :, dd[sl]]
+        St.index_put_((l[sl], j[sl]), torch.where(keep, terms, 0), accumulate=True)
+    return torch.where(M, S, 0).view(*lead, m, n)
+
+
+def _allowed_sum(w, x, mask):
+    """Forward of ``allowed_sum`` (no autograd)."""
+    w = torch.where(mask, w, 0)
+    bad_w, bad_x = ~torch.isfinite(w), ~torch.isfinite(x)
+    if not (bool(bad_w.any()) or bool(bad_x.any())):
+        return w @ x
+    m, n, d = w.shape[-2], x.shape[-2], x.shape[-1]
+    lead = torch.broadcast_shapes(w.shape[:-2], x.shape[:-2])
+    W, X, M = _flat3(w, lead, m, n), _flat3(x, lead, n, d), _flat3(mask, lead, m, n)
+    O = _flat3(finite_or_zero(w) @ finite_or_zero(x), lead, m, d).clone()
+    finite_w = ~_flat3(bad_w, lead, m, n)
+    l, i, j = (~finite_w).nonzero(as_tuple=True)     # allowed pairs with a non-finite weight
+    for sl in _batches(len(l), d):
+        O.index_put_((l[sl], i[sl]), W[l[sl], i[sl], j[sl]][:, None] * X[l[sl], j[sl]], accumulate=True)
+    l, j, dd = _flat3(bad_x, lead, n, d).nonzero(as_tuple=True)
+    Ot = O.transpose(1, 2)
+    for sl in _batches(len(l), m):
+        terms = W[l[sl], :, j[sl]] * X[l[sl], j[sl], dd[sl]][:, None]                   # [E, m]
+        keep = M[l[sl], :, j[sl]] & finite_w[l[sl], :, j[sl]]
+        Ot.index_put_((l[sl], dd[sl]), torch.where(keep, terms, 0), accumulate=True)
+    return O.view(*lead, m, d)
+
+
+class _AllowedDot(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, mask):
+        ctx.save_for_backward(a, b, mask)
+        return _allowed_dot(a, b, mask)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b, mask = ctx.saved_tensors
+        ga = allowed_sum(g, b, mask).sum_to_size(a.shape) if ctx.needs_input_grad[0] else None
+        gb = allowed_sum(g.transpose(-1, -2), a, mask.transpose(-1, -2)).sum_to_size(b.shape) \
+            if ctx.needs_input_grad[1] else None
+        return ga, gb, None
+
+
+class _AllowedSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, x, mask):
+        ctx.save_for_backward(w, x, mask)
+        return _allowed_sum(w, x, mask)
+
+    @staticmethod
+    def backward(ctx, g):
+        w, x, mask = ctx.saved_tensors
+        gw = allowed_dot(g, x, mask).sum_to_size(w.shape) if ctx.needs_input_grad[0] else None
+        gx = allowed_sum(w.transpose(-1, -2), g, mask.transpose(-1, -2)).sum_to_size(x.shape) \
+            if ctx.needs_input_grad[1] else None
+        return gw, gx, None
+
+
+def _pair_mask(mask, m: int, n: int):
+    """None (every pair allowed) or a bool tensor of at least 2 dims broadcastable to [..., m, n]."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor or None, got {mask!r}")
+    if mask.dim() == 0 and bool(mask):
+        return None
+    torch.broadcast_shapes(mask.shape[-2:], (m, n))  # raises unless it broadcasts
+    return mask.reshape((1,) * max(0, 2 - mask.dim()) + tuple(mask.shape))
+
+
+def allowed_dot(a: torch.Tensor, b: torch.Tensor, mask) -> torch.Tensor:
+    """[..., m, n]: a_i . b_j (a [..., m, D], b [..., n, D]) where ``mask`` (bool, broadcastable
+    to [..., m, n]; None: everywhere) allows the pair, exactly 0 where it does not.
+
+    A row's NaN or Inf reaches only the pairs it is allowed in — a plain matmul would spread a
+    non-finite b_j to every a_i (and 0 * NaN is NaN). Exact: finite inputs give the plain
+    product, non-finite terms follow IEEE arithmetic at allowed pairs. Differentiable, and the
+    gradients are contained the same way (a pair the mask excludes passes no gradient, not even
+    a NaN one)."""
+    mask = _pair_mask(mask, a.shape[-2], b.shape[-2])
+    if mask is None:
+        return a @ b.transpose(-1, -2)
+    return _AllowedDot.apply(a, b, mask)
+
+
+def allowed_sum(w: torch.Tensor, x: torch.Tensor, mask) -> torch.Tensor:
+    """[..., m, D]: sum_j w_ij x_j (w [..., m, n], x [..., n, D]) over the j that ``mask``
+    (bool, broadcastable to [..., m, n]; None: all) allows for row i.
+
+    Neither a weight nor a row of x that the mask excludes contributes, even when it is NaN or
+    Inf (a plain matmul multiplies a weight 0 by a NaN x_j into NaN). Exact as ``allowed_dot``;
+    differentiable with contained gradients."""
+    mask = _pair_mask(mask, w.shape[-2], w.shape[-1])
+    if mask is None:
+        return w @ x
+    return _AllowedSum.apply(w, x, mask)
+
+
+def masked_softmax_attention(q, k, v, mask, scale, *, contain: bool = True):
     """Attention with a boolean mask; empty rows give zeros and LSE = -inf, never NaN.
 
     q [..., Nq, D], k/v [..., Nk, D], mask broadcastable to [..., Nq, Nk]. Differentiable.
     Returns (out [..., Nq, D], lse [..., Nq]) with lse in natural log.
+
+    A key a query may not see never affects it, nor its gradients, even when the key's k or
+    v (or a masked query's q) hold NaN or Inf (``allowed_dot``/``allowed_sum``); a key it
+    sees propagates them. ``contain=False`` uses plain matmuls instead: the same results and
+    faster, but only when q, k and v are all finite (callers that checked this).
     """
-    s = (q @ k.transpose(-1, -2)) * scale
+    if contain:
+        s = allowed_dot(q, k, mask) * scale
+    else:
+        s = (q @ k.transpose(-1, -2)) * scale
     s = torch.where(mask, s, torch.full_like(s, -math.inf))
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -155,7 +316,7 @@ def masked_softmax_attention(q, k, v, mask, scale):
     den = e.sum(-1, keepdim=True)
     p = e / den.clamp_min(torch.finfo(den.dtype).tiny)
     lse = (m + torch.log(den)).squeeze(-1)
-    return p @ v, lse
+    return (allowed_sum(p, v, mask) if contain else p @ v), lse
 
 
 def reference_attention(q, k, v, pattern: Pattern, problem: Problem, *, scale: float | None = None,
@@ -314,6 +475,7 @@ def describe(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=None,
              groups=None) -> PatternStats:
     """Density per head, keys per query (min/mean/max) and empty rows, computed exactly."""
     ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes, groups=groups)
+    check_mask_rows("describe", pattern, ctx, CHUNK_ELEMENTS)
     h = problem.heads
     kmin = torch.full((h,), ctx.tokens, dtype=torch.long)
     kmax = torch.zeros(h, dtype=torch.long)

@@ -213,12 +213,16 @@ class _RoutedPath(Path):
 
     def kernel_tables(self, schedule, tables, device) -> dict[str, torch.Tensor]:
         (routes,) = tables
+        if routes.shape[0] == 0:  # batch 0: no program runs; any well-formed tables will do
+            routes = routes.new_zeros((1, *routes.shape[1:]))
         return routed_tables(schedule, routes).kernels
 
     def chunks(self, schedule, tables, shape: Shape, device) -> Iterator[Chunk]:
         """A chunk of query tiles at a time, every (batch, head) at once, sized so a gathered
         K (or V) is about as large as q: memory stays O(input) however many routes."""
         (routes,) = tables
+        if shape.batch == 0:
+            return
         t = routed_tables(schedule, routes)
         a = schedule.routed.device_arrays(device)
         q_tokens, k_tokens = a["q_tokens"], a["k_tokens"]   # [n_q_tiles, bm], [n_k_tiles, bn]; -1 padding
