@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         row = dict(label=label, pattern=repr(pattern), grid=list(grid), **measure(pattern, small, grid, args.repeat))
         rows.append(row)
         print(f"{label}: {row['seconds'] * 1e3:.0f} ms (median of {args.repeat}), "
-              f"{row['visited_tile_pairs']} visited tile pairs per head group, {row['loop_bounds']}", file=sys.stderr)
+              f"{row['visited_tile_pairs']} visited tile pairs (summed over 8 heads), {row['loop_bounds']}", file=sys.stderr)
     result = dict(schema="sparseforge-schedule-build/1", device=run_info.device_name(False),
                   versions=run_info.versions(), date=run_info.utc_now(),
                   command="python benchmarks/schedule_build.py " + " ".join(argv if argv is not None else sys.argv[1:]),
