@@ -6,6 +6,7 @@ executor (``backends``), tunes them (``autotune``) and calls them through one fi
 torch ops (``runtime``): ``sf.compile(pattern, problem)``; ``sf.load(build_dir)`` loads what
 ``sparseforge compile --out`` wrote; ``sf.nn.SparseAttention`` is the drop-in module.
 """
+from . import compat  # noqa: F401  (first: torch/triton versions, a clear ImportError if too old)
 from . import nn
 from .api import compile, load  # noqa: A004
 from .dsl import *  # noqa: F401,F403

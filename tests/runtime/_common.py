@@ -78,6 +78,17 @@ def assert_gradients_match(what: str, inputs, out, lse, dout, reference, bound: 
         assert grad.dtype == out.dtype and not torch.isnan(grad).any(), name
     bad = {name: e for name, e in errs.items() if not e <= bound}
     assert not bad, f"{what}: errors {bad} above {bound}; all: {errs}"
+    # Row by row too, each output against its own dtype (the LSE is float32 for 16-bit inputs),
+    # with every key counted as reduced (an upper bound): a single missing key fails here.
+    from sparseforge.runtime import check
+
+    n = q64.shape[-2] if q64.dim() == 4 else q64.shape[0]  # [B, H, N, D] or voxels [N, H, D]
+    d, group = q64.shape[-1], q64.shape[1] // k64.shape[1]
+    tols = check.attention_tolerances(out.dtype, lse.dtype, n, n * group, d)
+    rows = {"out": check.row_error(out, ref), "lse": check.lse_error(lse, ref_lse), "dq": check.row_error(dq, rq),
+            "dk": check.row_error(dk, rk), "dv": check.row_error(dv, rv)}
+    bad = {name: e for name, e in rows.items() if not e <= tols[name]}
+    assert not bad, f"{what}: largest row errors {bad} above {tols}"
     return errs
 
 
@@ -131,3 +142,108 @@ def opcheck_attention(attn, q, k, v, dtype, *, routes=None, plan=None, grid=None
     rest = args[3:]
     torch.library.opcheck(attn.backward_op.default, (q, k, v, out, lse, do, dl, *rest))
     torch.library.opcheck(attn.backward_op.default, (q, k, v, out, lse, do, None, *rest))
+
+
+# -- tolerances from the dtype and the reduction (sparseforge.runtime.check) ------------------
+def assert_rows_close(what: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, terms: int,
+                      scale: torch.Tensor | None = None) -> float:
+    """Every row (last dimension) of ``got`` within ``check.tolerance(dtype, terms)`` of
+    ``want`` by ``check.row_errors`` (relative per row, small rows against the tensor's RMS
+    row, ``scale`` where terms cancel); returns the largest row error."""
+    from sparseforge.runtime import check
+
+    assert got.shape == want.shape, (what, tuple(got.shape), tuple(want.shape))
+    errs = check.row_errors(got, want, scale)
+    tol = check.tolerance(dtype, terms)
+    worst = errs.max().item() if errs.numel() else 0.0
+    bad = int((errs > tol).sum()) if errs.numel() else 0
+    assert bad == 0, f"{what}: {bad} of {errs.numel()} rows above {tol:.2e} (worst {worst:.2e}, {terms} terms, {dtype})"
+    return worst
+
+
+def linear_members(pattern, coords, pooling: bool) -> torch.Tensor:
+    """float64 [N, N]: 1 where voxel j's k/v reach voxel i's query in scattered linear
+    attention (same window, or a pooled neighbour window), from ``pattern.window_ids`` alone."""
+    ids = torch.as_tensor(pattern.window_ids(coords)).long()
+    if not pooling:
+        return (ids[:, None, :] == ids[None, :, :]).all(-1).double()
+    diff = ids[:, None, :] - ids[None, :, :]
+    near = 3 if ids.shape[1] > 2 else 2            # (batch, w_1[, w_2]) pooled by +-1 in w_1, w_2
+    same = (diff[..., :1] == 0).all(-1) & (diff[..., 1:near].abs() <= 1).all(-1) & (diff[..., near:] == 0).all(-1)
+    return same.double()
+
+
+def linear_cancellation_scales(q, k, v, dout, pattern, coords, feature_map: str, pooling: bool, eps: float = 1e-6):
+    """Where linear attention's dq and dk are small differences of large terms, the size of
+    those terms, per row (float64 [N, H] for dq, [N, kv_heads] for dk), and the most voxels
+    that reach one query (the sums' length). With den_i = phi(q_i) . S_i + eps:
+    dq_i = phi'(q_i) (KV_i dout_i - S_i (dout_i . out_i)) / den_i and
+    dk_j = phi'(k_j) sum_i (phi(q_i) / den_i) (dout_i . v_j - dout_i . out_i); in a window
+    of one voxel (out ~ v) the two terms cancel to ~eps / den, so the kernels' rounding of
+    KV, dKV is relative to the terms, not to the result. Plain float64, dense in N."""
+    m = linear_members(pattern, coords, pooling)
+    q64, k64, v64, g = (t.detach().double().cpu() for t in (q, k, v, dout))
+    h, kvh = q64.shape[1], k64.shape[1]
+    k64, v64 = (t.repeat_interleave(h // kvh, dim=1) for t in (k64, v64))
+
+    def phi(x):
+        return torch.relu(x) if feature_map == "relu" else torch.where(x > 0, x + 1, torch.exp(x))
+
+    def dphi(x):
+        return (x > 0).double() if feature_map == "relu" else torch.where(x > 0, torch.ones_like(x), torch.exp(x))
+
+    sq, sk = torch.zeros(q64.shape[:2], dtype=torch.float64), torch.zeros(k64.shape[:2], dtype=torch.float64)
+    for head in range(h):
+        fq, fk, vv, gg = phi(q64[:, head]), phi(k64[:, head]), v64[:, head], g[:, head]
+        s = m @ fk                                          # S_i [N, D]
+        den = (fq * s).sum(-1) + eps
+        out = ((fq @ fk.T) * m) @ vv / den[:, None]
+        gv = (gg.abs() @ vv.abs().T) * m                    # |dout_i| . |v_j| over reachable j
+        go = (gg * out).abs().sum(-1)                       # |dout_i| . |out_i|
+        t1, t2 = gv @ fk / den[:, None], s * (go / den)[:, None]
+        sq[:, head] = ((t1 + t2) * dphi(q64[:, head])).norm(dim=-1)
+        a = fq / den[:, None]
+        u1, u2 = gv.T @ a, m.T @ (a * go[:, None])
+        sk[:, head] = ((u1 + u2) * dphi(k64[:, head])).norm(dim=-1)
+    sk = sk.reshape(sk.shape[0], kvh, h // kvh).sum(-1)
+    return sq, sk, int(m.sum(-1).max()) if m.numel() else 0
+
+
+def assert_linear_matches(what: str, got: dict, want: dict, q, k, v, dout, pattern, coords, feature_map: str,
+                          pooling: bool, dtype: torch.dtype) -> dict[str, float]:
+    """out, dq, dk, dv of scattered linear attention (``got``/``want``: name -> tensor [N, H, D])
+    row by row within ``check.tolerance(dtype, terms)``, terms = the voxels reaching a query
+    (times the GQA group for dk/dv) + head_dim; dq and dk measured against the cancelling
+    terms (``linear_cancellation_scales``). Returns the largest row error per name."""
+    sq, sk, reach = linear_cancellation_scales(q, k, v, dout, pattern, coords, feature_map, pooling)
+    group, d = q.shape[1] // k.shape[1], q.shape[-1]
+    scales = {"dq": sq, "dk": sk}
+    terms = {"out": reach + d, "dq": reach + d, "dk": reach * group + d, "dv": reach * group + d}
+    return {name: assert_rows_close(f"{what} {name}", got[name], want[name], dtype, terms[name], scales.get(name))
+            for name in got}
+
+
+def module_reference(module, x: torch.Tensor, grid) -> tuple[torch.Tensor, int]:
+    """``sf.nn.SparseAttention.forward`` with the float64 reference attention in place of the
+    compiled one, its result rounded to the dtype the module's attention gets (projections run
+    as in the module, under autocast if active). Returns (output, the most terms summed into
+    one output entry: keys per query + head_dim for the attention, + dim for the projection)."""
+    import math
+
+    from sparseforge.runtime import check
+
+    b, c = x.shape[0], x.shape[-1]
+    n = math.prod(grid)
+    h, kvh, d = module.heads, module.kv_heads, module.head_dim
+    qkv_ = module.qkv(x.reshape(b, n, c))
+    q, k, v = qkv_.split([h * d, kvh * d, kvh * d], dim=-1)
+    q = q.reshape(b, n, h, d).transpose(1, 2)
+    k = k.reshape(b, n, kvh, d).transpose(1, 2)
+    v = v.reshape(b, n, kvh, d).transpose(1, 2)
+    problem = sf.Problem(grid=grid, heads=h, head_dim=d, dtype=q.dtype, kv_heads=kvh)
+    with torch.autocast(x.device.type, enabled=False):
+        q64, k64, v64 = q.double(), k.double(), v.double()
+        out = sf.reference_attention(q64, k64, v64, module.pattern, problem).to(q.dtype)
+        keys, _ = check.reductions(module.pattern, problem, q=q64, k=k64)
+    out = out.transpose(1, 2).reshape(b, n, c)
+    return module.proj(out).reshape(x.shape), keys + d + c

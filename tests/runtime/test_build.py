@@ -10,7 +10,7 @@ from sparseforge.codegen.config import KernelConfig, Launch
 from sparseforge.runtime.build import load, save
 from sparseforge.runtime.builddir import BuildIntegrityError
 
-from ._common import TOL, qkv, rel_err
+from ._common import TOL, assert_rows_close, module_reference, qkv, rand, rel_err
 
 PATTERN = sf.Neighborhood(3, dilation=2)
 PROBLEM = sf.Problem(grid=(8, 8), heads=2, head_dim=16, dtype=torch.float16)
@@ -90,9 +90,18 @@ def test_missing_build_is_refused(tmp_path):
 
 
 def test_from_build_module(build):
-    _, path = build
-    m = sf.nn.SparseAttention.from_build(path, dim=32)
-    x = torch.randn(2, 8, 8, 32)
-    y = m(x)
-    assert y.shape == x.shape and torch.isfinite(y).all()
+    """The module runs the build's own (fp16) op, and its output and input gradient match the
+    module computed with the float64 reference attention, row by row within fp16's tolerance."""
+    attn, path = build
+    torch.manual_seed(0)
+    m = sf.nn.SparseAttention.from_build(path, dim=32, dtype=torch.float16)
     assert m.pattern == PATTERN and m.heads == 2 and m.grid == (8, 8)
+    assert m.attention((8, 8), torch.float16).name == attn.name  # the build's op, not a fresh compile
+    x = rand((2, 8, 8, 32), torch.float16, torch.Generator().manual_seed(1), requires_grad=True)
+    y = m(x)
+    want, terms = module_reference(m, x, (8, 8))
+    assert y.shape == x.shape and y.dtype == torch.float16
+    assert_rows_close("y", y, want, torch.float16, terms)
+    dy = rand(y.shape, torch.float16, torch.Generator().manual_seed(2))
+    (gx,), (wx,) = torch.autograd.grad(y, x, dy), torch.autograd.grad(want, x, dy)
+    assert_rows_close("dx", gx, wx, torch.float16, terms)

@@ -10,9 +10,7 @@ import torch
 
 import sparseforge as sf
 
-from ._common import coords_of, rand, rel_err, voxel_qkv
-
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3}
+from ._common import assert_linear_matches, coords_of, rand, rel_err, voxel_qkv
 
 
 def P(heads=2, head_dim=8, kv_heads=None, dtype=torch.float32):
@@ -33,11 +31,12 @@ CASES = {
 
 def check(pattern, problem, coords, *, feature_map="relu", pooling=False, dtype=None, seed=0):
     """Compiled linear attention vs the float64 oracle on the same (rounded) inputs: out and
-    dq/dk/dv of ``(out * dout).sum()``; error over ``|ref| + |dout|`` (Frobenius norms):
-    where a window's ``phi(q) . S`` dwarfs the 1e-6, out hardly depends on q and k (a
-    single-voxel window gives out ~ v), so dq and dk are the near-cancelling difference of
-    two O(|dout|) terms and their plain relative error is ill-conditioned (the hand-checked
-    and gradcheck tests pin exact values)."""
+    dq/dk/dv of ``(out * dout).sum()``, row by row within tolerances from the dtype's epsilon
+    and the voxels reaching a query (``assert_linear_matches``). Where a window's
+    ``phi(q) . S`` dwarfs the 1e-6, out hardly depends on q and k (a single-voxel window gives
+    out ~ v), so dq and dk are the near-cancelling difference of two large terms: those rows
+    are measured against the terms (the hand-checked and gradcheck tests pin exact values).
+    Returns the largest row errors."""
     dtype = problem.dtype if dtype is None else dtype
     lin = sf.compile(pattern, problem, attention="linear", feature_map=feature_map, neighbor_pooling=pooling)
     n = coords.shape[0]
@@ -50,16 +49,12 @@ def check(pattern, problem, coords, *, feature_map="relu", pooling=False, dtype=
     ref = sf.reference_linear_attention(q64, k64, v64, pattern, coords, feature_map=feature_map,
                                         neighbor_pooling=pooling)
     refs = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
-    floor = dout.double().norm().item()
-    errs = {}
-    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *refs)):
+    names = ("out", "dq", "dk", "dv")
+    for name, got, want in zip(names, (out, *grads), (ref, *refs)):
         assert got.dtype == dtype and got.shape == want.shape and not torch.isnan(got).any(), name
-        num = (got.double() - want).norm().item()
-        den = want.norm().item() + floor
-        errs[name] = num / den if den > 0 else num
-    bad = {name: e for name, e in errs.items() if not e <= TOL[dtype]}
-    assert not bad, f"linear {feature_map} pooling={pooling} {pattern!r} ({dtype}): {bad} above {TOL[dtype]}; {errs}"
-    return errs
+    return assert_linear_matches(f"linear {feature_map} pooling={pooling} {pattern!r}",
+                                 dict(zip(names, (out, *grads))), dict(zip(names, (ref, *refs))), q, k, v, dout,
+                                 pattern, coords, feature_map, pooling, dtype)
 
 
 @pytest.mark.parametrize("pooling", [False, True])
@@ -75,8 +70,7 @@ def test_matches_reference(case, feature_map, pooling):
 def test_gqa_and_fp16(pooling):
     pattern, coords = CASES["shifted_3d"](torch.Generator().manual_seed(7))
     check(pattern, P(heads=4, kv_heads=2, head_dim=16), coords, feature_map="elu+1", pooling=pooling)
-    out = check(pattern, P(heads=4, kv_heads=1, dtype=torch.float16), coords, pooling=pooling, seed=3)
-    assert out["out"] < TOL[torch.float16]
+    check(pattern, P(heads=4, kv_heads=1, dtype=torch.float16), coords, pooling=pooling, seed=3)
 
 
 @pytest.mark.parametrize("feature_map", ["relu", "elu+1"])
