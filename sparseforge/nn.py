@@ -114,6 +114,14 @@ class SparseAttention(nn.Module):
         raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, *grid, C] = [B, {', '.join(map(str, self.grid))}, "
                          f"{self.dim}] or [B, {math.prod(self.grid)}, {self.dim}] for grid={self.grid}")
 
+    def project(self, x: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, N, D] and k, v [B, kv_heads, N, D] of x [B, *grid, C] (or [B, N, C])."""
+        b, n = x.shape[0], math.prod(grid)
+        h, kvh, d = self.heads, self.kv_heads, self.head_dim
+        q, k, v = self.qkv(x.reshape(b, n, self.dim)).split([h * d, kvh * d, kvh * d], dim=-1)
+        return (q.reshape(b, n, h, d).transpose(1, 2), k.reshape(b, n, kvh, d).transpose(1, 2),
+                v.reshape(b, n, kvh, d).transpose(1, 2))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -122,14 +130,7 @@ class SparseAttention(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"x has {x.shape[-1]} channels (last dim of shape {tuple(x.shape)}), expected dim={self.dim}")
         grid = self._grid_of(x)
-        b, c = x.shape[0], x.shape[-1]
-        n = math.prod(grid)
-        h, kvh, d = self.heads, self.kv_heads, self.head_dim
-        qkv = self.qkv(x.reshape(b, n, c))
-        q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
-        q = q.reshape(b, n, h, d).transpose(1, 2)
-        k = k.reshape(b, n, kvh, d).transpose(1, 2)
-        v = v.reshape(b, n, kvh, d).transpose(1, 2)
+        q, k, v = self.project(x, grid)
         out = self.attention(grid, q.dtype)(q, k, v, grid=grid)
-        out = out.transpose(1, 2).reshape(b, n, c)
+        out = out.transpose(1, 2).reshape(x.shape[0], math.prod(grid), self.dim)
         return self.proj(out).reshape(x.shape)

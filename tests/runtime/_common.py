@@ -235,11 +235,7 @@ def module_reference(module, x: torch.Tensor, grid) -> tuple[torch.Tensor, int]:
     b, c = x.shape[0], x.shape[-1]
     n = math.prod(grid)
     h, kvh, d = module.heads, module.kv_heads, module.head_dim
-    qkv_ = module.qkv(x.reshape(b, n, c))
-    q, k, v = qkv_.split([h * d, kvh * d, kvh * d], dim=-1)
-    q = q.reshape(b, n, h, d).transpose(1, 2)
-    k = k.reshape(b, n, kvh, d).transpose(1, 2)
-    v = v.reshape(b, n, kvh, d).transpose(1, 2)
+    q, k, v = module.project(x, grid)
     problem = sf.Problem(grid=grid, heads=h, head_dim=d, dtype=q.dtype, kv_heads=kvh)
     with torch.autocast(x.device.type, enabled=False):
         q64, k64, v64 = q.double(), k.double(), v.double()

@@ -15,11 +15,7 @@ def manual(module: SparseAttention, x: torch.Tensor, grid) -> torch.Tensor:
     b, c = x.shape[0], x.shape[-1]
     n = x[0, ..., 0].numel()
     h, kvh, d = module.heads, module.kv_heads, module.head_dim
-    qkv = module.qkv(x.reshape(b, n, c)).double()
-    q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
-    q = q.reshape(b, n, h, d).transpose(1, 2)
-    k = k.reshape(b, n, kvh, d).transpose(1, 2)
-    v = v.reshape(b, n, kvh, d).transpose(1, 2)
+    q, k, v = (t.double() for t in module.project(x, grid))
     problem = sf.Problem(grid=grid, heads=h, head_dim=d, dtype=torch.float32, kv_heads=kvh)
     out = sf.reference_attention(q, k, v, module.pattern, problem)
     out = out.transpose(1, 2).reshape(b, n, c).float()
