@@ -218,7 +218,8 @@ def compile_cmd(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads, q_til
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    rows = [("op", f"torch.ops.sparseforge.{attn.name}"), ("problem", repr(problem)),
+    rows = [("name", attn.name), ("op", f"torch.ops.sparseforge.attention (kernel {attn.kernel.key!r})"),
+            ("problem", repr(problem)),
             ("schedule", attn.schedule.summary().split("\n", 1)[1].strip().replace("\n  ", "; ")),
             ("config", attn.config.describe())]
     if tuning is not None:

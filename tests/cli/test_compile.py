@@ -37,7 +37,7 @@ def test_compile_writes_a_build(built):
 def test_compile_text_output_names_the_op(sf, cache, tmp_path):
     result = sf("compile", "Blocks(4)", *SMALL, "--target", "sm_90", "--out", str(tmp_path / "b"))
     assert result.exit_code == 0, result.output
-    assert "torch.ops.sparseforge.blocks" in result.stdout and "wgmma" not in result.stderr
+    assert "torch.ops.sparseforge.attention (kernel 'blocks" in result.stdout and "wgmma" not in result.stderr
     assert "bwd_dkdv sm_90" in result.stdout
 
 
