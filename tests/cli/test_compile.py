@@ -138,6 +138,27 @@ def test_interrupted_compile_leaves_nothing(sf, cache, tmp_path, monkeypatch):
     assert list(out.parent.iterdir()) == []
 
 
+def test_compile_interrupted_while_writing_the_build_leaves_nothing(sf, cache, tmp_path, monkeypatch):
+    """Interrupted inside write_build, after the staging directory got its first files (the
+    test above stops before any write): no build, no staging directory, no version left."""
+    from sparseforge.runtime import builddir
+
+    real, written = builddir._write_file, []
+
+    def interrupt_on_third(path, data):
+        if len(written) == 2:
+            assert any(p.name.startswith(".na.staging-") for p in out.parent.iterdir())  # staging exists now
+            raise KeyboardInterrupt
+        written.append(path)
+        real(path, data)
+    monkeypatch.setattr(builddir, "_write_file", interrupt_on_third)
+    out = tmp_path / "builds" / "na"
+    out.parent.mkdir()
+    result = sf("compile", "Neighborhood(3)", *SMALL, "--target", "sm_80", "--out", str(out))
+    assert result.exit_code != 0 and len(written) == 2, (result.output, written)
+    assert [p.name for p in out.parent.iterdir() if p.name != ".na.lock"] == []
+
+
 def test_bench_pattern_and_cache_clear_json(sf, cache):
     result = sf("bench", "Blocks(4)", *SMALL, "--repeat", "1", "--backward", "--json")
     assert result.exit_code == 0, result.output
