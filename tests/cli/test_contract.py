@@ -3,7 +3,6 @@ or variable and the value, exit status 2 for bad input, no traceback; warnings a
 sizes that would not fit in memory are refused up front."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
