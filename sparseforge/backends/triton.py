@@ -149,13 +149,22 @@ class TritonKernels:
     def _launch(self, name: str, grid, *args):
         # Each kernel is followed by its NaN/Inf containment kernel (``<name>_fix``, same
         # arguments; a no-op for finite inputs) where visited tiles may hold masked pairs.
-        for n in (name, f"{name}_fix") if self.path.predicate != "none" else (name,):
+        for n in (name, f"{name}_fix") if self.masks_pairs else (name,):
             if not self.interpret:
                 self.kernel(n)[grid](*args, **self._meta(n))
                 continue
             # The interpreter also reads TRITON_INTERPRET while running (lazy imports assert it).
             with interpreted_launch():
                 self.kernel(n)[grid](*args, **self._meta(n))
+
+    @property
+    def masks_pairs(self) -> bool:
+        """Whether a visited tile may hold a pair the pattern masks (what the containment
+        kernels are for): not on the routed path (padding only, never loaded), nor on a static
+        schedule whose visited tiles are all FULL; always for segments (tables per plan)."""
+        if self.path.predicate == "none":
+            return False
+        return self.path.grid_free or self.schedule.full_tiles < self.schedule.visited_tiles
 
     def constexprs(self) -> dict[str, int]:
         """The compile-time arguments every kernel of the module takes."""

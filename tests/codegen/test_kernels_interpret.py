@@ -173,3 +173,23 @@ def test_containment_kernels_exist_where_tiles_hold_masked_pairs():
         compile(static.source(kind), f"{kind}.py", "exec")
     routed = TritonKernels(ROUTED.build(sf.Routed((4, 4), 2), problem, KernelConfig()))
     assert "_fix(" not in routed.source("fwd") + routed.source("bwd")
+
+
+def test_no_containment_launch_where_every_visited_tile_is_full(monkeypatch):
+    """A static schedule of FULL tiles only holds no masked pair: its kernels run alone (and
+    still match the reference); a schedule with PARTIAL tiles runs the containment pass."""
+    problem = sf.Problem(grid=(8, 8), heads=1, head_dim=16, dtype=torch.float32)
+    for pattern, expect in ((sf.Blocks(4), ["fwd"]), (sf.Neighborhood(3), ["fwd", "fwd_fix"])):
+        schedule = build_schedule(pattern, problem, q_tile=(4, 4))
+        kernels = TritonKernels(schedule, interpret=True)
+        launched, real = [], kernels.kernel
+
+        def recording(name, real=real, launched=launched):
+            launched.append(name)
+            return real(name)
+        monkeypatch.setattr(kernels, "kernel", recording)
+        q, k, v = (torch.randn(1, 1, 64, 16) for _ in range(3))
+        out, _ = kernels.forward(q, k, v, 0.25, schedule.tables())
+        assert launched == expect and kernels.masks_pairs == (expect != ["fwd"])
+        ref = sf.reference_attention(q.double(), k.double(), v.double(), pattern, problem, scale=0.25)
+        assert (out.double() - ref).abs().max() < 1e-4
