@@ -20,7 +20,7 @@ from .. import envvars
 from ..dsl.problem import DTYPE_NAMES
 from ..atomic import write_atomic
 from ..codegen.config import KERNELS, KernelConfig
-from ..codegen.render import block_d, kernel_name, render
+from ..codegen.render import KINDS, block_d, kernel_name, render
 from ..lower.paths import path_of
 from .aot import aot_compile
 from ..lower.schedule import TileSchedule
@@ -42,22 +42,6 @@ def _restore_language(snapshot) -> None:
         for name, value in attrs.items():
             if vars(obj).get(name) is not value:
                 setattr(obj, name, value)
-
-
-#: Largest fp32 temporary (elements) ``rowsum_product`` makes at once.
-DELTA_CHUNK_ELEMENTS = 1 << 22
-
-
-def rowsum_product(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """delta = rowsum(dO * O): fp32 [B, H, N] of dout, out [B, H, N, D], products and sums in
-    fp32, a slab of heads at a time, so the fp32 temporaries never grow with the whole
-    [B, H, N, D] (the backward's peak memory stays at its outputs)."""
-    b, h, n, d = out.shape
-    delta = torch.empty(b, h, n, dtype=torch.float32, device=out.device)
-    step = max(1, DELTA_CHUNK_ELEMENTS // max(1, b * n * d))
-    for i in range(0, h, step):
-        delta[:, i:i + step] = (dout[:, i:i + step].float() * out[:, i:i + step].float()).sum(-1)
-    return delta
 
 
 @contextlib.contextmanager
@@ -107,6 +91,9 @@ class TritonKernels:
     backward(q, k, v, out, lse, dout, scale, tables) -> dq, dk, dv
 
     ``tables``: the index tables by kernel argument name (``lower.paths.Path.kernel_tables``).
+    The dK/dV kernel walks ``dkdv_schedule``: the same schedule, or (static patterns) one of
+    the config's dK/dV tiles, whose inverse tables it reads (``Path.dkdv_schedule``).
+    One module per kernel (``codegen.render.KINDS``), each with its NaN/Inf containment kernel.
     """
 
     def __init__(self, schedule: TileSchedule, interpret: bool = False, config: KernelConfig | None = None):
@@ -115,8 +102,13 @@ class TritonKernels:
         self.config = (KernelConfig() if config is None else config).resolved(schedule.problem, schedule.pattern)
         self.name = kernel_name(schedule)
         self.path = path_of(schedule.pattern)
-        self.sources = {kind: render(schedule, kind, self.config) for kind in ("fwd", "bwd")}
+        self.dkdv_schedule = self.path.dkdv_schedule(schedule, self.config)
+        self.sources = {kind: render(self.schedule_of(kind), kind, self.config, self.name) for kind in KINDS}
         self._modules: dict[str, object] = {}
+
+    def schedule_of(self, name: str) -> TileSchedule:
+        """The schedule kernel ``name`` (or its ``_fix``) walks."""
+        return self.dkdv_schedule if name.removesuffix("_fix") == "bwd_dkdv" else self.schedule
 
     def source(self, kind: str) -> str:
         if kind not in self.sources:
@@ -143,13 +135,12 @@ class TritonKernels:
         return self._modules[kind]
 
     def kernel(self, name: str):
-        kind = "fwd" if name.startswith("fwd") else "bwd"
-        return getattr(self.module(kind), f"{self.name}_{name}")
+        return getattr(self.module(name.removesuffix("_fix")), f"{self.name}_{name}")
 
     def _launch(self, name: str, grid, *args):
         # Each kernel is followed by its NaN/Inf containment kernel (``<name>_fix``, same
         # arguments; a no-op for finite inputs) where visited tiles may hold masked pairs.
-        for n in (name, f"{name}_fix") if self.masks_pairs else (name,):
+        for n in (name, f"{name}_fix") if self.masks_pairs(name) else (name,):
             if not self.interpret:
                 self.kernel(n)[grid](*args, **self._meta(n))
                 continue
@@ -157,22 +148,22 @@ class TritonKernels:
             with interpreted_launch():
                 self.kernel(n)[grid](*args, **self._meta(n))
 
-    @property
-    def masks_pairs(self) -> bool:
-        """Whether a visited tile may hold a pair the pattern masks (what the containment
-        kernels are for): not on the routed path (padding only, never loaded), nor on a static
-        schedule whose visited tiles are all FULL; always for segments (tables per plan)."""
+    def masks_pairs(self, name: str) -> bool:
+        """Whether a tile kernel ``name`` visits may hold a pair the pattern masks (what the
+        containment kernels are for): not on the routed path (padding only, never loaded), nor
+        on a static schedule whose visited tiles are all FULL; always for segments (tables per plan)."""
         if self.path.predicate == "none":
             return False
-        return self.path.grid_free or self.schedule.full_tiles < self.schedule.visited_tiles
+        schedule = self.schedule_of(name)
+        return self.path.grid_free or schedule.full_tiles < schedule.visited_tiles
 
-    def constexprs(self) -> dict[str, int]:
-        """The compile-time arguments every kernel of the module takes."""
-        g = self.schedule.geometry
+    def constexprs(self, name: str = "fwd") -> dict[str, int]:
+        """The compile-time arguments kernel ``name`` takes: its schedule's tile rows."""
+        g = self.schedule_of(name).geometry
         return dict(BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_D=block_d(self.schedule.problem.head_dim))
 
     def _meta(self, name: str):
-        meta = self.constexprs()
+        meta = self.constexprs(name)
         if not self.interpret:
             launch = self.config.launch(name.removesuffix("_fix"))  # <kernel>_fix: as its kernel
             meta.update(num_warps=launch.num_warps, num_stages=launch.num_stages)
@@ -185,10 +176,11 @@ class TritonKernels:
         own, or built per call; only those the kernel reads are passed)."""
         return [values[a] if a in values else tables[a] for a in self.signature(name)]
 
-    def _n_tiles(self, n: int, side: str) -> int:
-        """Query (side "q") or key tiles a launch covers: the schedule's, or for a scattered
-        schedule those of the packed sequence of ``n`` rows (a multiple of both tiles)."""
-        g = self.schedule.geometry
+    def _n_tiles(self, n: int, side: str, name: str = "fwd") -> int:
+        """Query (side "q") or key tiles a launch of kernel ``name`` covers: its schedule's,
+        or for a scattered schedule those of the packed sequence of ``n`` rows (a multiple of
+        both tiles)."""
+        g = self.schedule_of(name).geometry
         if self.path.grid_free:
             return n // (g.block_m if side == "q" else g.block_n)
         return g.n_q_tiles if side == "q" else g.n_k_tiles
@@ -205,26 +197,34 @@ class TritonKernels:
         return out, lse
 
     def backward(self, q, k, v, out, lse, dout, scale: float, tables: dict):
-        delta = rowsum_product(dout, out)
-        dq = self.backward_dq(q, k, v, dout, lse, delta, scale, tables)
-        dk, dv = self.backward_dkdv(q, k, v, dout, lse, delta, scale, tables)
+        """dq, dk, dv. ``tables``: the forward's (``tables``); the dK/dV kernel's, when it has
+        a schedule of its own (static patterns only), are that schedule's."""
+        dkdv_tables = tables if self.dkdv_schedule is self.schedule else \
+            self.path.kernel_tables(self.dkdv_schedule, [], q.device)
+        dq, delta = self.backward_dq(q, k, v, out, dout, lse, scale, tables)
+        dk, dv = self.backward_dkdv(q, k, v, dout, lse, delta, scale, dkdv_tables)
         return dq, dk, dv
 
     def _backward_args(self, q, k, v, dout, lse, delta, scale: float) -> dict:
         return dict(Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, stride_qb=q.stride(0), stride_qh=q.stride(1),
                     stride_kb=k.stride(0), stride_kh=k.stride(1), sm_scale=scale, qk_scale=scale * math.log2(math.e))
 
-    def backward_dq(self, q, k, v, dout, lse, delta, scale: float, tables: dict):
-        """dq [B, H, N, D] (the ``bwd_dq`` kernel alone); delta = rowsum(dO * O) fp32."""
+    def backward_dq(self, q, k, v, out, dout, lse, scale: float, tables: dict):
+        """(dq [B, H, N, D], delta [B, H, N] fp32 = rowsum(dO * O)): the ``bwd_dq`` kernel
+        alone, which computes delta in its prologue for the dK/dV kernel."""
         dq = torch.empty_like(q)
+        delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
         grid = (self._n_tiles(q.shape[2], "q"), q.shape[0] * q.shape[1])
-        self._launch("bwd_dq", grid, *self._args("bwd_dq", tables, DQ=dq, **self._backward_args(q, k, v, dout, lse, delta, scale)))
-        return dq
+        self._launch("bwd_dq", grid, *self._args("bwd_dq", tables, DQ=dq, O=out, stride_ob=out.stride(0),
+                                                 stride_oh=out.stride(1),
+                                                 **self._backward_args(q, k, v, dout, lse, delta, scale)))
+        return dq, delta
 
     def backward_dkdv(self, q, k, v, dout, lse, delta, scale: float, tables: dict):
-        """dk, dv [B, KVH, N, D] (the ``bwd_dkdv`` kernel alone)."""
+        """dk, dv [B, KVH, N, D] (the ``bwd_dkdv`` kernel alone, on ``dkdv_schedule``'s
+        inverse ``tables``); delta from ``backward_dq``."""
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        grid = (self._n_tiles(k.shape[2], "k"), k.shape[0] * k.shape[1])
+        grid = (self._n_tiles(k.shape[2], "k", "bwd_dkdv"), k.shape[0] * k.shape[1])
         self._launch("bwd_dkdv", grid, *self._args("bwd_dkdv", tables, DK=dk, DV=dv,
                                                    **self._backward_args(q, k, v, dout, lse, delta, scale)))
         return dk, dv
@@ -250,28 +250,42 @@ class TritonKernels:
         sig: dict[str, str] = {}
         if name == "fwd":
             sig.update(Q=dt, K=dt, V=dt, O=dt, LSE="*fp32")
+        elif name == "bwd_dq":
+            sig.update(Q=dt, K=dt, V=dt, O=dt, DO=dt, LSE="*fp32", DELTA="*fp32", DQ=dt)
         else:
-            sig.update(Q=dt, K=dt, V=dt, DO=dt, LSE="*fp32", DELTA="*fp32")
-            sig.update(DQ=dt) if name == "bwd_dq" else sig.update(DK=dt, DV=dt)
+            sig.update(Q=dt, K=dt, V=dt, DO=dt, LSE="*fp32", DELTA="*fp32", DK=dt, DV=dt)
         sig.update({t: "*i32" for t in tables})
         if self.path.grid_free:
             # segment ids of the packed rows and the packed length (a multiple of 16)
             sig.update(SEG="*i32", n_tokens="i32:16")
         strides = ["stride_qb", "stride_qh", "stride_kb", "stride_kh"]
-        if name == "fwd":
+        if name in ("fwd", "bwd_dq"):
             strides += ["stride_ob", "stride_oh"]
-        sig.update({s: "i32:16" for s in strides})  # what the JIT infers for contiguous tensors
+        sig.update({s: self._stride_type(s) for s in strides})
         if name == "fwd":
             sig["qk_scale"] = "fp32"
         else:
             sig.update(sm_scale="fp32", qk_scale="fp32")
         return sig
 
+    def _stride_type(self, stride: str) -> str:
+        """What the JIT infers for ``stride`` of contiguous tensors of the schedule's problem
+        (one batch element more or less changes nothing): a multiple of 16 in 32 bits, or a
+        64-bit integer from 2^31 on (B*H*N*D passes 2^31 in real use: the kernels compute the
+        batch and head offsets in 64 bits either way)."""
+        p = self.schedule.problem
+        if self.path.grid_free:  # segments: the packed length comes with each call
+            return "i32:16"
+        rows = p.tokens * p.head_dim
+        heads = p.kv_heads if stride.startswith("stride_k") else p.heads
+        value = rows * heads if stride.endswith("b") else rows
+        return "i64" if value >= 2 ** 31 else "i32:16"
+
     def aot(self, name: str, target="sm_90"):
         """Compile kernel ``name`` for ``target`` on the CPU; returns its ResourceReport."""
         if self.interpret:
             raise ValueError("ahead-of-time compile needs TritonKernels(interpret=False)")
         launch = self.config.launch(name.removesuffix("_fix"))
-        return aot_compile(self.kernel(name), self.signature(name), self.constexprs(), target=target,
+        return aot_compile(self.kernel(name), self.signature(name), self.constexprs(name), target=target,
                            num_warps=launch.num_warps, num_stages=launch.num_stages)
 

@@ -55,7 +55,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparseforge as sf
-from sparseforge.backends.triton import DELTA_CHUNK_ELEMENTS
 from sparseforge.dsl.content import ROUTING_CHUNK_TOKENS
 
 from . import peers, run_info  # the torch peers are shared with the suite
@@ -211,7 +210,6 @@ def analytic(batch: int, heads: int, grid: int, head_dim: int, region: int, topk
     tokens = region * region
     n_regions = n // tokens
     x = batch * heads * n * head_dim * elem          # one of q, k, v, out, dout, dq, ...
-    x32 = batch * heads * n * head_dim * 4
     scores = batch * heads * n * topk * tokens * elem
     a = dict(
         one_qkv_tensor=x, inputs_qkv=3 * x, dout=x, out=x, lse=batch * heads * n * 4,
@@ -227,10 +225,7 @@ def analytic(batch: int, heads: int, grid: int, head_dim: int, region: int, topk
         # means and k's region sums (float64 [B, R, H, D] each), the token -> region ids (int64)
         routing_float64=(2 * batch * min(n, ROUTING_CHUNK_TOKENS) * heads * head_dim * 8
                          + 2 * batch * n_regions * heads * head_dim * 8 + n * 8),
-        # rowsum(dO * O) a slab of heads at a time (kernels.rowsum_product): dO.float(),
-        # O.float() and their product for one slab
-        delta_fp32_temporaries=3 * x32 // heads * min(heads, max(1, DELTA_CHUNK_ELEMENTS // (batch * n * head_dim))),
-        delta=batch * heads * n * 4,
+        delta=batch * heads * n * 4,  # rowsum(dO * O), computed by the dQ kernel (no temporaries)
         grads_dq_dk_dv=3 * x,
     )
     # models of the peaks: what must be live at the worst moment (routes given)
@@ -238,9 +233,7 @@ def analytic(batch: int, heads: int, grid: int, head_dim: int, region: int, topk
         gather_forward=3 * x + a["gather_kv_copies"] + 2 * scores,  # region copies of q/k/v, K/V copies, scores + softmax
         gather_forward_backward=2 * a["gather_backward_expanded_grad"],   # a lower bound: the expanded gradient twice
         ours_forward=a["out"] + a["lse"],                                 # + the per-call tables (small)
-        # the larger of: computing delta (its slab temporaries) and the kernels' gradients
-        ours_forward_backward=a["out"] + a["lse"] + max(a["delta_fp32_temporaries"],
-                                                          a["delta"] + a["grads_dq_dk_dv"]),
+        ours_forward_backward=a["out"] + a["lse"] + a["delta"] + a["grads_dq_dk_dv"],
         # routing inside: the larger of Routed.routes and the kernels' forward
         ours_routing=max(a["routing_float64"], a["out"] + a["lse"]),
     )

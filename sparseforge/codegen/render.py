@@ -12,11 +12,13 @@ from ..dsl.problem import DTYPE_NAMES
 from ..lower.paths import path_of
 from ..version import __version__
 from ..lower.families import Symbols, predicate
+from .config import KERNELS
 from .printer import to_triton
 from ..lower.schedule import TileSchedule
 
-KINDS = ("fwd", "bwd")
-_TEMPLATES = {"fwd": "attention_fwd.py.j2", "bwd": "attention_bwd.py.j2"}
+#: One generated module per kernel (the dK/dV kernel may run on a schedule of its own tiles).
+KINDS = KERNELS
+_TEMPLATES = {kind: f"attention_{kind}.py.j2" for kind in KINDS}
 
 _env = jinja2.Environment(
     loader=jinja2.PackageLoader("sparseforge.codegen", "templates"),
@@ -76,9 +78,11 @@ def _row_functions(schedule: TileSchedule) -> tuple[list[dict], list[dict]]:
     return sides, dispatch
 
 
-def render(schedule: TileSchedule, kind: str, config=None) -> str:
-    """Source of the ``kind`` ("fwd" or "bwd") kernel module for ``schedule``; ``config``
-    (a resolved ``KernelConfig``) is named in the header."""
+def render(schedule: TileSchedule, kind: str, config=None, name: str | None = None) -> str:
+    """Source of the ``kind`` ("fwd", "bwd_dq" or "bwd_dkdv") kernel module for ``schedule``
+    (for "bwd_dkdv", the schedule of the dK/dV tiles, whose inverse tables it reads);
+    ``config`` (a resolved ``KernelConfig``) is named in the header; ``name``: the kernels'
+    prefix (default ``kernel_name(schedule)``; one name for the modules of one attention)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     prob, geom = schedule.problem, schedule.geometry
@@ -110,7 +114,7 @@ def render(schedule: TileSchedule, kind: str, config=None) -> str:
         heads=prob.heads, group_stride_b=prob.heads if path.batched_head_groups else 0, kv_group=prob.heads // prob.kv_heads, tokens=0 if segments else prob.tokens,
         sides=sides, row_dispatch=row_dispatch, rows_group=", group" if row_dispatch else "",
         q_coords=", ".join(f"qx{d}" for d in range(nd)), k_coords=", ".join(f"kx{d}" for d in range(nd)),
-        kernel_name=kernel_name(schedule),
+        kernel_name=name or kernel_name(schedule),
         predicate=(SEGMENT_PREDICATE + SEGMENT_CAUSAL * causal_segments if segments else
                    _bool_tensor(to_triton(pred, names("[:, None]", "[None, :]")), "q_valid[:, None] & k_valid[None, :]")),
         predicate_t=(SEGMENT_PREDICATE_T + SEGMENT_CAUSAL_T * causal_segments if segments else
@@ -122,8 +126,9 @@ def render(schedule: TileSchedule, kind: str, config=None) -> str:
         contain=path.predicate != "none",
         dot_args=', input_precision="ieee"' if prob.dtype in (torch.float32, torch.float64) else "",
         loop_bounds=schedule.loop_bounds, bounds_reason=schedule.bounds_reason,
-        launches=_launches(config, ("fwd",) if kind == "fwd" else ("bwd_dq", "bwd_dkdv")),
-        closed_form=_closed_form_context(schedule) if schedule.bounds is not None else None,
+        module=kind, launches=_launches(config, (kind,)),
+        # the dK/dV kernel walks the inverse tables: no closed-form key-tile loops
+        closed_form=_closed_form_context(schedule) if schedule.bounds is not None and kind != "bwd_dkdv" else None,
     )
     return _tidy(_env.get_template(_TEMPLATES[kind]).render(**context))
 

@@ -33,3 +33,18 @@ def default_tile(problem: Problem, block: int = 128) -> tuple[int, ...]:
     for i in range(total):
         exps[nd - 1 - (i % nd)] += 1  # fill from the last (fastest) dimension
     return tuple(1 << e for e in sorted(exps))
+
+
+def default_dkdv_tile_tokens(problem, capability: int) -> tuple[int, int] | None:
+    """(query, key) tile sizes in tokens of the dK/dV kernel's own schedule, or None to run it
+    on the forward's tiles (fp32, head_dim 256: its accumulators alone fill the registers).
+    sm_90: a stationary key tile of >= 64 rows runs every product on wgmma (M = 64 per
+    warpgroup; 32-key tiles fall back to mma.sync): 64 x 128 for head_dim <= 64, 32 x 64 up to
+    128 (64 x 128 spills there on folded grids). sm_80 and others: 64 x 64 (the forward's
+    128 x 32 spills once the FULL and PARTIAL loops are separate). Measured spill-free and,
+    on sm_90, unserialized by ahead-of-time compiles (tests/codegen/test_aot_kernels.py)."""
+    if problem.dtype == torch.float32 or problem.head_dim > 128:
+        return None
+    if capability < 90:
+        return 64, 64
+    return (64, 128) if problem.head_dim <= 64 else (32, 64)

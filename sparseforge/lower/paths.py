@@ -4,6 +4,8 @@ A ``Path`` knows, for its kind of pattern:
 
 - ``build(pattern, problem, config)``: the ``TileSchedule`` (per grid for static and routed
   attention, once for segments, whose packed length comes with every plan);
+- ``dkdv_schedule(schedule, config)``: the schedule the dK/dV kernel walks (static attention:
+  one of the config's dK/dV tiles; the others run every kernel on one tiling);
 - ``kernel_tables(schedule, tables, device)``: the generated kernels' index tables by argument
   name, from the per-call ``tables`` the ops receive (none for static attention: its tables
   are the schedule's; the routes for routed attention; a plan's tensors for segments);
@@ -81,6 +83,16 @@ class Path:
 
     def build(self, pattern: Pattern, problem: Problem, config) -> TileSchedule:
         raise NotImplementedError
+
+    def dkdv_schedule(self, schedule: TileSchedule, config) -> TileSchedule:
+        """The schedule of the dK/dV kernel under ``config`` (resolved): ``schedule`` itself,
+        the only tiling this path has (routed tiles follow the regions; segment plans come
+        with their tables)."""
+        if not config.shared_tiling:
+            raise ValueError(f"{self.name} attention runs every kernel on one tiling: dkdv_q_tile="
+                             f"{config.dkdv_q_tile} / dkdv_k_tile={config.dkdv_k_tile} must equal q_tile="
+                             f"{config.q_tile} / k_tile={config.k_tile} (or be left unset)")
+        return schedule
 
     def kernel_tables(self, schedule: TileSchedule, tables: list[torch.Tensor], device) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -168,6 +180,15 @@ class _StaticPath(Path):
         config = config.resolved(problem)
         return build_schedule(pattern, problem, q_tile=config.q_tile, k_tile=config.k_tile,
                               closed_form=config.closed_form)
+
+    def dkdv_schedule(self, schedule, config) -> TileSchedule:
+        """A schedule of the dK/dV tiles (index tables only: that kernel walks the inverse
+        tables), or ``schedule`` when they are its tiles."""
+        geom = schedule.geometry
+        if (config.dkdv_q_tile, config.dkdv_k_tile) == (geom.q_tile, geom.k_tile):
+            return schedule
+        return build_schedule(schedule.pattern, schedule.problem, q_tile=config.dkdv_q_tile,
+                              k_tile=config.dkdv_k_tile, closed_form=False)
 
     def kernel_tables(self, schedule, tables, device) -> dict[str, torch.Tensor]:
         with self._lock:

@@ -34,10 +34,11 @@ from .inputs import check_backend
 
 __all__ = ["load", "save", "versions"]
 
-SOURCES = {"fwd": "kernels/fwd.py", "bwd": "kernels/bwd.py"}
-#: The layout of a build's meta: 2 since the ops became one fixed set (builds before it
-#: named a torch op of their own, and have no "format").
-FORMAT = 2
+SOURCES = {kind: f"kernels/{kind}.py" for kind in KERNELS}
+#: The layout of a build: 3 since every kernel has a module of its own (the dK/dV kernel its
+#: own tiles); 2 since the ops became one fixed set (builds before it named a torch op of
+#: their own, and have no "format").
+FORMAT = 3
 
 
 def versions() -> dict[str, str]:
@@ -97,8 +98,7 @@ def load(path, *, backend: str | None = None) -> CompiledAttention:
     meta = build.meta
     if meta.get("format") != FORMAT:
         raise BuildIntegrityError(f"build directory '{build.path}' was made by an older sparseforge (build format "
-                                  f"{meta.get('format', 1)}, this one reads {FORMAT}: each build had a torch op of "
-                                  f"its own then); rebuild it with 'sparseforge compile ... --out {build.path}'")
+                                  f"{meta.get('format', 1)}, this one reads {FORMAT}); rebuild it with 'sparseforge compile ... --out {build.path}'")
     try:
         pattern = parse_pattern(meta["pattern"])
         problem = problem_from_dict(meta["problem"])

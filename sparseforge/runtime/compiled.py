@@ -26,7 +26,7 @@ import dataclasses
 
 import torch
 
-from ..codegen.config import KernelConfig
+from ..codegen.config import KERNELS, KernelConfig
 from ..dsl.pattern import Pattern
 from ..dsl.problem import Problem
 from ..lower.paths import SEGMENTS, path_of
@@ -38,7 +38,7 @@ from .inputs import check_backend, check_call_grid, check_qkv, check_return_lse,
 
 __all__ = ["CompiledAttention", "SOURCE_KINDS", "UnsupportedPatternError"]
 
-SOURCE_KINDS = ("fwd", "bwd")
+SOURCE_KINDS = KERNELS  # one generated module per kernel: "fwd", "bwd_dq", "bwd_dkdv"
 
 
 class UnsupportedPatternError(NotImplementedError, ValueError):
@@ -82,7 +82,8 @@ class CompiledAttention:
         return torch.ops.sparseforge.attention_backward
 
     def source(self, kind: str = "fwd") -> str:
-        """The generated Triton source: ``kind`` is "fwd" or "bwd". Works without a GPU."""
+        """The generated Triton source of kernel ``kind``: "fwd", "bwd_dq" or "bwd_dkdv".
+        Works without a GPU."""
         if kind not in SOURCE_KINDS:
             raise ValueError(f"kind must be one of {list(SOURCE_KINDS)}, got {kind!r}")
         return self.kernel.triton(self.problem.grid, False).source(kind)

@@ -81,10 +81,10 @@ def test_closed_form_kernels_read_no_tables():
     schedule = build_schedule(sf.Neighborhood(7), sf.Problem(grid=(16, 16), heads=2, head_dim=16))
     kernels = TritonKernels(schedule)
     assert kernels.table_arguments("fwd") == [] and kernels.table_arguments("bwd_dq") == []
-    for kind in ("fwd", "bwd"):
+    for kind in ("fwd", "bwd_dq"):
         src = kernels.source(kind)
         assert "_key_tile_bounds(q_tile)" in src and "KV_IDX" not in src and "KV_PTR" not in src
-    assert "Q_IDX" in kernels.source("bwd")  # dK/dV walks the inverse tables
+    assert "Q_IDX" in kernels.source("bwd_dkdv")  # dK/dV walks the inverse tables
 
 
 # Small enough for the interpreter, each with FULL and PARTIAL key tiles.

@@ -98,7 +98,7 @@ def test_generated_source_has_the_segment_predicate():
     pattern = sf.Scattered((4, 4))
     problem = sf.Problem(heads=2, head_dim=32)
     k = TritonKernels(build_scattered_schedule(pattern, problem))
-    for kind in ("fwd", "bwd"):
+    for kind in ("fwd", "bwd_dq", "bwd_dkdv"):
         src = k.source(kind)
         assert "SEG, n_tokens" in src and "q_seg[:, None] == k_seg[None, :]" in src or \
             "k_seg[:, None] == q_seg[None, :]" in src
@@ -111,7 +111,7 @@ def test_causal_segments_add_the_position_compare():
     plain = TritonKernels(build_scattered_schedule(sf.Scattered(1), problem))
     causal = TritonKernels(build_scattered_schedule(sf.Scattered(1), problem, causal=True))
     assert causal.schedule.name != plain.schedule.name
-    for kind, compare in (("fwd", "(k_tok[None, :] <= q_tok[:, None])"), ("bwd", "(k_tok[:, None] <= q_tok[None, :])")):
+    for kind, compare in (("fwd", "(k_tok[None, :] <= q_tok[:, None])"), ("bwd_dkdv", "(k_tok[:, None] <= q_tok[None, :])")):
         assert compare in causal.source(kind) and compare not in plain.source(kind)
 
 

@@ -150,13 +150,13 @@ def test_bad_scale(attn, scale):
 
 def test_bad_source_kind(attn):
     with pytest.raises(ValueError, match="kind"):
-        attn.source("dq")
+        attn.source("bwd")
 
 
 # -- the generated kernels (skipped until sparseforge.backends.triton exists) ------------------
 @needs_kernels
 def test_source_generates_without_gpu(attn):
-    for kind in ("fwd", "bwd"):
+    for kind in ("fwd", "bwd_dq", "bwd_dkdv"):
         src = attn.source(kind)
         assert isinstance(src, str) and "triton" in src
 
