@@ -197,23 +197,62 @@ class Blocks(_Separable):
     """MaxViT block attention: ``q_d // size == k_d // size`` in every dimension.
 
     A grid extent that ``size`` does not divide gives a smaller last block.
+
+    offset: windows start at ``offset`` (per dimension, ``0 <= offset < size``): the windows
+    are ``[0, s), [s, s + size), [s + size, s + 2 size), ...``, the last one partial — Swin's
+    shifted windows (``offset = size // 2``) as one pattern on the original grid, with no
+    roll and no mask tensor. In closed form, with ``pad = (size - offset) % size``:
+    ``(q_d + pad) // size == (k_d + pad) // size``. ``offset=0`` (the default) is the plain
+    partition; an all-zero tuple is stored as 0 (one pattern, one repr, one fingerprint).
     """
 
     size: int | tuple[int, ...]
+    offset: int | tuple[int, ...] = 0
 
     def __post_init__(self):
         object.__setattr__(self, "size", per_dim("size", self.size))
+        offset = per_dim("offset", self.offset, minimum=0)
+        if isinstance(offset, tuple) and not any(offset):
+            offset = 0
+        object.__setattr__(self, "offset", offset)
+        pairwise_lt("offset", self.offset, "size", self.size)
 
     def params(self, problem):
-        return [dict(size=s) for s in expand("size", self.size, problem.ndim)]
+        nd = problem.ndim
+        return [dict(size=s, offset=o) for s, o in
+                zip(expand("size", self.size, nd), expand("offset", self.offset, nd))]
 
     def check(self, problem):
         for d, (length, p) in enumerate(zip(problem.grid, self.params(problem))):
             if p["size"] > length:
                 raise ValueError(f"size={self.size!r} is larger than the grid {problem.grid} in dimension {d}")
 
-    def allowed_1d(self, length, q, k, *, size):
-        return q // size == k // size
+    def allowed_1d(self, length, q, k, *, size, offset=0):
+        pad = blocks_pad(size, offset)
+        return (q + pad) // size == (k + pad) // size
+
+
+def blocks_pad(size: int, offset: int) -> int:
+    """How far ``Blocks(size, offset)`` shifts coordinates so that its windows start at
+    multiples of ``size``: ``(size - offset) % size`` (0 for ``offset=0``)."""
+    return (size - offset) % size
+
+
+def pairwise_lt(small_name: str, small, big_name: str, big) -> None:
+    """Check ``small < big`` per dimension where both are known at construction (an int
+    broadcasts; two tuples must have the same number of entries)."""
+    if small == 0:
+        return
+    if isinstance(small, tuple) and isinstance(big, tuple) and len(small) != len(big):
+        raise ValueError(f"{small_name}={small!r} and {big_name}={big!r} must have the same number of entries")
+    n = max(len(small) if isinstance(small, tuple) else 1, len(big) if isinstance(big, tuple) else 1)
+    s = small if isinstance(small, tuple) else (small,) * n
+    b = big if isinstance(big, tuple) else (big,) * n
+    for d, (x, y) in enumerate(zip(s, b)):
+        if x >= y:
+            where = f" in dimension {d}" if n > 1 else ""
+            raise ValueError(f"{small_name} must be < {big_name}{where} (0 <= {small_name} < {big_name}), got "
+                             f"{small_name}={small!r}, {big_name}={big!r}")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

@@ -12,6 +12,7 @@ import torch
 
 from .budget import check_dense_mask, check_mask_rows
 from .content import Scattered, check_coords, check_groups
+from .modifiers import Modifiers, check_modifiers, check_scale
 from .pattern import MaskContext, Pattern, as_4d
 from .problem import Problem
 
@@ -294,7 +295,7 @@ def allowed_sum(w: torch.Tensor, x: torch.Tensor, mask) -> torch.Tensor:
     return _AllowedSum.apply(w, x, mask)
 
 
-def masked_softmax_attention(q, k, v, mask, scale, *, contain: bool = True):
+def masked_softmax_attention(q, k, v, mask, scale, *, contain: bool = True, bias=None, softcap=None, sink=None):
     """Attention with a boolean mask; empty rows give zeros and LSE = -inf, never NaN.
 
     q [..., Nq, D], k/v [..., Nk, D], mask broadcastable to [..., Nq, Nk]. Differentiable.
@@ -304,30 +305,69 @@ def masked_softmax_attention(q, k, v, mask, scale, *, contain: bool = True):
     v (or a masked query's q) hold NaN or Inf (``allowed_dot``/``allowed_sum``); a key it
     sees propagates them. ``contain=False`` uses plain matmuls instead: the same results and
     faster, but only when q, k and v are all finite (callers that checked this).
+
+    Score modifiers (``dsl.modifiers``), in this order: ``scale`` (a float or a tensor
+    broadcastable to the scores, e.g. [1, H, 1, 1]); ``bias`` (broadcastable to [..., Nq, Nk],
+    added at allowed pairs only: its values elsewhere are never read); ``softcap`` (a float:
+    ``s -> softcap * tanh(s / softcap)``); the mask; ``sink`` (logits broadcastable to
+    [..., Nq], -inf for none) joins the softmax's denominator with no value, and the LSE
+    counts it (an empty row with a finite sink outputs zeros with LSE = sink).
     """
     if contain:
         s = allowed_dot(q, k, mask) * scale
     else:
         s = (q @ k.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + torch.where(mask, bias, torch.zeros((), dtype=s.dtype, device=s.device))
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     s = torch.where(mask, s, torch.full_like(s, -math.inf))
     m = s.amax(-1, keepdim=True)
+    if sink is not None:
+        sink = sink.to(s.dtype).unsqueeze(-1)
+        m = torch.maximum(m, sink)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     den = e.sum(-1, keepdim=True)
+    if sink is not None:
+        den = den + torch.exp(sink - m)
     p = e / den.clamp_min(torch.finfo(den.dtype).tiny)
     lse = (m + torch.log(den)).squeeze(-1)
     return (allowed_sum(p, v, mask) if contain else p @ v), lse
 
 
-def reference_attention(q, k, v, pattern: Pattern, problem: Problem, *, scale: float | None = None,
-                        coords=None, routes=None, groups=None, return_lse: bool = False):
+def reference_attention(q, k, v, pattern: Pattern, problem: Problem, *, scale=None,
+                        coords=None, routes=None, groups=None, return_lse: bool = False, modifiers=(),
+                        key_padding_mask=None, lengths=None, padding_side: str = "right", sizes=None):
     """Attention under ``pattern`` in float64: [B, H, N, D] in, float64 [B, H, N, D] out.
 
-    k/v may have ``problem.kv_heads`` heads (GQA). ``scale`` defaults to D**-0.5. With
-    ``return_lse`` also returns the natural-log LSE [B, H, N] (-inf for empty rows).
+    k/v may have ``problem.kv_heads`` heads (GQA). ``scale`` defaults to D**-0.5; a float or a
+    [H] tensor (one scale per query head). With ``return_lse`` also returns the natural-log
+    LSE [B, H, N] (-inf for empty rows and padded rows).
     Voxel patterns also accept [N, H, D] tensors (one batch; ``coords`` carries the batch id).
     ``Grouped`` takes ``groups`` (int [B, N] or [B, H, N]).
-    Differentiable with respect to q, k and v.
+
+    modifiers: score modifiers (``RelativePositionBias``, ``T5Bias``, ``ALiBi``, ``Softcap``,
+    ``Sinks``), applied as ``dsl.modifiers`` defines: ``s = scale * q.k + biases ->
+    softcap -> mask -> softmax`` whose denominator also counts ``exp(sink)`` (the LSE too).
+
+    Padding (at most one of the three; a padded token is never read as a key, even NaN
+    stored there reaches no output, and its query row outputs zeros with LSE = -inf):
+
+    - ``key_padding_mask``: bool [B, N], True = real token. The pattern keeps the tokens'
+      positions in the full grid (the tensor's layout) and the others are removed, as an
+      additive padding mask does in SDPA/FlexAttention.
+    - ``lengths``: ints [B] on a 1-D grid, sample b holds ``lengths[b]`` real tokens at the
+      start (``padding_side="right"``) or the end (``"left"``) of the sequence, and is its
+      own sequence of that length: the pattern is evaluated on it (positions counted from
+      its first real token; windows clamped at its own end; Sink, Documents and Blocks
+      aligned at its own start), as running each sample alone would.
+    - ``sizes``: ints [B, ndim], per-sample grids: sample b uses only the leading
+      ``sizes[b]`` box of the grid (tokens outside it are padding) and is its own grid of
+      that extent, windows clamped at its own border exactly as the pattern would be on a
+      problem of that grid. ``lengths`` with right padding is ``sizes = lengths[:, None]``.
+
+    Differentiable with respect to q, k, v, a tensor ``scale`` and every modifier tensor.
     """
     check_pattern_problem(pattern, problem)
     voxel_layout = isinstance(q, torch.Tensor) and q.dim() == 3
@@ -335,22 +375,174 @@ def reference_attention(q, k, v, pattern: Pattern, problem: Problem, *, scale: f
         q, k, v = (t.permute(1, 0, 2).unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in (q, k, v))
     ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes, groups=groups)
     check_qkv(q, k, v, problem, tokens=ctx.tokens)
+    scale = check_scale(scale, problem, device=q.device)
     if scale is None:
         scale = problem.head_dim ** -0.5
+    mods = check_modifiers(modifiers, pattern, problem, device=q.device)
+    samples, valid = check_padding(pattern, problem, q.shape[0], ctx.tokens, q.device, routes=routes,
+                                   key_padding_mask=key_padding_mask, lengths=lengths,
+                                   padding_side=padding_side, sizes=sizes)
     group = problem.heads // problem.kv_heads
     q64 = q.double()
     k64 = k.double().repeat_interleave(group, dim=1)
     v64 = v.double().repeat_interleave(group, dim=1)
-    outs, lses = [], []
-    for rows in _row_chunks(ctx):
-        m = mask_rows(pattern, ctx, rows).to(q.device)
-        o, l = masked_softmax_attention(q64[:, :, rows], k64, v64, m, scale)
-        outs.append(o)
-        lses.append(l)
-    out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+    if samples is None:
+        out, lse = _attend(q64, k64, v64, pattern, ctx, scale, mods, valid)
+    else:
+        out, lse = _attend_samples(q64, k64, v64, pattern, problem, scale, mods, samples, groups)
     if voxel_layout:
         out, lse = out[0].permute(1, 0, 2), lse[0].permute(1, 0)
     return (out, lse) if return_lse else out
+
+
+def _attend(q64, k64, v64, pattern: Pattern, ctx: MaskContext, scale, mods: Modifiers, valid=None):
+    """(out, lse) of float64 q64/k64/v64 [B, H, N, D] (k/v heads already expanded) in row
+    chunks; ``valid``: bool [B, N] or None (every token real)."""
+    problem = ctx.problem
+    if isinstance(scale, torch.Tensor):
+        scale = scale.double().view(1, -1, 1, 1)
+    keys = torch.arange(ctx.tokens)
+    outs, lses = [], []
+    for rows in _row_chunks(ctx):
+        m = mask_rows(pattern, ctx, rows).to(q64.device)
+        if valid is not None:
+            m = m & valid[:, None, None, :] & valid[:, None, rows.to(valid.device), None]
+        bias = None
+        for mod in mods.biases:
+            b = mod.bias(pattern, problem, rows, keys).to(q64.device)[None]
+            bias = b if bias is None else bias + b
+        sink = None
+        if mods.sinks is not None:
+            sink = mods.sinks.logits.double().to(q64.device)[None, :, None].expand(1, problem.heads, len(rows))
+            if valid is not None:
+                sink = torch.where(valid[:, None, rows.to(valid.device)], sink, -math.inf)
+        o, l = masked_softmax_attention(q64[:, :, rows], k64, v64, m, scale, bias=bias, sink=sink,
+                                        softcap=None if mods.softcap is None else mods.softcap.cap)
+        outs.append(o)
+        lses.append(l)
+    if not outs:
+        b, h, _, d = q64.shape
+        return q64.new_zeros(b, h, 0, v64.shape[-1]), q64.new_zeros(b, h, 0)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _attend_samples(q64, k64, v64, pattern: Pattern, problem: Problem, scale, mods: Modifiers, samples, groups):
+    """Per-sample grids: sample b's real tokens ``samples[b] = (flat indices, grid)`` attend
+    among themselves on their own grid; padded rows stay zero (LSE -inf)."""
+    b_, h, n, _ = q64.shape
+    outs, lses = [], []
+    for b, (idx, grid, name) in enumerate(samples):
+        out = q64.new_zeros(h, n, v64.shape[-1])
+        lse = q64.new_full((h, n), -math.inf)
+        if idx.numel():
+            idx = idx.to(q64.device)
+            sub = problem.with_grid(grid)
+            try:
+                pattern.check(sub)
+                sub_mods = check_modifiers([m for m in (*mods.biases, mods.softcap, mods.sinks) if m is not None],
+                                           pattern, sub)
+            except ValueError as e:
+                raise ValueError(f"{name}: sample {b} is a grid of {grid}, on which {e}") from None
+            g = None if groups is None else groups[b:b + 1].index_select(-1, idx.to(groups.device))
+            qb, kb, vb = (t[b:b + 1].index_select(2, idx) for t in (q64, k64, v64))
+            ctx = make_context(pattern, sub, q=qb, k=kb, groups=g)
+            ob, lb = _attend(qb, kb, vb, pattern, ctx, scale, sub_mods)
+            out = out.index_copy(1, idx, ob[0])
+            lse = lse.index_copy(1, idx, lb[0])
+        outs.append(out)
+        lses.append(lse)
+    return torch.stack(outs), torch.stack(lses)
+
+
+# ------------------------------------------------------------------------------------
+# Padding and per-sample grids
+# ------------------------------------------------------------------------------------
+def _int_tensor(name: str, value, shape: tuple[int, ...], what: str, device) -> torch.Tensor:
+    """``value`` (an integer tensor or nested lists of ints) as int64 of ``shape``, on the CPU."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            raise TypeError(f"{name} must hold integers, got a tensor of {value.dtype}")
+        if device is not None and value.device != torch.device(device):
+            raise ValueError(f"{name} is on {value.device}, but q is on {device}; expected every tensor on one device")
+        t = value.detach().to("cpu", torch.long)
+    else:
+        try:
+            t = torch.tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be a tensor or a list of ints {what}, got {value!r}") from None
+        if t.dtype != torch.long:
+            raise TypeError(f"{name} must hold ints {what}, got {value!r} ({t.dtype})")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {list(t.shape)}, expected {list(shape)} {what}")
+    return t
+
+
+def box_indices(grid: tuple[int, ...], box) -> torch.Tensor:
+    """Flat row-major indices into ``grid`` of the leading ``box``, in the box's row-major order."""
+    idx = torch.zeros(1, dtype=torch.long)
+    for d, extent in enumerate(box):
+        idx = (idx[:, None] + torch.arange(extent)[None, :] * math.prod(grid[d + 1:])).reshape(-1)
+    return idx
+
+
+def check_padding(pattern: Pattern, problem: Problem, batch: int, tokens: int, device, *, routes=None,
+                  key_padding_mask=None, lengths=None, padding_side: str = "right", sizes=None):
+    """The padding arguments of ``reference_attention`` checked: ``(samples, valid)`` where
+    ``samples`` is None or one ``(flat indices, grid, argument name)`` per sample (``lengths``,
+    ``sizes``) and ``valid`` None or bool [B, N] on ``device`` (``key_padding_mask``)."""
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    given = [name for name, value in (("key_padding_mask", key_padding_mask), ("lengths", lengths),
+                                      ("sizes", sizes)) if value is not None]
+    if padding_side != "right" and lengths is None:
+        raise ValueError(f"padding_side={padding_side!r} applies to lengths=, which was not given")
+    if not given:
+        return None, None
+    if len(given) > 1:
+        raise ValueError(f"give at most one of key_padding_mask, lengths and sizes, got {' and '.join(given)}")
+    if problem.grid is None or any(not p.needs_grid for p in pattern.walk()):
+        raise ValueError(f"{given[0]} needs a token grid, but {pattern!r} takes its tokens from coords "
+                         "(voxel patterns have no padding: leave the padded voxels out)")
+    needs = pattern.inputs_needed()
+    if key_padding_mask is not None:
+        if "qk" in needs and routes is None:
+            raise ValueError(f"key_padding_mask with {pattern!r}: its routing reads every token's q and k, "
+                             "padding included; give lengths= or sizes= (each sample routed on its own "
+                             "tokens) or routes=")
+        m = key_padding_mask
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a bool tensor [B, N], got {type(m).__name__}")
+        if m.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = real token), got {m.dtype}")
+        if tuple(m.shape) != (batch, tokens):
+            raise ValueError(f"key_padding_mask has shape {list(m.shape)}, expected [B={batch}, N={tokens}]")
+        if m.device != torch.device(device):
+            raise ValueError(f"key_padding_mask is on {m.device}, but q is on {device}; expected one device")
+        return None, m
+    if routes is not None:
+        raise ValueError(f"routes= with {given[0]}=: routes name regions of the full grid, but each sample is "
+                         "routed on its own grid; leave routes out")
+    grid = problem.grid
+    samples = []
+    if lengths is not None:
+        if len(grid) != 1:
+            raise ValueError(f"lengths applies to 1-D sequences, but the problem grid is {grid}; give sizes= "
+                             f"([B, {len(grid)}] per-sample grids) or key_padding_mask=")
+        t = _int_tensor("lengths", lengths, (batch,), f"[B={batch}]", device)
+        for b, n in enumerate(t.tolist()):
+            if not 0 <= n <= tokens:
+                raise ValueError(f"lengths[{b}] must be in [0, {tokens}] (the sequence length), got {n}")
+            first = 0 if padding_side == "right" else tokens - n
+            samples.append((torch.arange(first, first + n), (n,), f"lengths[{b}]={n}"))
+        return samples, None
+    t = _int_tensor("sizes", sizes, (batch, len(grid)), f"[B={batch}, ndim={len(grid)}]", device)
+    for b, box in enumerate(t.tolist()):
+        for d, (s, g) in enumerate(zip(box, grid)):
+            if not 0 <= s <= g:
+                raise ValueError(f"sizes[{b}][{d}] must be in [0, {g}] (the grid extent), got {s} "
+                                 f"(sizes[{b}]={box}, grid={grid})")
+        samples.append((box_indices(grid, box), tuple(box), f"sizes[{b}]={box}"))
+    return samples, None
 
 
 def reference_linear_attention(q, k, v, pattern, coords, *, feature_map: str = "relu",

@@ -196,15 +196,25 @@ class _Halo(Separable):
 
 
 class _Blocks(Separable):
+    # offset s: windows [0, s), [s, s + size), ...; with pad = (size - s) % size the window of
+    # index i is [((i + pad) // size) * size - pad, ... + size - 1], clipped to [0, group_len - 1]
+    # (both ends non-decreasing in i). offset 0 keeps the unshifted expressions (same kernels).
     def window(self, i, group_len, p):
-        lo = (i // p["size"]) * p["size"]
-        return lo, _min(lo + p["size"] - 1, group_len - 1)
+        size, pad = p["size"], local.blocks_pad(p["size"], p.get("offset", 0))
+        if not pad:
+            lo = (i // size) * size
+            return lo, _min(lo + size - 1, group_len - 1)
+        lo = ((i + pad) // size) * size - pad
+        return _max(lo, 0), _min(lo + size - 1, group_len - 1)
 
     def predicate_1d(self, length, q, k, p):
-        return sp.Eq(sp.floor(q / p["size"]), sp.floor(k / p["size"]))
+        size, pad = p["size"], local.blocks_pad(p["size"], p.get("offset", 0))
+        if not pad:
+            return sp.Eq(sp.floor(q / size), sp.floor(k / size))
+        return sp.Eq(sp.floor((q + pad) / size), sp.floor((k + pad) / size))
 
     def tag(self, p, ndim):
-        return f"blocks{_v(p.size)}"
+        return f"blocks{_v(p.size)}" + ("" if _is_default(p.offset, 0) else f"_o{_v(p.offset)}")
 
 
 class _Grid(Separable):
