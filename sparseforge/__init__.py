@@ -16,8 +16,3 @@ from .version import __version__
 
 __all__ = list(_dsl_all) + ["CompiledAttention", "UnsupportedPatternError", "compile", "load", "nn", "__version__"]
 
-# Score modifiers (issue 13): bias terms, softcap, sinks; the table shape of a relative position bias.
-from .dsl.modifiers import (ALiBi, RelativePositionBias, Sinks, Softcap, T5Bias,  # noqa: E402
-                            relative_position_bias_shape, t5_relative_position_bucket)
-__all__ += ["ALiBi", "RelativePositionBias", "Sinks", "Softcap", "T5Bias", "relative_position_bias_shape",
-            "t5_relative_position_bucket"]
