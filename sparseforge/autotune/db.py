@@ -4,11 +4,18 @@ One SQLite file (stdlib ``sqlite3``), by default ``cache_dir() / "tuning.sqlite3
 
 Schema (version ``SCHEMA_VERSION``)::
 
-    meta(name TEXT PRIMARY KEY, value TEXT)       -- ('schema_version', '1'), ('application', ...)
-    tuning(pattern_fingerprint, problem, dtype, device_name, target, fp_fusion,
-           sparseforge_version, triton_version, torch_version,   -- PRIMARY KEY: all nine
+    meta(name TEXT PRIMARY KEY, value TEXT)       -- ('schema_version', '2'), ('application', ...)
+    tuning(pattern_fingerprint, problem, batch, dtype, device_name, target, fp_fusion,
+           sparseforge_version, triton_version, torch_version,   -- PRIMARY KEY: all ten
            config TEXT (canonical JSON), measured INTEGER (0/1), metric REAL,
            kernel_name TEXT, created REAL (unix time), notes TEXT)
+
+``batch`` is the batch bucket (``batch_bucket``: the batch size rounded up to a power of two,
+at most ``MAX_BATCH_BUCKET``): the best config changes with the number of programs
+(tiles x heads x batch) against the number of SMs. Version 1 files (no batch column) are
+upgraded in place on first use, their records keyed to batch bucket 1: what they were tuned
+for (the tuner timed batch 1 and its cost model assumed it). A version 1 file that cannot be
+written raises an error saying so; any other schema is moved aside as below.
 
 Concurrency: every operation opens its own connection, does one thing and closes it, so a
 ``TuningDB`` survives ``fork`` and many processes may share the file. Connections wait up to
@@ -49,22 +56,23 @@ import filelock
 
 from .. import envvars
 
-__all__ = ["TuningDB", "TuningKey", "TuningRecord", "TuningDatabaseWarning", "default_db_path"]
+__all__ = ["MAX_BATCH_BUCKET", "TuningDB", "TuningKey", "TuningRecord", "TuningDatabaseWarning", "batch_bucket",
+           "default_db_path"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: The largest batch bucket: from here on every problem has many programs per SM.
+MAX_BATCH_BUCKET = 64
 _APPLICATION = "sparseforge.tuning"
 _TIMEOUT_S = 60.0
 _SIBLINGS = ("-wal", "-shm", "-journal")
 
-_KEY_COLUMNS = ("pattern_fingerprint", "problem", "dtype", "device_name", "target", "fp_fusion",
+_KEY_COLUMNS = ("pattern_fingerprint", "problem", "batch", "dtype", "device_name", "target", "fp_fusion",
                 "sparseforge_version", "triton_version", "torch_version")
 _RECORD_COLUMNS = ("config", "measured", "metric", "kernel_name", "created", "notes")
+#: Schema version 1's key (no batch): upgraded in place (``TuningDB._upgrade_v1``).
+_V1_KEY_COLUMNS = tuple(c for c in _KEY_COLUMNS if c != "batch")
 
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS meta (
-    name  TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
+_TUNING_TABLE = f"""
 CREATE TABLE IF NOT EXISTS tuning (
     {", ".join(f"{c} TEXT NOT NULL" for c in _KEY_COLUMNS)},
     config      TEXT    NOT NULL,
@@ -76,6 +84,13 @@ CREATE TABLE IF NOT EXISTS tuning (
     PRIMARY KEY ({", ".join(_KEY_COLUMNS)})
 );
 CREATE INDEX IF NOT EXISTS tuning_created ON tuning (created);
+"""
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+{_TUNING_TABLE}
 INSERT OR IGNORE INTO meta (name, value) VALUES ('schema_version', '{SCHEMA_VERSION}');
 INSERT OR IGNORE INTO meta (name, value) VALUES ('application', '{_APPLICATION}');
 """
@@ -96,13 +111,26 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
+def batch_bucket(batch: int) -> int:
+    """The batch bucket of ``batch`` in the tuning key: the next power of two, at most
+    ``MAX_BATCH_BUCKET`` (1 -> 1, 3 -> 4, 5..8 -> 8, 1000 -> 64). Configs are tuned for the
+    bucket, which stands for every batch size in it."""
+    if isinstance(batch, bool) or not isinstance(batch, int):
+        raise TypeError(f"batch must be an int, got {_describe(batch)}")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    return min(MAX_BATCH_BUCKET, 1 << (batch - 1).bit_length())
+
+
 @dataclass(frozen=True)
 class TuningKey:
-    """Everything that decides which config is best: the pattern, the problem, the dtype,
-    the device and its target, the tool versions and Triton's FP-fusion switch."""
+    """Everything that decides which config is best: the pattern, the problem, the batch
+    bucket (``batch_bucket``, as a decimal string), the dtype, the device and its target, the
+    tool versions and Triton's FP-fusion switch."""
 
     pattern_fingerprint: str
     problem: str
+    batch: str
     dtype: str
     device_name: str
     target: str
@@ -116,14 +144,18 @@ class TuningKey:
             value = getattr(self, f.name)
             if not isinstance(value, str):
                 raise TypeError(f"TuningKey.{f.name} must be a str, got {_describe(value)}")
+        if not (self.batch.isascii() and self.batch.isdigit() and int(self.batch) >= 1):
+            raise ValueError(f"TuningKey.batch must be a batch bucket written in decimal (e.g. '1', '8'), "
+                             f"got {self.batch!r}")
 
     @classmethod
     def current(cls, pattern_fingerprint: str, problem: Any, dtype: Any, device_name: str,
-                target: str) -> TuningKey:
+                target: str, batch: int = 1) -> TuningKey:
         """The key for this installation: versions of sparseforge, triton and torch as
         installed, and ``TRITON_DEFAULT_FP_FUSION`` as pinned by
         ``envvars.pin_triton_fp_fusion()``. ``problem`` may be given as the object (its
-        ``repr`` is used) and ``dtype`` as a ``torch.dtype`` (its ``str``)."""
+        ``repr`` is used) and ``dtype`` as a ``torch.dtype`` (its ``str``); ``batch`` is the
+        batch size, keyed by its bucket (``batch_bucket``)."""
         import torch
         import triton
 
@@ -131,6 +163,7 @@ class TuningKey:
 
         return cls(pattern_fingerprint=pattern_fingerprint,
                    problem=problem if isinstance(problem, str) else repr(problem),
+                   batch=str(batch_bucket(batch)),
                    dtype=dtype if isinstance(dtype, str) else str(dtype),
                    device_name=device_name, target=target,
                    sparseforge_version=sparseforge.__version__,
@@ -410,12 +443,14 @@ class TuningDB:
                     return f"it holds no sparseforge schema (tables: {', '.join(sorted(tables))})"
                 meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
                 version = meta.get("schema_version")
-                if meta.get("application") != _APPLICATION or version != str(SCHEMA_VERSION):
+                if meta.get("application") != _APPLICATION or version not in (str(SCHEMA_VERSION), "1"):
                     return (f"unknown schema (application {meta.get('application')!r}, "
-                            f"schema_version {version!r}; this sparseforge reads {SCHEMA_VERSION})")
+                            f"schema_version {version!r}; this sparseforge reads {SCHEMA_VERSION} "
+                            f"and upgrades 1)")
                 columns = tuple(r[1] for r in conn.execute("PRAGMA table_info(tuning)"))
-                if columns != _KEY_COLUMNS + _RECORD_COLUMNS:
-                    return f"table 'tuning' has columns {columns}, expected {_KEY_COLUMNS + _RECORD_COLUMNS}"
+                expected = (_V1_KEY_COLUMNS if version == "1" else _KEY_COLUMNS) + _RECORD_COLUMNS
+                if columns != expected:
+                    return f"table 'tuning' has columns {columns}, expected {expected}"
         except sqlite3.DatabaseError as exc:
             if readonly and _errorcode(exc) == 8:  # SQLITE_READONLY: e.g. a hot journal
                 return self._inspect(readonly=False)
@@ -434,11 +469,37 @@ class TuningDB:
             if tables != {"meta", "tuning"}:
                 _transaction(conn, lambda c: [c.execute(statement)
                                               for statement in filter(str.strip, _SCHEMA.split(";"))])
+            if _schema_version(conn) == "1":
+                self._upgrade_v1(conn)
             # WAL is persistent in the file. Where the filesystem cannot do it the default
             # rollback journal stays: just as safe, only readers wait for writers.
             with contextlib.suppress(sqlite3.OperationalError):
                 if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                     conn.execute("PRAGMA journal_mode=WAL")
+
+    def _upgrade_v1(self, conn: sqlite3.Connection) -> None:
+        """Schema 1 -> 2 in one transaction under the lock file: the key gains ``batch``, every
+        old record gets batch bucket 1 (what it was tuned for). Processes upgrading at once
+        agree: the version is read again inside the transaction."""
+        def upgrade(c: sqlite3.Connection) -> None:
+            if _schema_version(c) != "1":
+                return  # another process upgraded it meanwhile
+            c.execute("ALTER TABLE tuning RENAME TO tuning_v1")
+            c.execute("DROP INDEX IF EXISTS tuning_created")
+            for statement in filter(str.strip, _TUNING_TABLE.split(";")):
+                c.execute(statement)
+            old = ", ".join("'1'" if col == "batch" else col for col in _KEY_COLUMNS + _RECORD_COLUMNS)
+            c.execute(f"INSERT INTO tuning ({', '.join(_KEY_COLUMNS + _RECORD_COLUMNS)}) SELECT {old} FROM tuning_v1")
+            c.execute("DROP TABLE tuning_v1")
+            c.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION),))
+        try:
+            with self._lock():
+                _transaction(conn, upgrade)
+        except (sqlite3.OperationalError, OSError) as exc:  # read-only file or directory, lock timeout
+            raise sqlite3.OperationalError(
+                f"the tuning database {self._path} has schema version 1 (no batch in its key) and could not be "
+                f"upgraded to version {SCHEMA_VERSION} ({exc}); make it writable, or point "
+                f"SPARSEFORGE_CACHE_DIR at another directory") from exc
 
     def _repair_if_bad(self, messages: list[str], reason: str | None) -> None:
         """When ``reason`` says the file is bad: take the lock, look again (another process
@@ -466,6 +527,11 @@ class TuningDB:
             if not any(os.path.lexists(candidate + s) for s in ("", *_SIBLINGS)):
                 return Path(candidate)
         raise RuntimeError(f"too many moved-aside tuning databases next to {self._path}")
+
+
+def _schema_version(conn: sqlite3.Connection) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+    return None if row is None else row[0]
 
 
 def _transaction(conn: sqlite3.Connection, op: Callable[[sqlite3.Connection], T]) -> T:

@@ -1,8 +1,15 @@
-"""The autotuner's config space: tile shapes per grid, launch parameters per kernel.
+"""The autotuner's config space: tile shapes per grid, loop bounds, launch parameters per kernel.
 
-Tiles are chosen jointly for the three kernels (they share one schedule); ``num_warps`` and
-``num_stages`` are chosen per kernel. Tile shapes are N-D boxes of a power-of-two token
-count, shaped to the grid by ``schedule.default_tile`` (and its transpose on 2-D grids).
+- ``tile_choices``: (q_tile, k_tile) of the forward and dQ kernels (one schedule);
+- ``CLOSED_FORM``: closed-form key-tile bounds or index tables for those two kernels, tried
+  both ways where the pattern has closed-form bounds (the PARTIAL walk's runtime div/mod can
+  cost more than an index load);
+- ``dkdv_tile_choices``: the dK/dV kernel's own tiles on static patterns (keys stationary,
+  query tiles streamed); routed attention runs every kernel on one tiling;
+- ``LAUNCHES``: ``num_warps`` and ``num_stages``, chosen per kernel.
+
+Tile shapes are N-D boxes of a power-of-two token count, shaped to the grid by
+``lower.defaults.default_tile`` (and its transpose on 2-D grids).
 """
 from __future__ import annotations
 
@@ -13,14 +20,23 @@ from ..dsl.problem import Problem
 from ..lower.defaults import default_tile
 from ..lower.routed import region_pad, region_tile
 
-#: (query tile tokens, key tile tokens) tried, by padded head dim.
+#: (query tile tokens, key tile tokens) tried for the forward and dQ kernels, by padded head dim.
 TILE_TOKENS = {
-    "default": ((128, 64), (64, 64), (128, 32), (64, 32), (32, 32)),
+    "default": ((128, 64), (64, 64), (128, 128), (128, 32), (64, 32)),
     256: ((64, 32), (32, 32), (64, 16)),
 }
-#: Launch parameters tried for every kernel (8 warps keep the backward kernels' registers
-#: per thread low; one stage stops the backward kernels prefetching into registers).
-LAUNCHES = (Launch(8, 2), Launch(8, 1), Launch(4, 2))
+#: (streamed query tile tokens, stationary key tile tokens) tried for the dK/dV kernel on
+#: static patterns: >= 64 stationary keys give sm_90 wgmma (M = 64 per warpgroup).
+DKDV_TILE_TOKENS = {
+    "default": ((64, 128), (32, 128), (64, 64), (32, 64)),
+    256: ((32, 64), (16, 64), (32, 32)),
+}
+#: Loop bounds tried for the forward and dQ kernels: closed form (where the pattern has it), tables.
+CLOSED_FORM = (True, False)
+#: Launch parameters tried for every kernel: 4 warps give 64-row tiles whole-N wgmma shapes,
+#: 2-3 stages hide load latency where registers allow, 8 warps / one stage keep the backward
+#: kernels' registers per thread low.
+LAUNCHES = (Launch(4, 2), Launch(4, 3), Launch(8, 2), Launch(8, 1))
 
 
 def tile_choices(problem: Problem, tokens=None, transposed: bool = False) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -38,6 +54,14 @@ def tile_choices(problem: Problem, tokens=None, transposed: bool = False) -> lis
             if pair not in out and _fits(problem, pair):
                 out.append(pair)
     return out or [(default_tile(problem, tokens[0][0]), default_tile(problem, tokens[0][1]))]
+
+
+def dkdv_tile_choices(problem: Problem, tokens=None) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(dkdv_q_tile, dkdv_k_tile) shapes to try for the dK/dV kernel of a static pattern on
+    ``problem`` (``DKDV_TILE_TOKENS``), no duplicates, none larger than twice the grid."""
+    if tokens is None:
+        tokens = DKDV_TILE_TOKENS.get(block_d(problem.head_dim), DKDV_TILE_TOKENS["default"])
+    return tile_choices(problem, tokens)
 
 
 def routed_tile_choices(pattern, problem: Problem, tokens=None) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:

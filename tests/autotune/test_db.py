@@ -25,7 +25,7 @@ from sparseforge.autotune.db import TuningDatabaseWarning, TuningDB, TuningKey, 
 
 ROOT = Path(sparseforge.__file__).resolve().parent.parent
 
-BASE_KEY = dict(pattern_fingerprint="fp0", problem="Problem(grid=(8,), heads=2, head_dim=16)",
+BASE_KEY = dict(pattern_fingerprint="fp0", problem="Problem(grid=(8,), heads=2, head_dim=16)", batch="1",
                 dtype="torch.float16", device_name="NVIDIA H100 80GB HBM3", target="sm_90",
                 sparseforge_version="0.1.0", triton_version="3.9.0", torch_version="2.5.0",
                 fp_fusion="1")
@@ -126,7 +126,7 @@ def test_put_replaces(db):
 
 @pytest.mark.parametrize("field", KEY_FIELDS)
 def test_every_key_field_distinguishes_entries(db, field):
-    other = key(**{field: BASE_KEY[field] + "-other"})
+    other = key(**{field: "2" if field == "batch" else BASE_KEY[field] + "-other"})
     db.put(key(), record(metric=1.0))
     db.put(other, record(metric=2.0))
     assert len(db) == 2
@@ -161,7 +161,7 @@ def test_key_current_reads_installed_versions_and_fp_fusion(monkeypatch):
     monkeypatch.delenv("TRITON_DEFAULT_FP_FUSION", raising=False)
     problem = sparseforge.Problem(grid=(8,), heads=2, head_dim=16)
     k = TuningKey.current("abc", problem, torch.float16, "cpu-model", "sm_90")
-    assert k == TuningKey(pattern_fingerprint="abc", problem=repr(problem), dtype="torch.float16",
+    assert k == TuningKey(pattern_fingerprint="abc", problem=repr(problem), batch="1", dtype="torch.float16",
                           device_name="cpu-model", target="sm_90",
                           sparseforge_version=sparseforge.__version__,
                           triton_version=triton.__version__, torch_version=torch.__version__,
@@ -169,6 +169,26 @@ def test_key_current_reads_installed_versions_and_fp_fusion(monkeypatch):
     assert os.environ["TRITON_DEFAULT_FP_FUSION"] == "1"  # pinned as a side effect
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
     assert TuningKey.current("abc", "P", "f16", "d", "sm_80").fp_fusion == "0"
+    assert TuningKey.current("abc", "P", "f16", "d", "sm_80", batch=6).batch == "8"
+
+
+@pytest.mark.parametrize("batch, bucket", [(1, 1), (2, 2), (3, 4), (8, 8), (9, 16), (33, 64), (64, 64), (10 ** 6, 64)])
+def test_batch_bucket(batch, bucket):
+    assert dbmod.batch_bucket(batch) == bucket
+
+
+@pytest.mark.parametrize("batch, exc, message", [
+    (0, ValueError, r"^batch must be >= 1, got 0$"), (True, TypeError, r"^batch must be an int, got True \(bool\)$"),
+    (2.0, TypeError, r"^batch must be an int, got 2\.0 \(float\)$")])
+def test_batch_bucket_errors(batch, exc, message):
+    with pytest.raises(exc, match=message):
+        dbmod.batch_bucket(batch)
+
+
+@pytest.mark.parametrize("value", ["", "0", "b4", "-1", "1.5", "\u0663"])
+def test_key_batch_must_be_a_bucket(value):
+    with pytest.raises(ValueError, match=r"^TuningKey\.batch must be a batch bucket written in decimal"):
+        key(batch=value)
 
 
 def test_records_are_frozen():
@@ -291,9 +311,12 @@ CORRUPTIONS = [
     (_truncated, r"SQLite reported: database disk image is malformed"),
     (_foreign_schema, r"it holds no sparseforge schema \(tables: results\)"),
     (_meta_edit("UPDATE meta SET value = '99' WHERE name = 'schema_version'"),
-     r"unknown schema \(application 'sparseforge\.tuning', schema_version '99'; this sparseforge reads 1\)"),
+     r"unknown schema \(application 'sparseforge\.tuning', schema_version '99'; this sparseforge reads 2 and "
+     r"upgrades 1\)"),
     (_meta_edit("UPDATE meta SET value = 'other' WHERE name = 'application'"),
-     r"unknown schema \(application 'other', schema_version '1'"),
+     r"unknown schema \(application 'other', schema_version '2'"),
+    (_meta_edit("UPDATE meta SET value = '1' WHERE name = 'schema_version'"),
+     r"table 'tuning' has columns \(.*'batch'.*\), expected \('pattern_fingerprint', 'problem', 'dtype'"),
     (_meta_edit("ALTER TABLE tuning ADD COLUMN extra TEXT"), r"table 'tuning' has columns \("),
 ]
 
@@ -305,7 +328,8 @@ def _aside_files(path: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("make, reason", CORRUPTIONS, ids=[
-    "garbage", "truncated", "foreign-schema", "unknown-version", "other-application", "extra-column"])
+    "garbage", "truncated", "foreign-schema", "unknown-version", "other-application", "v1-with-v2-columns",
+    "extra-column"])
 def test_corrupt_file_is_moved_aside_and_rebuilt(tmp_path, make, reason):
     path = tmp_path / "cache" / "tuning.sqlite3"
     path.parent.mkdir()
@@ -632,6 +656,12 @@ def test_tune_drops_an_impossible_record_instead_of_failing(tmp_path):
         (Neighborhood(3), {**good, "k_tile": [8]}, r"k_tile=\(8,\) must have one positive entry per grid dimension"),
         (Neighborhood(3), {**good, "bwd_dq": None}, r"leaves a tile or a launch unset"),
         (Routed((4, 4), 2), {**good, "q_tile": [4, 3]}, r"must have power-of-two extents dividing the padded region"),
+        (Routed((4, 4), 2), {**good, "dkdv_q_tile": [2, 4], "dkdv_k_tile": [4, 4]},
+         r"routed attention runs every kernel on one tiling"),
+        (Neighborhood(3), {**good, "dkdv_q_tile": [4, 4]}, r"sets one of dkdv_q_tile/dkdv_k_tile but not the other"),
+        (Neighborhood(3), {**good, "dkdv_q_tile": [4, 4], "dkdv_k_tile": [0, 4]}, r"dkdv_k_tile must be >= 1, got 0"),
+        (Neighborhood(3), {**good, "dkdv_q_tile": [4, 4], "dkdv_k_tile": [8]},
+         r"k_tile=\(8,\) must have one positive entry per grid dimension"),
     ]
     problem = Problem(grid=(8, 8), heads=2, head_dim=16, dtype=torch.float16)
     for pattern, config, reason in cases:
@@ -645,3 +675,91 @@ def test_tune_drops_an_impossible_record_instead_of_failing(tmp_path):
         with pytest.warns(TuningDatabaseWarning, match=reason), pytest.raises(TuningError, match="survived"):
             tune(pattern, problem, target="sm_90", db=tdb, measure=False, tiles=[])
         assert tdb.get(k) is None, reason
+
+
+# ------------------------------------------------------------------------------------
+# schema 1 (no batch in the key): upgraded in place
+# ------------------------------------------------------------------------------------
+_V1_KEY = ("pattern_fingerprint", "problem", "dtype", "device_name", "target", "fp_fusion",
+           "sparseforge_version", "triton_version", "torch_version")
+
+
+def _v1_database(path: Path, rows: list[tuple[dict, TuningRecord]]) -> None:
+    """A tuning database as sparseforge wrote it before the batch bucket was in the key."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(f"""
+            CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE tuning ({", ".join(f"{c} TEXT NOT NULL" for c in _V1_KEY)},
+                config TEXT NOT NULL, measured INTEGER NOT NULL CHECK (measured IN (0, 1)),
+                metric REAL NOT NULL, kernel_name TEXT NOT NULL, created REAL NOT NULL, notes TEXT NOT NULL,
+                PRIMARY KEY ({", ".join(_V1_KEY)}));
+            CREATE INDEX tuning_created ON tuning (created);
+            INSERT INTO meta VALUES ('schema_version', '1'), ('application', 'sparseforge.tuning');
+        """)
+        for k, r in rows:
+            values = tuple(k[c] for c in _V1_KEY) + (json.dumps(r.config), int(r.measured), r.metric,
+                                                      r.kernel_name, r.created, r.notes)
+            conn.execute(f"INSERT INTO tuning VALUES ({', '.join('?' * len(values))})", values)
+        conn.commit()
+
+
+def test_schema_1_is_upgraded_and_its_records_keyed_to_batch_1(tmp_path, recwarn):
+    path = tmp_path / "tuning.sqlite3"
+    old = {k: v for k, v in BASE_KEY.items() if k != "batch"}
+    _v1_database(path, [(old, record(created=5.0)), ({**old, "pattern_fingerprint": "fp1"}, record(created=6.0))])
+    tdb = TuningDB(path)
+    assert tdb.get(key()) == record(created=5.0)
+    assert tdb.get(key(batch="2")) is None
+    assert [(k.pattern_fingerprint, k.batch) for k, _ in tdb.entries()] == [("fp0", "1"), ("fp1", "1")]
+    tdb.put(key(batch="8"), record(metric=3.0))
+    assert len(TuningDB(path)) == 3 and TuningDB(path).get(key(batch="8")).metric == 3.0
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone() == ("2",)
+        assert {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} == {"meta", "tuning"}
+    assert not [w for w in recwarn if issubclass(w.category, TuningDatabaseWarning)]
+    assert not _aside_files(path)
+
+
+def test_old_records_stay_usable_by_tune(tmp_path, monkeypatch):
+    """A record the earlier tuner stored (schema 1, no dK/dV tiles in its config) is returned
+    for batch 1 without compiling; batch 2 is another key."""
+    from sparseforge import Neighborhood, Problem
+    from sparseforge.autotune.tuner import TuningError, tune, tuning_key
+    from sparseforge.backends.triton import TritonKernels
+    from sparseforge.codegen.config import KernelConfig, Launch
+
+    problem = Problem(grid=(8, 8), heads=2, head_dim=16, dtype=torch.float16)
+    launch = Launch(4, 1)
+    config = {"q_tile": [4, 4], "k_tile": [4, 4], "closed_form": True,
+              **{k: {"num_warps": 4, "num_stages": 1} for k in ("fwd", "bwd_dq", "bwd_dkdv")}}
+    k = dataclasses.asdict(tuning_key(Neighborhood(3), problem, 90, "cost-model sm_90"))
+    path = tmp_path / "t.sqlite3"
+    _v1_database(path, [(k, TuningRecord(config=config, measured=False, metric=2.5, kernel_name="x", created=1.0))])
+    compiled = []
+
+    def no_compile(*args, **kwargs):
+        compiled.append(args)
+        raise AssertionError("compiled")
+    monkeypatch.setattr(TritonKernels, "aot", no_compile)
+    hit = tune(Neighborhood(3), problem, target="sm_90", db=TuningDB(path))
+    assert hit.cached and hit.metric == 2.5 and not compiled
+    assert hit.config == KernelConfig((4, 4), (4, 4), True, fwd=launch, bwd_dq=launch, bwd_dkdv=launch)
+    with pytest.raises(TuningError, match="does not compile: AssertionError: compiled"):
+        tune(Neighborhood(3), problem, target="sm_90", db=TuningDB(path), batch=2, tiles=[((4, 4), (4, 4))],
+             dkdv_tiles=[], closed_form=(True,), launches=[launch])
+    assert compiled
+
+
+def test_a_schema_1_file_that_cannot_be_upgraded_says_so(tmp_path, monkeypatch):
+    path = tmp_path / "tuning.sqlite3"
+    _v1_database(path, [({k: v for k, v in BASE_KEY.items() if k != "batch"}, record(created=1.0))])
+    original = path.read_bytes()
+
+    def read_only(conn, op):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+    monkeypatch.setattr(dbmod, "_transaction", read_only)
+    with pytest.raises(sqlite3.OperationalError,
+                       match=r"has schema version 1 \(no batch in its key\) and could not be upgraded to version 2 "
+                             r"\(attempt to write a readonly database\)"):
+        TuningDB(path).get(key())
+    assert path.read_bytes() == original and not _aside_files(path)

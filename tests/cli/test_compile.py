@@ -47,6 +47,8 @@ def test_compile_autotune_says_predicted(sf, cache, tmp_path, monkeypatch):
 
     monkeypatch.setattr(space, "LAUNCHES", (Launch(8, 1),))
     monkeypatch.setattr(space, "TILE_TOKENS", {"default": ((16, 16), (32, 16))})
+    monkeypatch.setattr(space, "DKDV_TILE_TOKENS", {"default": ((32, 16),)})
+    monkeypatch.setattr(space, "CLOSED_FORM", (True,))
     args = ["compile", "Neighborhood(3)", *SMALL, "--autotune", "--target", "sm_90", "--out", str(tmp_path / "t")]
     first = sf(*args, "--json")
     assert first.exit_code == 0, first.output
