@@ -24,7 +24,13 @@ Counting (per batch element; both sides scale with the batch alike):
   a block is FULL when every pair is allowed (padding rows/keys never are) and PARTIAL when
   some are. The counts are exact: from the dense mask where N^2 is small, per-dimension
   key-run counts for separable families (any size), the block layout for causal S2.
-- Ours: the TileSchedule's visited and FULL tiles per head.
+- Ours (``codegen.config.default_config`` for the target's compute capability): each kernel's
+  FULL and PARTIAL tile loops run as often as the schedule it walks says
+  (``TritonKernels.schedule_of``): fwd and dQ, per query head and query tile, the FULL and
+  PARTIAL key tiles of the forward schedule; dK/dV, per key tile and query head of each
+  key/value head's group, the FULL (``Q_FULL``) and PARTIAL query tiles of the inverse tables
+  of its own schedule (``TritonKernels.dkdv_schedule``: on sm_90 a stationary 128- or 64-key
+  tile for 16-bit inputs).
 - Issue slots per allowed pair = sum over tile loops of SASS instructions per iteration x
   iterations x num_warps / allowed pairs (``backends.sass.issue_slots_per_pair``).
 
@@ -52,7 +58,7 @@ from sparseforge.dsl.pattern import Intersection, PerHead, Union, as_4d
 from sparseforge.dsl.semantics import make_context
 from sparseforge.lower.families import SEPARABLE, head_signature, leaf_for_head
 
-SCHEMA = 1
+SCHEMA = 2  # 2: one module per kernel; dK/dV on its own schedule, FULL/PARTIAL loops everywhere
 #: Our kernel templates (their hash is recorded with every result).
 OUR_TEMPLATES = Path(__file__).parents[1] / "codegen" / "templates"
 #: FlexAttention's sparse block size (BlockMask default, ``_DEFAULT_SPARSE_BLOCK_SIZE``).
@@ -609,11 +615,35 @@ def _loop_source(loop, lines: dict[int, tuple[str, int]]) -> tuple[str, str, lis
     return path, text, [ln for a, (f, ln) in lines.items() if loop.start <= a <= loop.end and f == path]
 
 
-def classify_our_loops(report) -> list[dict]:
-    """Every tile loop (``SassReport.mma_loops``) of one of our kernels with its source loop
-    and role: "full" (FULL tiles only), "partial" (PARTIAL only), "all" (both, one loop: the
-    PARTIAL-only code sits behind a branch) or "containment" (the recompute under ``if
-    polluted``: runs only when a stored row came out non-finite; not counted)."""
+#: The tile loops of our kernels by their source header (``for j in range(...)``): the forward
+#: and dQ kernels walk a query tile's FULL then PARTIAL key tiles (closed-form box or forward
+#: tables), the dK/dV kernel, per query head of the key/value head's group (``for g in
+#: range(KV_GROUP)``), a key tile's FULL then PARTIAL query tiles (inverse tables).
+OUR_LOOP_ROLES = {
+    "fwd": {"range(full_begin, full_end)": "full", "range(partial_begin, partial_end)": "partial"},
+    "bwd_dq": {"range(full_begin, full_end)": "full", "range(partial_begin, partial_end)": "partial"},
+    "bwd_dkdv": {"range(first, first + n_full)": "full", "range(first + n_full, last)": "partial"},
+}
+
+
+def _our_role(kernel: str, span: _Span) -> str | None:
+    header = re.sub(r"\s+", " ", span.header)
+    for key, role in OUR_LOOP_ROLES[kernel].items():
+        if f"in {key}:" in header:
+            return role
+    return None
+
+
+def classify_our_loops(report, kernel: str) -> list[dict]:
+    """Every tile loop (``SassReport.mma_loops``) of our kernel ``kernel`` ("fwd", "bwd_dq",
+    "bwd_dkdv") with its source loop, the source loops around it (``enclosing``: the dK/dV
+    kernel's loop over the query heads of a key/value head) and its role: "full" (FULL tiles
+    only, no mask), "partial" (PARTIAL tiles, the pattern's predicate), or "containment" (a
+    recompute inside a ``_fix`` containment kernel or under ``if polluted``: runs only when a
+    stored row came out non-finite; not counted). A tile loop of any other shape is an error:
+    the counting below would not know how often it runs."""
+    if kernel not in OUR_LOOP_ROLES:
+        raise ValueError(f"kernel must be one of {sorted(OUR_LOOP_ROLES)}, got {kernel!r}")
     sass = report.sass()
     lines = sass_lines(report.cubin)
     out = []
@@ -629,15 +659,16 @@ def classify_our_loops(report) -> list[dict]:
         if not votes:
             raise RuntimeError(f"SASS loop at {lp.start:#x} of {sass.function} maps to no source loop")
         span = max(votes, key=votes.get)
-        if any(a.startswith("if polluted") for a in span.ancestors):
+        if any(a.startswith("if polluted") for a in span.ancestors) or span.function.endswith("_fix"):
             role = "containment"
-        elif "full_begin" in span.header and "full_end" in span.header:
-            role = "full"
-        elif "partial_begin" in span.header and "partial_end" in span.header and "n_full" not in span.header:
-            role = "partial"
         else:
-            role = "all"
-        out.append(dict(loop=lp, role=role, source_line=span.first, source=span.header))
+            role = _our_role(kernel, span)
+            if role is None:
+                raise RuntimeError(f"{kernel}: SASS loop at {lp.start:#x} of {sass.function} is the source loop "
+                                   f"{span.header!r} (line {span.first}), not one of the tile loops "
+                                   f"{sorted(OUR_LOOP_ROLES[kernel])}")
+        enclosing = [a for a in reversed(span.ancestors) if a.startswith("for ")]
+        out.append(dict(loop=lp, role=role, source_line=span.first, source=span.header, enclosing=enclosing))
     return out
 
 
@@ -877,7 +908,7 @@ def flex_block_counts(pattern: sf.Pattern, problem: sf.Problem, block: int = FLE
 # ======================================================================================
 def _loop_dict(lp, role: str, iterations: int | None, warps: int, **extra) -> dict:
     d = lp.as_dict()
-    d.pop("start"), d.pop("end"), d.pop("depth")
+    d.pop("start"), d.pop("end")   # depth: SASS loop nesting (dK/dV's tile loops sit in its head loop)
     counted = iterations is not None
     return dict(role=role, **extra, **d, iterations=iterations if counted else 0, counted=counted,
                 issue_slots=lp.instructions * (iterations or 0) * warps)
@@ -895,23 +926,54 @@ def _kernel_dict(report, loops: list[dict], allowed: int) -> dict:
                 spill_free=r["spills"] == 0, loops=loops, issue_slots=slots, issue_slots_per_pair=slots / allowed)
 
 
-def _our_kernel(tk, name: str, schedule, target: str, allowed: int) -> dict:
+def our_loop_iterations(schedule, kernel: str) -> dict[str, int]:
+    """Iterations of kernel ``kernel``'s FULL and PARTIAL tile loops on the schedule it walks,
+    per batch element, summed over its programs: the forward and dQ kernels run, per query
+    head and query tile, the FULL and PARTIAL key tiles of the forward CSR (the closed-form box
+    visits the same tiles: tests/codegen/test_bounds.py); the dK/dV kernel runs, per key tile
+    and key/value head, for each query head of its group the FULL (``Q_FULL``) and PARTIAL (the
+    rest) query tiles of that head's group in the inverse CSR -- each query head once in all."""
+    csr = schedule.inverse if kernel == "bwd_dkdv" else schedule.forward
+    heads = np.bincount(schedule.head_group, minlength=schedule.groups)  # query heads per schedule group
+    visited = np.diff(csr.ptr, axis=1).sum(axis=1)
+    full = csr.full.sum(axis=1)
+    total, full_total = int((heads * visited).sum()), int((heads * full).sum())
+    return dict(full=full_total, partial=total - full_total)
+
+
+def _schedule_dict(schedule, walk: str, allowed: int) -> dict:
+    g = schedule.geometry
+    return dict(walk=walk, q_tile=list(g.q_tile), k_tile=list(g.k_tile), fold=list(g.fold),
+                group_folds=None if schedule.group_folds is None else [list(f) for f in schedule.group_folds],
+                block_m=g.block_m, block_n=g.block_n, n_q_tiles=g.n_q_tiles, n_k_tiles=g.n_k_tiles,
+                visited_tiles=schedule.visited_tiles, full_tiles=schedule.full_tiles,
+                tile_efficiency=allowed / (schedule.visited_tiles * g.block_m * g.block_n))
+
+
+def _our_kernel(tk, name: str, target: str, allowed: int) -> dict:
+    """SASS figures and issue slots of our kernel ``name``, its loops charged the tile counts of
+    the schedule it walks (``TritonKernels.schedule_of``)."""
     report = tk.aot(name, target)
-    visited, full = schedule.visited_tiles, schedule.full_tiles
-    per_role = dict(full=full, partial=visited - full, all=visited)
+    schedule = tk.schedule_of(name)
+    per_role = our_loop_iterations(schedule, name)
     loops, roles = [], []
-    for c in classify_our_loops(report):
+    for c in classify_our_loops(report, name):
         its = per_role.get(c["role"])  # None for containment: not counted
         roles.append(c["role"])
         loops.append(_loop_dict(c["loop"], c["role"], its, report.num_warps, source_line=c["source_line"],
-                                source=c["source"]))
+                                source=c["source"], enclosing=c["enclosing"]))
     counted = [r for r in roles if r != "containment"]
-    if len(counted) != len(set(counted)) or ("all" in counted and len(counted) > 1):
-        raise RuntimeError(f"{name}: unexpected tile loops {roles}")
-    if (full and not {"full", "all"} & set(counted)) or (visited - full and not {"partial", "all"} & set(counted)):
-        raise RuntimeError(f"{name}: tile loops {roles} do not cover FULL ({full}) and PARTIAL "
-                           f"({visited - full}) tiles")
-    return _kernel_dict(report, loops, allowed)
+    if len(counted) != len(set(counted)):
+        raise RuntimeError(f"{name}: unexpected tile loops {roles} (one FULL and one PARTIAL loop expected)")
+    missing = [r for r in ("full", "partial") if per_role[r] and r not in counted]
+    if missing:
+        raise RuntimeError(f"{name}: tile loops {roles} do not cover the {' and '.join(missing).upper()} tiles "
+                           f"({per_role})")
+    out = _kernel_dict(report, loops, allowed)
+    walk = "inverse tables" if name == "bwd_dkdv" else schedule.loop_bounds
+    out["schedule"] = _schedule_dict(schedule, walk, allowed)
+    out["constexprs"] = tk.constexprs(name)
+    return out
 
 
 def _flex_kernel(kind: str, pattern, problem, batch: int, config: FlexConfig, counts: BlockCounts,
@@ -937,6 +999,14 @@ def _flex_kernel(kind: str, pattern, problem, batch: int, config: FlexConfig, co
     return out
 
 
+def _capability(target: str) -> int:
+    """Compute capability of a CUDA target name: "sm_90" / "sm_90a" -> 90."""
+    digits = re.sub(r"\D", "", target)
+    if not digits:
+        raise ValueError(f"target must be a CUDA target like 'sm_90', got {target!r}")
+    return int(digits)
+
+
 def report_problem(case_id: str, title: str, pattern: sf.Pattern, shape, *, target: str = "sm_90",
                    dtype: torch.dtype = torch.bfloat16, check: tuple | None = None) -> dict:
     """Ours vs FlexAttention on one problem (``shape``: a ``bench.cases.Shape``). ``check``:
@@ -944,7 +1014,7 @@ def report_problem(case_id: str, title: str, pattern: sf.Pattern, shape, *, targ
     (the full size is too large for a dense mask)."""
     from sparseforge.backends.triton import TritonKernels
     from sparseforge.codegen.config import default_config
-    from sparseforge.lower import build_schedule
+    from sparseforge.lower.paths import path_of
 
     from .efficiency import exact_allowed_pairs
 
@@ -955,18 +1025,19 @@ def report_problem(case_id: str, title: str, pattern: sf.Pattern, shape, *, targ
     exact = exact_allowed_pairs(pattern, problem)
     if exact is not None and exact[0] != allowed:
         raise RuntimeError(f"{case_id}: allowed pairs {exact[0]} ({exact[1]}) != {allowed} from the block counts")
-    schedule = build_schedule(pattern, problem)
-    config = default_config(problem, pattern)
+    config = default_config(problem, pattern, capability=_capability(target))
+    schedule = path_of(pattern).build(pattern, problem, config)
     tk = TritonKernels(schedule, config=config)
-    g = schedule.geometry
+    g, dkdv = schedule.geometry, tk.dkdv_schedule
     ours = dict(q_tile=list(g.q_tile), k_tile=list(g.k_tile), fold=list(g.fold),
                 group_folds=None if schedule.group_folds is None else [list(f) for f in schedule.group_folds],
                 block_m=g.block_m, block_n=g.block_n, loop_bounds=schedule.loop_bounds,
                 visited_tiles=schedule.visited_tiles, full_tiles=schedule.full_tiles,
                 tile_efficiency=allowed / (schedule.visited_tiles * g.block_m * g.block_n),
-                config=config.as_dict(), kernels={})
+                dkdv=_schedule_dict(dkdv, "inverse tables", allowed) | dict(shared_tiling=dkdv is schedule),
+                config=tk.config.as_dict(), kernels={})
     for name in ("fwd", "bwd_dq", "bwd_dkdv"):
-        ours["kernels"][name] = _our_kernel(tk, name, schedule, target, allowed)
+        ours["kernels"][name] = _our_kernel(tk, name, target, allowed)
     k = ours["kernels"]
     ours["issue_slots_per_pair"] = dict(fwd=k["fwd"]["issue_slots_per_pair"],
                                         bwd=k["bwd_dq"]["issue_slots_per_pair"] + k["bwd_dkdv"]["issue_slots_per_pair"])
@@ -1011,13 +1082,14 @@ APPROXIMATIONS = (
     "are not in them.",
     "Issue slots per allowed pair count the tile loops only (work outside them, per program, is ignored), "
     "per batch element (both sides scale with the batch alike).",
-    "Our dQ and dK/dV kernels visit FULL and PARTIAL tiles in one loop whose PARTIAL-only mask code sits "
-    "behind a branch: every iteration is charged the whole body (an upper bound for ours). FlexAttention's "
-    "loops are separate (partial with mask_mod, full without) and charged exactly.",
-    "Our forward runs a FULL loop then a PARTIAL loop (charged FULL and PARTIAL tiles); a loop the compiler "
-    "removed (a closed-form FULL range that is empty at every query tile) is simply absent.",
-    "Our kernels' containment recompute loops (under `if polluted`, run only when a stored row came out "
-    "non-finite) are listed but not counted.",
+    "Every kernel of ours runs a FULL-tile loop (no mask) then a PARTIAL-tile loop (the pattern's predicate): "
+    "fwd and dQ over the key tiles of a query tile (closed-form box or forward tables), dK/dV, nested in its loop "
+    "over the query heads of a key/value head, over the query tiles of a key tile (the inverse tables of its own "
+    "schedule). Each loop is charged its schedule's FULL or PARTIAL tile count; a loop the compiler removed (a "
+    "range that is empty for every program) is simply absent. The per-head work of dK/dV outside the tile loops "
+    "(loading the head's table row) and dQ's delta prologue are not charged.",
+    "Our containment kernels (<kernel>_fix, launched after each kernel where visited tiles may hold masked pairs; "
+    "they recompute only when a stored row came out non-finite) are not compiled or counted.",
     "FlexAttention's mask_mod is written by hand op by op (the ops its torch expression lowers to) and "
     "printed by inductor's TritonOverrides; real inductor lowering could differ in op order or in "
     "simplifications. It is checked against sf.dense_mask at the suite's CPU size.",
@@ -1078,9 +1150,10 @@ def markdown_table(result: dict) -> str:
                                                           ("s", "spill_free")))
 
     head = ("| case | ours fwd | flex fwd | ratio fwd | ours bwd (dQ+dK/dV) | flex bwd | ratio bwd | "
-            "tile eff ours / flex | ours fwd, dQ, dK/dV (w: wgmma only, u: unserialized, s: spill-free) | "
+            "tile eff ours / flex | ours tiles q x k tokens: fwd+dQ; dK/dV | "
+            "ours fwd, dQ, dK/dV (w: wgmma only, u: unserialized, s: spill-free) | "
             "flex fwd, bwd regs / spill bytes | goal |")
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in result["results"]:
         o, f = r["ours"], r["flex"]
         k = o["kernels"]
@@ -1090,6 +1163,7 @@ def markdown_table(result: dict) -> str:
             f"{r['ratio']['fwd']:.3f} | {o['issue_slots_per_pair']['bwd']:.4f} | "
             f"{f['issue_slots_per_pair']['bwd']:.4f} | {r['ratio']['bwd']:.3f} | "
             f"{o['tile_efficiency']:.3f} / {f['tile_efficiency']:.3f} | "
+            f"{o['block_m']}x{o['block_n']}; {o['dkdv']['block_m']}x{o['dkdv']['block_n']} | "
             f"{ok(k['fwd'])} {ok(k['bwd_dq'])} {ok(k['bwd_dkdv'])} | "
             f"{fk['fwd']['registers']}/{fk['fwd']['spills']}B, {fk['bwd']['registers']}/{fk['bwd']['spills']}B | "
             f"{'met' if r['goal']['met'] else 'not met'} |")

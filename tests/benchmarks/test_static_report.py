@@ -1,7 +1,9 @@
 """sparseforge.bench.static_report: FlexAttention's templates rendered and compiled for sm_90
 on the CPU next to ours, on one tiny problem end to end, with every count checked against
-brute force from ``sf.dense_mask``; the exact block counters against the dense mask on a few
-patterns (no compiles)."""
+brute force from ``sf.dense_mask`` (our fwd and dQ over the forward schedule's tiles, our dK/dV
+over its own schedule's tiles, walked as its programs walk them); our dK/dV kernel's nested
+loops under GQA; the exact block counters against the dense mask on a few patterns (no
+compiles)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +12,9 @@ import torch
 
 import sparseforge as sf
 from sparseforge.bench import static_report as sr
+from sparseforge.backends.triton import TritonKernels
 from sparseforge.bench.cases import FLEX, Case, Shape
+from sparseforge.codegen.config import default_config
 from sparseforge.lower import build_schedule
 
 
@@ -32,6 +36,42 @@ def _flex_loop_iterations(counts: np.ndarray, n: int, rows: int, step: int, tran
             r = p * rows // block
             for name, m in (("partial", (c[r] > 0) & (c[r] < block * block)), ("full", c[r] == block * block)):
                 out[name] += min(int(m.sum()) * (block // step), -(-n // step))
+    return out
+
+
+def _tile_classes(mask: torch.Tensor, q_tile: torch.Tensor, k_tile: torch.Tensor) -> tuple[bool, bool]:
+    """(visited, FULL) of one tile pair of one head, from the dense [N, N] mask of that head
+    and the pair's token rows (-1: padding; FULL needs no padding on either side)."""
+    sub = mask[q_tile.clamp(min=0)][:, k_tile.clamp(min=0)] & (q_tile >= 0)[:, None] & (k_tile >= 0)[None, :]
+    return bool(sub.any()), bool(sub.all()) and bool((q_tile >= 0).all() and (k_tile >= 0).all())
+
+
+def _brute_force_iterations(mask: torch.Tensor, geometry, kernel: str, kv_heads: int) -> dict:
+    """FULL and PARTIAL tile-loop iterations of our kernel ``kernel``, its programs walked as
+    the kernel walks them over the tiles of ``geometry``: fwd/dQ, a program per (query head,
+    query tile) over the key tiles; dK/dV, a program per (key/value head, key tile), for each
+    query head of its group over the query tiles."""
+    qt, kt = torch.from_numpy(geometry.token_table("q")).long(), torch.from_numpy(geometry.token_table("k")).long()
+    heads = mask.shape[0]
+    group = heads // kv_heads
+    out = dict(full=0, partial=0)
+
+    def visit(h, a, b):
+        visited, full = _tile_classes(mask[h], qt[a], kt[b])
+        if visited:
+            out["full" if full else "partial"] += 1
+
+    if kernel == "bwd_dkdv":
+        for kvh in range(kv_heads):
+            for b in range(kt.shape[0]):
+                for g in range(group):
+                    for a in range(qt.shape[0]):
+                        visit(kvh * group + g, a, b)
+    else:
+        for h in range(heads):
+            for a in range(qt.shape[0]):
+                for b in range(kt.shape[0]):
+                    visit(h, a, b)
     return out
 
 
@@ -120,28 +160,35 @@ def test_report_of_a_tiny_problem_end_to_end(monkeypatch):
         assert k["issue_slots_per_pair"] == pytest.approx(
             sum(lp["instructions"] * lp["iterations"] for lp in k["loops"]) * k["num_warps"] / allowed)
 
-    # ours: the schedule's tiles against brute force over its own tile token tables
-    schedule = build_schedule(pattern, problem)
-    g = schedule.geometry
-    qt, kt = torch.from_numpy(g.token_table("q")).long(), torch.from_numpy(g.token_table("k")).long()
-    visited = full = 0
-    for h in range(problem.heads):
-        for a in range(qt.shape[0]):
-            for b in range(kt.shape[0]):
-                q, k = qt[a], kt[b]
-                sub = mask[h][q.clamp(min=0)][:, k.clamp(min=0)] & (q >= 0)[:, None] & (k >= 0)[None, :]
-                visited += bool(sub.any())
-                full += bool(sub.all()) and bool((q >= 0).all() and (k >= 0).all())
+    # ours (sm_90 defaults): every kernel's FULL and PARTIAL loops against brute force over the
+    # token tables of the schedule it walks -- fwd and dQ the forward's, dK/dV its own
+    config = default_config(problem, pattern, capability=90)
     ours = r["ours"]
-    assert (ours["visited_tiles"], ours["full_tiles"]) == (visited, full) and 0 < full < visited
-    fwd = ours["kernels"]["fwd"]
-    counted = {lp["role"]: lp["iterations"] for lp in fwd["loops"] if lp["counted"]}
-    assert counted == dict(full=full, partial=visited - full)
-    for name in ("bwd_dq", "bwd_dkdv"):
-        assert [lp["iterations"] for lp in ours["kernels"][name]["loops"] if lp["counted"]] == [visited]
-    for k in ours["kernels"].values():
+    assert (ours["config"]["dkdv_q_tile"], ours["config"]["dkdv_k_tile"]) == (
+        list(config.dkdv_q_tile), list(config.dkdv_k_tile)) != (ours["config"]["q_tile"], ours["config"]["k_tile"])
+    assert not ours["dkdv"]["shared_tiling"]
+    assert ours["config"]["bwd_dkdv"] == dict(num_warps=config.bwd_dkdv.num_warps,
+                                              num_stages=config.bwd_dkdv.num_stages)
+    geometry = dict(fwd=build_schedule(pattern, problem, q_tile=config.q_tile, k_tile=config.k_tile).geometry,
+                    dkdv=build_schedule(pattern, problem, q_tile=config.dkdv_q_tile,
+                                        k_tile=config.dkdv_k_tile).geometry)
+    assert (ours["dkdv"]["block_m"], ours["dkdv"]["block_n"]) == (geometry["dkdv"].block_m, geometry["dkdv"].block_n)
+    assert ours["dkdv"]["block_n"] >= 64  # keys stationary: wgmma's M on sm_90
+    want = {name: _brute_force_iterations(mask, geometry["dkdv" if name == "bwd_dkdv" else "fwd"], name,
+                                          problem.kv_heads) for name in ("fwd", "bwd_dq", "bwd_dkdv")}
+    assert (ours["visited_tiles"], ours["full_tiles"]) == (sum(want["fwd"].values()), want["fwd"]["full"])
+    assert (ours["dkdv"]["visited_tiles"], ours["dkdv"]["full_tiles"]) == (
+        sum(want["bwd_dkdv"].values()), want["bwd_dkdv"]["full"])
+    for name, k in ours["kernels"].items():
+        assert 0 < want[name]["full"] and 0 < want[name]["partial"]   # both loops run
+        assert sorted(lp["role"] for lp in k["loops"] if lp["counted"]) == ["full", "partial"]
+        counted = {lp["role"]: lp["iterations"] for lp in k["loops"] if lp["counted"]}
+        assert counted == want[name], name
+        assert k["constexprs"]["BLOCK_M"] == k["schedule"]["block_m"]
         assert k["issue_slots_per_pair"] == pytest.approx(
             sum(lp["instructions"] * lp["iterations"] for lp in k["loops"] if lp["counted"]) * k["num_warps"] / allowed)
+    dkdv_loops = ours["kernels"]["bwd_dkdv"]["loops"]
+    assert all(lp["enclosing"] == ["for g in range(KV_GROUP):"] for lp in dkdv_loops)
 
     # the ratio and the table
     for kind in ("fwd", "bwd"):
@@ -152,3 +199,22 @@ def test_report_of_a_tiny_problem_end_to_end(monkeypatch):
         ours["kernels"]["bwd_dq"]["issue_slots_per_pair"] + ours["kernels"]["bwd_dkdv"]["issue_slots_per_pair"])
     table = sr.markdown_table(result)
     assert "| T1 |" in table and f"{r['ratio']['fwd']:.3f}" in table
+
+
+def test_dkdv_loops_nest_in_the_kv_group_and_count_every_query_head():
+    """GQA (4 query heads per key/value head): the dK/dV kernel's FULL and PARTIAL loops run
+    inside its loop over the group's query heads, charged the inverse tables' tiles of every
+    query head (brute force, program by program); one sm_90 compile."""
+    pattern = sf.Neighborhood(200)
+    problem = sf.Problem(grid=(384,), heads=4, kv_heads=1, head_dim=64, dtype=torch.float16)
+    config = default_config(problem, pattern, capability=90)
+    tk = TritonKernels(build_schedule(pattern, problem, q_tile=config.q_tile, k_tile=config.k_tile), config=config)
+    mask = sf.dense_mask(pattern, problem)
+    k = sr._our_kernel(tk, "bwd_dkdv", "sm_90", int(mask.sum()))
+    want = _brute_force_iterations(mask, tk.dkdv_schedule.geometry, "bwd_dkdv", problem.kv_heads)
+    assert want["full"] > 0 and want["partial"] > 0
+    assert sr.our_loop_iterations(tk.dkdv_schedule, "bwd_dkdv") == want
+    loops = [lp for lp in k["loops"] if lp["counted"]]
+    assert {lp["role"]: lp["iterations"] for lp in loops} == want
+    assert all(lp["enclosing"] == ["for g in range(KV_GROUP):"] and lp["depth"] == 1 for lp in loops)
+    assert k["schedule"]["walk"] == "inverse tables" and k["schedule"]["block_n"] == config.dkdv_k_tile[0]
