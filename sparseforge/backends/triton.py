@@ -96,8 +96,10 @@ class TritonKernels:
     One module per kernel (``codegen.render.KINDS``), each with its NaN/Inf containment kernel.
     """
 
-    def __init__(self, schedule: TileSchedule, interpret: bool = False, config: KernelConfig | None = None):
+    def __init__(self, schedule: TileSchedule, interpret: bool = False, config: KernelConfig | None = None,
+                 modifiers: tuple = ()):
         self.schedule = schedule
+        self.modifiers = modifiers  # ``dsl.modifiers.modifier_spec``: what the kernels compute beyond scale * q.k
         self.interpret = interpret
         self.config = (KernelConfig() if config is None else config).resolved(schedule.problem, schedule.pattern)
         self.name = kernel_name(schedule)
@@ -185,7 +187,16 @@ class TritonKernels:
             return n // (g.block_m if side == "q" else g.block_n)
         return g.n_q_tiles if side == "q" else g.n_k_tiles
 
-    def forward(self, q, k, v, scale: float, tables: dict):
+    def _check_modifiers(self, modifiers, head_scale) -> None:
+        if modifiers or head_scale is not None or self.modifiers:
+            raise NotImplementedError(
+                f"score modifiers ({self.modifiers}) are not in the generated Triton kernels yet: run them with "
+                "backend='cpu' (the CPU executor)")
+
+    def forward(self, q, k, v, scale: float, tables: dict, modifiers=None, head_scale=None):
+        """out, lse; ``modifiers`` (``dsl.modifiers.Modifiers``, their tensors) and ``head_scale``
+        ([H] scales replacing ``scale``) must match the spec the kernels were made for."""
+        self._check_modifiers(modifiers, head_scale)
         b, h, n, _ = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
@@ -196,14 +207,16 @@ class TritonKernels:
             qk_scale=scale * math.log2(math.e)))
         return out, lse
 
-    def backward(self, q, k, v, out, lse, dout, scale: float, tables: dict):
-        """dq, dk, dv. ``tables``: the forward's (``tables``); the dK/dV kernel's, when it has
-        a schedule of its own (static patterns only), are that schedule's."""
+    def backward(self, q, k, v, out, lse, dout, scale: float, tables: dict, modifiers=None, head_scale=None):
+        """dq, dk, dv, and the gradients of the modifiers' tensors (``dsl.modifiers.modifier_tensors``
+        order; () without modifiers). ``tables``: the forward's; the dK/dV kernel's, when it
+        has a schedule of its own (static patterns only), are that schedule's."""
+        self._check_modifiers(modifiers, head_scale)
         dkdv_tables = tables if self.dkdv_schedule is self.schedule else \
             self.path.kernel_tables(self.dkdv_schedule, [], q.device)
         dq, delta = self.backward_dq(q, k, v, out, dout, lse, scale, tables)
         dk, dv = self.backward_dkdv(q, k, v, dout, lse, delta, scale, dkdv_tables)
-        return dq, dk, dv
+        return dq, dk, dv, ()
 
     def _backward_args(self, q, k, v, dout, lse, delta, scale: float) -> dict:
         return dict(Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, stride_qb=q.stride(0), stride_qh=q.stride(1),
@@ -233,12 +246,11 @@ class TritonKernels:
     KERNELS = KERNELS
 
     def table_arguments(self, name: str) -> list[str]:
-        """The schedule tables kernel ``name`` reads: none for forward/dQ kernels with
-        closed-form bounds, the forward (or, for dK/dV, inverse) CSR otherwise."""
+        """The schedule tables kernel ``name`` reads: the forward CSR (forward and dQ: their
+        PARTIAL tiles, and the FULL ones too without closed-form bounds), or, for dK/dV, the
+        inverse CSR of its schedule."""
         if name == "bwd_dkdv":
             return ["Q_PTR", "Q_IDX", "Q_FULL", "HEAD_GROUP"]
-        if self.schedule.bounds is not None:
-            return []
         return ["KV_PTR", "KV_IDX", "KV_FULL", "HEAD_GROUP"]
 
     def signature(self, name: str) -> dict[str, str]:

@@ -622,7 +622,7 @@ def _loop_source(loop, lines: dict[int, tuple[str, int]]) -> tuple[str, str, lis
 OUR_LOOP_ROLES = {
     "fwd": {"range(full_begin, full_end)": "full", "range(partial_begin, partial_end)": "partial"},
     "bwd_dq": {"range(full_begin, full_end)": "full", "range(partial_begin, partial_end)": "partial"},
-    "bwd_dkdv": {"range(first, first + n_full)": "full", "range(first + n_full, last)": "partial"},
+    "bwd_dkdv": {"range(0, n_full)": "full", "range(n_full, last - first)": "partial"},
 }
 
 

@@ -14,6 +14,7 @@ from ..dsl.args import positive_int
 from ..dsl.content import Grouped, Routed, Scattered
 from ..lower.defaults import default_dkdv_tile_tokens, default_tile, default_tile_tokens
 from ..lower.routed import routed_default_tiles
+from ..lower.schedule import group_folds_kept
 
 #: The generated kernels of one schedule, in launch order.
 KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
@@ -144,9 +145,10 @@ class KernelConfig:
         return f"{tiles}, {bounds}, {launches}"
 
 
-#: Launch of the dK/dV kernel for its default (query, key) tile tokens: spill-free on sm_80
-#: and sm_90 and, on sm_90, unserialized (the 2-stage 64 x 128 and 32 x 64 kernels meet C7515).
-DKDV_LAUNCH = {(64, 128): Launch(8, 3), (32, 64): Launch(4, 1), (64, 64): Launch(8, 2)}
+#: Launch of the dK/dV kernel by (sm_90 or later, its default (query, key) tile tokens):
+#: spill-free on the ahead-of-time test problems (tests/codegen/test_aot_kernels.py).
+DKDV_LAUNCH = {(True, (64, 128)): Launch(8, 3), (True, (64, 64)): Launch(4, 3), (True, (32, 64)): Launch(4, 1),
+               (False, (64, 64)): Launch(8, 2), (False, (32, 64)): Launch(4, 1)}
 
 
 def current_capability() -> int:
@@ -185,10 +187,15 @@ def default_config(problem, pattern=None, capability: int | None = None) -> Kern
     bwd = Launch(8, 1 if one_stage else 2)
     if isinstance(pattern, (Scattered, Grouped)):  # 1-D tiles of the packed sequence (lower.segments)
         return KernelConfig(q_tile=(q,), k_tile=(k,), fwd=Launch(8, 2), bwd_dq=bwd, bwd_dkdv=bwd)
-    dkdv = default_dkdv_tile_tokens(problem, current_capability() if capability is None else capability)
-    if dkdv is None:
-        return KernelConfig(q_tile=default_tile(problem, q), k_tile=default_tile(problem, k), fwd=Launch(8, 2),
-                            bwd_dq=bwd, bwd_dkdv=bwd)
-    return KernelConfig(q_tile=default_tile(problem, q), k_tile=default_tile(problem, k), fwd=Launch(8, 2),
-                        bwd_dq=bwd, bwd_dkdv=DKDV_LAUNCH[dkdv],
-                        dkdv_q_tile=default_tile(problem, dkdv[0]), dkdv_k_tile=default_tile(problem, dkdv[1]))
+    fwd = Launch(8, 2)
+    if k == 64:  # 128 x 64 tiles: a third stage fits the registers, and dQ prefetches again
+        fwd, bwd = Launch(8, 3), Launch(8, 2)
+    capability = current_capability() if capability is None else capability
+    for dkdv in default_dkdv_tile_tokens(problem, capability):
+        tiles = default_tile(problem, dkdv[0]), default_tile(problem, dkdv[1])
+        if pattern is None or not pattern.is_static or group_folds_kept(pattern, problem, *tiles):
+            return KernelConfig(q_tile=default_tile(problem, q), k_tile=default_tile(problem, k), fwd=fwd,
+                                bwd_dq=bwd, bwd_dkdv=DKDV_LAUNCH[capability >= 90, dkdv],
+                                dkdv_q_tile=tiles[0], dkdv_k_tile=tiles[1])
+    return KernelConfig(q_tile=default_tile(problem, q), k_tile=default_tile(problem, k), fwd=fwd,
+                        bwd_dq=bwd, bwd_dkdv=bwd)

@@ -151,7 +151,8 @@ def _launches(config, kernels) -> str:
 
 
 def _closed_form_context(schedule: TileSchedule) -> dict:
-    """What the templates need to print the closed-form key-tile loops (``lower.bounds``)."""
+    """What the templates need to print the closed-form FULL key-tile loops (``lower.bounds``):
+    the bounds per dimension and the key tile of the box's counters ``c0``, ``c1``, ..."""
     geom, nd = schedule.geometry, len(schedule.geometry.dims)
     dims = []
     for d, (bounds, dim) in enumerate(zip(schedule.bounds.dims, geom.dims)):
@@ -161,23 +162,8 @@ def _closed_form_context(schedule: TileSchedule) -> dict:
         dims.append(dict(index=d, tile=bounds.tile.name, tile_coord=f"(q_tile // {after}) % {dim.q_tiles}", steps=steps,
                          has_rows=to_triton(bounds.has_rows, names), padded=to_triton(bounds.padded, names),
                          length=dim.length, fold=dim.fold, k_after=math.prod(x.k_tiles for x in geom.dims[d + 1:])))
-    # PARTIAL tiles = box minus FULL box, as 2 * nd slabs: along dimension d the part below
-    # (then above) the FULL range, earlier dimensions inside the FULL range, later ones whole.
-    slabs = []
-    for d in range(nd):
-        for side in ("below", "above"):
-            ranges = []
-            for e in range(nd):
-                if e < d:
-                    ranges.append((f"full_first{e}", f"full_last{e} - full_first{e} + 1"))
-                elif e > d:
-                    ranges.append((f"first{e}", f"last{e} - first{e} + 1"))
-                elif side == "below":
-                    ranges.append((f"first{e}", f"full_first{e} - first{e}"))
-                else:
-                    ranges.append((f"full_last{e} + 1", f"last{e} - full_last{e}"))
-            slabs.append(dict(comment=f"dimension {d} {side} the FULL range", ranges=ranges))
-    return dict(dims=dims, slabs=slabs,
+    counter_tile = " + ".join(f"c{d['index']}" + (f" * {d['k_after']}" if d["k_after"] != 1 else "") for d in dims)
+    return dict(dims=dims, counter_tile=counter_tile,
                 bounds=", ".join(f"first{d}, last{d}, full_first{d}, full_last{d}" for d in range(nd)))
 
 

@@ -255,11 +255,7 @@ def build_schedule(pattern: Pattern, problem: Problem, *, q_tile=None, k_tile=No
         k_tile = default_tile(problem, k_tokens) if k_tile is None else k_tile
     q_tile = tuple(q_tile)
     k_tile = q_tile if k_tile is None else tuple(k_tile)
-    signatures: dict = {}
-    head_group = np.zeros(problem.heads, dtype=np.int32)
-    for h in range(problem.heads):
-        head_group[h] = signatures.setdefault(head_signature(pattern, problem, h), len(signatures))
-    group_heads = tuple(int(np.argmax(head_group == g)) for g in range(len(signatures)))
+    head_group, group_heads = _head_groups(pattern, problem)
 
     group_geometry = None
     if fold is None:
@@ -282,6 +278,26 @@ def build_schedule(pattern: Pattern, problem: Problem, *, q_tile=None, k_tile=No
         bounds, reason = None, "index tables chosen by the kernel config (closed_form=False)"
     return TileSchedule(pattern, problem, geom, head_group, group_heads, forward, inverse, bounds, reason,
                         time.perf_counter() - t0, group_geometry=group_geometry)
+
+
+def _head_groups(pattern: Pattern, problem: Problem) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(int32 [H] schedule group of each query head, a representative head of each group):
+    heads with the same pattern signature share a group."""
+    signatures: dict = {}
+    head_group = np.zeros(problem.heads, dtype=np.int32)
+    for h in range(problem.heads):
+        head_group[h] = signatures.setdefault(head_signature(pattern, problem, h), len(signatures))
+    return head_group, tuple(int(np.argmax(head_group == g)) for g in range(len(signatures)))
+
+
+def group_folds_kept(pattern: Pattern, problem: Problem, q_tile, k_tile) -> bool:
+    """Whether tiles ``q_tile`` x ``k_tile`` let every head group keep the fold its own pattern
+    wants (true when all want one fold). Otherwise the schedule falls back to one shared fold,
+    and e.g. the Grid heads of a PerHead mix of Blocks and Grid lose most of their tile efficiency."""
+    head_group, group_heads = _head_groups(pattern, problem)
+    if len({choose_fold(leaf_for_head(pattern, h), problem) for h in group_heads}) == 1:
+        return True
+    return _group_geometries(pattern, problem, head_group, group_heads, tuple(q_tile), tuple(k_tile)) is not None
 
 
 def _group_geometries(pattern: Pattern, problem: Problem, head_group, group_heads, q_tile, k_tile):

@@ -158,7 +158,7 @@ class Kernel:
         if dout is None:
             dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         else:
-            dq, dk, dv = self.triton(grid, which == "interpret").backward(
+            dq, dk, dv, _ = self.triton(grid, which == "interpret").backward(
                 q, k, v, out, lse.float(), dout, scale, self.path.kernel_tables(schedule, tables, q.device))
         if dlse is not None:
             # The kernels take no LSE gradient; its contribution, dS += P * dlse, comes from

@@ -77,13 +77,15 @@ def test_fold_mismatch_falls_back_to_tables():
     assert derive(sf.Neighborhood(3, dilation=2), problem, schedule.geometry)[0] is None
 
 
-def test_closed_form_kernels_read_no_tables():
+def test_closed_form_kernels_walk_the_full_box_with_counters():
+    """FULL key tiles come from the closed-form box (counters, no index load, no division per
+    tile); PARTIAL ones from the tables, whose FULL count the box reproduces."""
     schedule = build_schedule(sf.Neighborhood(7), sf.Problem(grid=(16, 16), heads=2, head_dim=16))
     kernels = TritonKernels(schedule)
-    assert kernels.table_arguments("fwd") == [] and kernels.table_arguments("bwd_dq") == []
     for kind in ("fwd", "bwd_dq"):
         src = kernels.source(kind)
-        assert "_key_tile_bounds(q_tile)" in src and "KV_IDX" not in src and "KV_PTR" not in src
+        assert "_key_tile_bounds(q_tile)" in src and "c0 = full_first0" in src and "_k_rows(c0 * " in src
+        assert "_partial_key_tile" not in src and "_k_rows(tl.load(KV_IDX + partial_first + j))" in src
     assert "Q_IDX" in kernels.source("bwd_dkdv")  # dK/dV walks the inverse tables
 
 
@@ -112,7 +114,7 @@ def test_closed_form_kernels_match_reference(pattern, grid, q_tile, k_tile):
     ref, ref_lse = sf.reference_attention(q64, k64, v64, pattern, problem, scale=0.3, return_lse=True)
     dout = torch.randn_like(ref)
     ref.backward(dout)
-    dq, dk, dv = kernels.backward(q, k, v, out, lse, dout.float(), 0.3, schedule.tables())
+    dq, dk, dv, _ = kernels.backward(q, k, v, out, lse, dout.float(), 0.3, schedule.tables())
     for name, got, want in (("out", out, ref), ("lse", lse, ref_lse), ("dq", dq, q64.grad), ("dk", dk, k64.grad),
                             ("dv", dv, v64.grad)):
         err = ((got.double() - want).norm() / want.norm()).item()

@@ -73,7 +73,7 @@ def run_case(pattern, grid, tile, heads, kv_heads, dtype, batch=1, head_dim=16):
     ref, ref_lse = sf.reference_attention(q64, k64, v64, pattern, problem, scale=scale, return_lse=True)
     dout = torch.randn_like(ref)
     ref.backward(dout)
-    dq, dk, dv = kernels.backward(q, k, v, out, lse, dout.to(dtype), scale, schedule.tables())
+    dq, dk, dv, _ = kernels.backward(q, k, v, out, lse, dout.to(dtype), scale, schedule.tables())
     return dict(out=(out, ref), dq=(dq, q64.grad), dk=(dk, k64.grad), dv=(dv, v64.grad)), (lse, ref_lse)
 
 

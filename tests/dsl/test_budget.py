@@ -117,8 +117,8 @@ def test_schedule_tables_count_the_visited_tiles(monkeypatch):
     problem = sf.Problem(grid=(65536,), head_dim=64, dtype="fp16")
     monkeypatch.setenv("SPARSEFORGE_MEMORY_BUDGET", "40MiB")
     with pytest.raises(MemoryBudgetError, match=r"tile schedule's tables.*visited tiles"):
-        build_schedule(sf.Full(), problem)
-    s = build_schedule(sf.SlidingWindow(64), problem)
+        build_schedule(sf.Full(), problem, q_tile=(128,), k_tile=(32,))
+    s = build_schedule(sf.SlidingWindow(64), problem, q_tile=(128,), k_tile=(32,))
     assert 0 < s.visited_tiles < s.geometry.n_q_tiles * s.geometry.n_k_tiles
 
 
