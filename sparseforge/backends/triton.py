@@ -20,7 +20,7 @@ from .. import envvars
 from ..dsl.problem import DTYPE_NAMES
 from ..atomic import write_atomic
 from ..codegen.config import KERNELS, KernelConfig
-from ..codegen.render import KINDS, block_d, kernel_name, render
+from ..codegen.render import KINDS, block_d, kernel_name, modifier_context, render
 from ..lower.paths import path_of
 from .aot import aot_compile
 from ..lower.schedule import TileSchedule
@@ -105,7 +105,8 @@ class TritonKernels:
         self.name = kernel_name(schedule)
         self.path = path_of(schedule.pattern)
         self.dkdv_schedule = self.path.dkdv_schedule(schedule, self.config)
-        self.sources = {kind: render(self.schedule_of(kind), kind, self.config, self.name) for kind in KINDS}
+        self.mods = modifier_context(modifiers)  # NotImplementedError for modifiers the kernels lack
+        self.sources = {kind: render(self.schedule_of(kind), kind, self.config, self.name, modifiers) for kind in KINDS}
         self._modules: dict[str, object] = {}
 
     def schedule_of(self, name: str) -> TileSchedule:
@@ -187,22 +188,38 @@ class TritonKernels:
             return n // (g.block_m if side == "q" else g.block_n)
         return g.n_q_tiles if side == "q" else g.n_k_tiles
 
-    def _check_modifiers(self, modifiers, head_scale) -> None:
-        if modifiers or head_scale is not None or self.modifiers:
-            raise NotImplementedError(
-                f"score modifiers ({self.modifiers}) are not in the generated Triton kernels yet: run them with "
-                "backend='cpu' (the CPU executor)")
+    def _modifier_inputs(self, modifiers, head_scale, device) -> dict:
+        """The modifier tensors by kernel argument name (fp32, contiguous), checked against
+        the spec the kernels were made for."""
+        alibi = [m for m in (modifiers.biases if modifiers else ()) if type(m).__name__ == "ALiBi"]
+        sinks = modifiers.sinks if modifiers else None
+        given = dict(head_scale=head_scale is not None, alibi=bool(alibi), sinks=sinks is not None)
+        wanted = {key: self.mods.get(key, False) for key in given}
+        if given != wanted or (modifiers and (modifiers.softcap is not None) != (self.mods["softcap"] is not None)):
+            raise ValueError(f"modifiers/head_scale of this call ({given}) do not match the kernels' "
+                             f"({wanted}, softcap {self.mods['softcap']})")
+
+        def f32(t):
+            return t.detach().to(device=device, dtype=torch.float32).contiguous()
+        out = {}
+        if head_scale is not None:
+            out["HEAD_SCALE"] = f32(head_scale)
+        if alibi:
+            out["SLOPES"] = f32(alibi[0].slopes)
+        if sinks is not None:
+            out["SINKS"] = f32(sinks.logits)
+        return out
 
     def forward(self, q, k, v, scale: float, tables: dict, modifiers=None, head_scale=None):
         """out, lse; ``modifiers`` (``dsl.modifiers.Modifiers``, their tensors) and ``head_scale``
         ([H] scales replacing ``scale``) must match the spec the kernels were made for."""
-        self._check_modifiers(modifiers, head_scale)
+        extra = self._modifier_inputs(modifiers, head_scale, q.device)
         b, h, n, _ = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
         grid = (self._n_tiles(n, "q"), b * h)
         self._launch("fwd", grid, *self._args(
-            "fwd", tables, Q=q, K=k, V=v, O=out, LSE=lse, stride_qb=q.stride(0), stride_qh=q.stride(1),
+            "fwd", tables, **extra, Q=q, K=k, V=v, O=out, LSE=lse, stride_qb=q.stride(0), stride_qh=q.stride(1),
             stride_kb=k.stride(0), stride_kh=k.stride(1), stride_ob=out.stride(0), stride_oh=out.stride(1),
             qk_scale=scale * math.log2(math.e)))
         return out, lse
@@ -211,34 +228,53 @@ class TritonKernels:
         """dq, dk, dv, and the gradients of the modifiers' tensors (``dsl.modifiers.modifier_tensors``
         order; () without modifiers). ``tables``: the forward's; the dK/dV kernel's, when it
         has a schedule of its own (static patterns only), are that schedule's."""
-        self._check_modifiers(modifiers, head_scale)
+        extra = self._modifier_inputs(modifiers, head_scale, q.device)
         dkdv_tables = tables if self.dkdv_schedule is self.schedule else \
             self.path.kernel_tables(self.dkdv_schedule, [], q.device)
-        dq, delta = self.backward_dq(q, k, v, out, dout, lse, scale, tables)
-        dk, dv = self.backward_dkdv(q, k, v, dout, lse, delta, scale, dkdv_tables)
-        return dq, dk, dv, ()
+        rows = {name: torch.zeros(lse.shape, dtype=torch.float32, device=q.device)
+                for name, on in (("DSCALE_ROWS", self.mods["head_scale"]), ("DSLOPE_ROWS", self.mods["alibi"])) if on}
+        dq, delta = self.backward_dq(q, k, v, out, dout, lse, scale, tables, **extra, **rows)
+        dk, dv = self.backward_dkdv(q, k, v, dout, lse, delta, scale, dkdv_tables, **extra)
+        return dq, dk, dv, self._modifier_grads(modifiers, head_scale, lse, delta, rows)
+
+    def _modifier_grads(self, modifiers, head_scale, lse, delta, rows) -> tuple:
+        """Gradients of the modifiers' tensors (``dsl.modifiers.modifier_tensors`` order: the
+        biases', the sinks', the per-head scale), each a fixed-order sum over rows of per-row
+        partials the dQ kernel stored (no atomics: bitwise reproducible)."""
+        def over_rows(t):  # [B, H, N] -> [H], in float64 then the parameter's dtype
+            return t.double().sum(dim=(0, 2))
+        grads = []
+        for m in (modifiers.biases if modifiers else ()):
+            grads.append(over_rows(rows["DSLOPE_ROWS"]).to(m.slopes.dtype))
+        if modifiers and modifiers.sinks is not None:
+            sink = modifiers.sinks.logits.detach().double().to(lse.device)
+            p_sink = torch.exp(sink[None, :, None] - lse.double())   # the sink's probability per row
+            grads.append(over_rows(-p_sink * delta.double()).to(modifiers.sinks.logits.dtype))
+        if head_scale is not None:
+            grads.append(over_rows(rows["DSCALE_ROWS"]).to(head_scale.dtype))
+        return tuple(grads)
 
     def _backward_args(self, q, k, v, dout, lse, delta, scale: float) -> dict:
         return dict(Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, stride_qb=q.stride(0), stride_qh=q.stride(1),
                     stride_kb=k.stride(0), stride_kh=k.stride(1), sm_scale=scale, qk_scale=scale * math.log2(math.e))
 
-    def backward_dq(self, q, k, v, out, dout, lse, scale: float, tables: dict):
+    def backward_dq(self, q, k, v, out, dout, lse, scale: float, tables: dict, **extra):
         """(dq [B, H, N, D], delta [B, H, N] fp32 = rowsum(dO * O)): the ``bwd_dq`` kernel
         alone, which computes delta in its prologue for the dK/dV kernel."""
         dq = torch.empty_like(q)
         delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
         grid = (self._n_tiles(q.shape[2], "q"), q.shape[0] * q.shape[1])
-        self._launch("bwd_dq", grid, *self._args("bwd_dq", tables, DQ=dq, O=out, stride_ob=out.stride(0),
+        self._launch("bwd_dq", grid, *self._args("bwd_dq", tables, **extra, DQ=dq, O=out, stride_ob=out.stride(0),
                                                  stride_oh=out.stride(1),
                                                  **self._backward_args(q, k, v, dout, lse, delta, scale)))
         return dq, delta
 
-    def backward_dkdv(self, q, k, v, dout, lse, delta, scale: float, tables: dict):
+    def backward_dkdv(self, q, k, v, dout, lse, delta, scale: float, tables: dict, **extra):
         """dk, dv [B, KVH, N, D] (the ``bwd_dkdv`` kernel alone, on ``dkdv_schedule``'s
         inverse ``tables``); delta from ``backward_dq``."""
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         grid = (self._n_tiles(k.shape[2], "k", "bwd_dkdv"), k.shape[0] * k.shape[1])
-        self._launch("bwd_dkdv", grid, *self._args("bwd_dkdv", tables, DK=dk, DV=dv,
+        self._launch("bwd_dkdv", grid, *self._args("bwd_dkdv", tables, **extra, DK=dk, DV=dv,
                                                    **self._backward_args(q, k, v, dout, lse, delta, scale)))
         return dk, dv
 
@@ -266,6 +302,13 @@ class TritonKernels:
             sig.update(Q=dt, K=dt, V=dt, O=dt, DO=dt, LSE="*fp32", DELTA="*fp32", DQ=dt)
         else:
             sig.update(Q=dt, K=dt, V=dt, DO=dt, LSE="*fp32", DELTA="*fp32", DK=dt, DV=dt)
+        # the score modifiers' tensors (``codegen.templates`` modifier_arguments, in this order)
+        m = self.mods
+        sig.update({arg: "*fp32" for arg, on in (("HEAD_SCALE", m["head_scale"]), ("SLOPES", m["alibi"]),
+                                                  ("SINKS", m["sinks"])) if on})
+        if name == "bwd_dq":
+            sig.update({arg: "*fp32" for arg, on in (("DSCALE_ROWS", m["head_scale"]), ("DSLOPE_ROWS", m["alibi"]))
+                        if on})
         sig.update({t: "*i32" for t in tables})
         if self.path.grid_free:
             # segment ids of the packed rows and the packed length (a multiple of 16)

@@ -78,11 +78,12 @@ def _row_functions(schedule: TileSchedule) -> tuple[list[dict], list[dict]]:
     return sides, dispatch
 
 
-def render(schedule: TileSchedule, kind: str, config=None, name: str | None = None) -> str:
+def render(schedule: TileSchedule, kind: str, config=None, name: str | None = None, modifiers: tuple = ()) -> str:
     """Source of the ``kind`` ("fwd", "bwd_dq" or "bwd_dkdv") kernel module for ``schedule``
     (for "bwd_dkdv", the schedule of the dK/dV tiles, whose inverse tables it reads);
     ``config`` (a resolved ``KernelConfig``) is named in the header; ``name``: the kernels'
-    prefix (default ``kernel_name(schedule)``; one name for the modules of one attention)."""
+    prefix (default ``kernel_name(schedule)``; one name for the modules of one attention);
+    ``modifiers``: the score modifiers' spec (``modifier_context``)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     prob, geom = schedule.problem, schedule.geometry
@@ -126,11 +127,34 @@ def render(schedule: TileSchedule, kind: str, config=None, name: str | None = No
         contain=path.predicate != "none",
         dot_args=', input_precision="ieee"' if prob.dtype in (torch.float32, torch.float64) else "",
         loop_bounds=schedule.loop_bounds, bounds_reason=schedule.bounds_reason,
-        module=kind, launches=_launches(config, (kind,)),
+        module=kind, launches=_launches(config, (kind,)), mods=modifier_context(modifiers),
         # the dK/dV kernel walks the inverse tables: no closed-form key-tile loops
         closed_form=_closed_form_context(schedule) if schedule.bounds is not None and kind != "bwd_dkdv" else None,
     )
     return _tidy(_env.get_template(_TEMPLATES[kind]).render(**context))
+
+
+#: Score modifiers the generated kernels compute (``dsl.modifiers`` kinds; the rest run on the
+#: CPU executor only, for now).
+KERNEL_MODIFIERS = ("ALiBi", "Softcap", "Sinks", "HeadScale")
+
+
+def modifier_context(spec: tuple) -> dict:
+    """What the templates need of a modifier spec (``dsl.modifiers.modifier_spec``: one entry
+    per modifier, ``(kind, ...)``): which modifiers, the softcap, a one-line description.
+    Raises NotImplementedError for a kind the kernels do not compute yet."""
+    kinds = [entry[0] for entry in spec]
+    missing = [k for k in kinds if k not in KERNEL_MODIFIERS]
+    if missing:
+        raise NotImplementedError(f"score modifiers {missing} are not in the generated Triton kernels yet (they "
+                                  f"compute {list(KERNEL_MODIFIERS)}): run them with backend='cpu'")
+    softcap = next((dict(entry[1:])["cap"] for entry in spec if entry[0] == "Softcap"), None)
+    parts = ["per-head scale" if "HeadScale" in kinds else "scale"] + ["* q.k"] + \
+        (["- slope_h * |k - q| (ALiBi)"] if "ALiBi" in kinds else []) + \
+        ([f"-> {softcap!r} * tanh(s / {softcap!r})"] if softcap is not None else []) + \
+        (["; softmax with one sink logit per head"] if "Sinks" in kinds else [])
+    return dict(any=bool(spec), head_scale="HeadScale" in kinds, alibi="ALiBi" in kinds, sinks="Sinks" in kinds,
+                softcap=softcap, describe=" ".join(parts))
 
 
 def _tidy(source: str) -> str:
