@@ -13,9 +13,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl platformdirs
 # and call: run(command="bash benchmarks/gpu_round.sh", carry=[".whl"], timeout_s=590)
-# Triton 3.6 (the image's) was checked on the CPU with the whole test suite: it passes, but
-# three 16-bit backward dK/dV kernels (head_dim 32/64) spill 8-28 bytes there (README,
-# "Triton versions"), so numbers from it understate the pinned 3.9 a little on those shapes.
+# Triton 3.6 (the image's) is checked on the CPU by .ci/run (tests/codegen); a kernel that
+# spills there is listed in tests/codegen/_spills.py, so numbers from it may understate 3.9.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu_round}
 ONLY=${ONLY:-P1,P3,P4,P7,P8,P10,P11}
@@ -31,9 +30,11 @@ print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.ve
 print("device", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
 EOF
 # 1. correctness first: every @pytest.mark.gpu test (real Triton kernels vs the float64 reference)
-timeout 150 python3 -m pytest tests -m gpu -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+#    (tests/codegen/test_gpu_kernels.py: every kind of schedule, fp16/bf16, with and without
+#    score modifiers, the dK/dV kernel on its own tiles; a failure does not stop the round)
+timeout 240 python3 -m pytest tests -m gpu -q --maxfail=10 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 # 2. the suite at full size (forward and forward+backward, peers side by side)
-timeout 300 python3 -m sparseforge bench --suite --only "$ONLY" --out "$OUT/suite_gpu.json" \
+timeout 240 python3 -m sparseforge bench --suite --only "$ONLY" --out "$OUT/suite_gpu.json" \
     --plot "$OUT/suite_gpu.png" 2>&1 | tee "$OUT/suite.log"
 # 3. routed (BiFormer) peak memory, ours vs the gather implementation
 timeout 90 python3 benchmarks/memory.py --device cuda --grids 64,128 --p7 --out "$OUT/routed_memory_gpu.json" \
