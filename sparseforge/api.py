@@ -6,6 +6,7 @@ into a callable attention.
     lin = sf.compile(Scattered(window_size=(12, 12, 1)), problem, attention="linear",  # ScatterFormer
                      feature_map="elu+1", neighbor_pooling=True)
     attn = sf.load("build/na2d")                                              # sparseforge compile --out
+    swin = sf.compile(Blocks(7, offset=3), problem, modifiers=(RelativePositionBias(table),), head_scale=True)
 
 Static, routed and scattered patterns give a ``runtime.compiled.CompiledAttention``;
 ``Grouped`` a ``runtime.grouped.GroupedAttention`` (on the same segment kernels);
@@ -25,7 +26,7 @@ from .runtime.build import load
 from .runtime.check import check_numerics
 from .runtime.compiled import CompiledAttention, UnsupportedPatternError
 from .runtime.grouped import GroupedAttention
-from .runtime.inputs import check_backend, check_kernel_options
+from .runtime.inputs import check_backend, check_compile_modifiers, check_kernel_options
 from .runtime.linear_attention import ScatteredLinearAttention, check_linear_backend
 
 __all__ = ["ATTENTIONS", "compile", "load", "verify_config"]
@@ -42,8 +43,8 @@ def verify_config(pattern: Pattern, problem: Problem, config: KernelConfig, devi
 
 def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q_tile=None, k_tile=None,
             config: KernelConfig | None = None, autotune: bool = False, target=None, attention: str = "softmax",
-            feature_map: str | None = None,
-            neighbor_pooling: bool | None = None) -> "CompiledAttention | ScatteredLinearAttention | GroupedAttention":
+            feature_map: str | None = None, neighbor_pooling: bool | None = None, modifiers=(),
+            head_scale: bool = False) -> "CompiledAttention | ScatteredLinearAttention | GroupedAttention":
     """Lower ``pattern`` on ``problem`` to a tile schedule and wrap it as calls of the
     ``sparseforge::attention`` ops.
 
@@ -59,9 +60,22 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
               ``Scattered`` patterns only, returning a ``ScatteredLinearAttention`` (Triton
               kernels on CUDA, torch ops on CPU); ``feature_map`` ("relu" default, or
               "elu+1") and ``neighbor_pooling`` (bool, default False) apply to it only.
+    modifiers: score modifiers (``RelativePositionBias``, ``T5Bias``, ``ALiBi``, ``Softcap``,
+              ``Sinks``; ``dsl.modifiers``) the calls will pass: only their structure (kinds in
+              order, tensor shapes and dtypes, softcap) is compiled in (``modifier_spec``); each
+              call passes ``modifiers=`` with its own tensors (e.g. nn.Parameters), which get
+              gradients. Static, routed and Scattered patterns (bias terms need a grid).
+    head_scale: calls pass ``scale=`` as a [heads] tensor (one scale per query head, e.g.
+              Swin V2's logit scale), which gets a gradient.
+    Without modifiers and head_scale the compile is exactly what it was (same kernel key).
     """
     check_pattern_problem(pattern, problem)
     check_backend(backend)
+    mods = check_compile_modifiers(modifiers, head_scale, pattern, problem)
+    if (mods is not None or head_scale) and (attention == "linear" or isinstance(pattern, Grouped)):
+        what = "attention='linear'" if attention == "linear" else repr(pattern)
+        raise ValueError(f"modifiers/head_scale are not supported for {what} (give modifiers=() and "
+                         "head_scale=False); softmax attention on static, Routed and Scattered patterns takes them")
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {list(ATTENTIONS)}, got {attention!r}")
     if attention == "linear" or feature_map is not None or neighbor_pooling is not None:
@@ -106,7 +120,7 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
     elif config is None:
         config = KernelConfig(q_tile=q_tile, k_tile=k_tile)
     schedule = path_of(pattern).build(pattern, problem, config)
-    return CompiledAttention(schedule, backend, config, tuning=tuning)
+    return CompiledAttention(schedule, backend, config, tuning=tuning, modifiers=mods, head_scale=head_scale)
 
 
 def _check_voxel_problem(pattern, problem: Problem) -> None:

@@ -17,20 +17,38 @@ scatters:
   per call) the plain matmuls run; otherwise every chunk takes the contained products of
   ``dsl.semantics`` (``allowed_dot``/``allowed_sum``), exact for the pairs the mask allows.
 
+Score modifiers (``dsl.modifiers``, ``Scores``): a chunk's rows give each pair's query head,
+query token and key token (row = (batch * heads + head) * N + token), from which the bias
+terms are looked up with ``dsl.modifiers.bias_lookup`` (the same index/bucket functions as the
+float64 reference); per-head scale, softcap and sinks follow ``dsl.modifiers``' order. Their
+gradients are summed in float64 with ``index_add_`` in the fixed chunk order (no atomics:
+bitwise identical on every run); the sinks' from every row at once at the end.
+
+Padding (``Block``): a key padding mask [B, N] removes pairs whose key or query is padding;
+per-sample grids run each group of samples on its own schedule, the block's rows local to a
+view of the call's tensors (``Block.samples``/``Block.tokens``) and positions measured in the
+sample's grid. Rows no chunk writes output zeros with LSE -inf, or LSE = sink for a real row
+when there are sinks.
+
 It runs on whatever device the tensors are on (it is torch ops only), which is how the
 runtime computes the rarely needed LSE-gradient correction for the Triton backends too.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Iterable
 
 import torch
 
+from ..dsl.modifiers import Modifiers, bias_lookup, modifier_tensors
+from ..dsl.pattern import Pattern
+from ..dsl.problem import Problem
 from ..dsl.semantics import allowed_dot, allowed_sum, masked_softmax_attention
 from ..lower.paths import Chunk
 
-__all__ = ["backward", "compute_dtype", "forward"]
+__all__ = ["Block", "Scores", "attend", "attend_backward", "backward", "compute_dtype", "forward"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -48,36 +66,253 @@ def _write_rows(rows: torch.Tensor, scratch: int) -> torch.Tensor:
     return torch.where(rows >= 0, rows, torch.full_like(rows, scratch))
 
 
+# ------------------------------------------------------------------------------------
+# What the scores hold, and where a chunk's rows are
+# ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
+class Scores:
+    """The scores beyond ``scale * q.k`` (``dsl.modifiers``): bias terms, softcap and sinks of
+    ``modifiers`` (checked, holding the call's tensors) and ``head_scale`` ([H], replacing the
+    float scale). ``pattern`` measures the relative position tables."""
+
+    pattern: Pattern
+    modifiers: Modifiers | None = None
+    head_scale: torch.Tensor | None = None
+
+    @property
+    def biases(self):
+        return () if self.modifiers is None else self.modifiers.biases
+
+    @property
+    def softcap(self) -> float | None:
+        return None if self.modifiers is None or self.modifiers.softcap is None else self.modifiers.softcap.cap
+
+    @property
+    def sinks(self) -> torch.Tensor | None:
+        return None if self.modifiers is None or self.modifiers.sinks is None else self.modifiers.sinks.logits
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """``dsl.modifiers.modifier_tensors`` order: what the gradients are aligned with."""
+        return modifier_tensors(self.modifiers, self.head_scale)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Block:
+    """Chunks and where their rows are.
+
+    chunks:   ``Chunk``s whose rows index the tensors [len(samples), H | KVH, n, D] of a view
+              of the call (n = ``problem.tokens``): its samples ``samples`` and tokens ``tokens``;
+    problem:  the grid the view's tokens live on (the positions of the bias terms), heads and
+              KV heads; None: the call's (``positions`` of ``attend``);
+    samples:  int64 [b], the call's batch index of each sample of the view; None: all of them;
+    tokens:   int64 [n], the call's flat token of each token of the view; None: all, in order;
+    key_padding: bool [B, N] (the call's samples and tokens; True = real) or None: a pair whose
+              query or key is padding is removed.
+    """
+
+    chunks: Iterable[Chunk]
+    problem: Problem | None = None
+    samples: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    key_padding: torch.Tensor | None = None
+
+
+class _Where:
+    """A chunk's rows in the call: call rows (for gathers and scatters) and, on demand, the query
+    head, positions (in the block's grid) and the call's batch/token of either side."""
+
+    def __init__(self, block: Block, chunk: Chunk, n: int, heads: int, kv_heads: int, n_call: int):
+        self.pad = chunk.q_rows < 0
+        self._q = chunk.q_rows.clamp_min(0)
+        self._k = chunk.k_rows
+        self.n, self.heads, self.kv_heads, self.n_call = n, heads, kv_heads, n_call
+        self.block = block
+        if block.samples is None and block.tokens is None:
+            self.q_rows, self.k_rows = self._q, self._k
+        else:
+            self.q_rows = self._call_rows(self._q, heads)
+            self.k_rows = self._call_rows(self._k, kv_heads)
+        self.out_rows = torch.where(self.pad, torch.full_like(self.q_rows, -1), self.q_rows)
+
+    def _call_rows(self, rows, heads):
+        b, h, t = self._split(rows, heads)
+        return (b * heads + h) * self.n_call + t
+
+    def _split(self, rows, heads):
+        """(call batch, head, call token) of local rows."""
+        n = self.n
+        t, h, b = rows % n, (rows // n) % heads, rows // (heads * n)
+        if self.block.samples is not None:
+            b = self.block.samples[b]
+        if self.block.tokens is not None:
+            t = self.block.tokens[t]
+        return b, h, t
+
+    @functools.cached_property
+    def q_head(self):
+        return (self._q // self.n) % self.heads
+
+    @functools.cached_property
+    def q_pos(self):
+        return self._q % self.n
+
+    @functools.cached_property
+    def k_pos(self):
+        return self._k % self.n
+
+    def q_call(self):
+        b, _, t = self._split(self._q, self.heads)
+        return b, t
+
+    def k_call(self):
+        b, _, t = self._split(self._k, self.kv_heads)
+        return b, t
+
+
+def _placed(chunks, positions, n: int, h: int, kvh: int):
+    """Every chunk placed in its block: (the problem its positions live on, its ``_Where``, its
+    mask with padding applied, its real query rows)."""
+    for block in _blocks(chunks):
+        problem = block.problem or positions
+        local_n = n if block.problem is None else block.problem.tokens
+        for c in block.chunks:
+            where = _Where(block, c, local_n, h, kvh, n)
+            mask, real_q = _padding_masks(block, where, c.mask)
+            yield problem, where, mask, real_q
+
+
+def _blocks(chunks) -> Iterable[Block]:
+    """``chunks`` as blocks: a ``Chunk`` of the call's own rows is a block of one chunk."""
+    for c in chunks:
+        yield c if isinstance(c, Block) else Block((c,))
+
+
+def _padding_masks(block: Block, where: _Where, mask):
+    """(mask with padded pairs removed, bool [..., m] real query rows or None)."""
+    if block.key_padding is None:
+        return mask, None
+    kp = block.key_padding
+    qb, qt = where.q_call()
+    kb, kt = where.k_call()
+    vq, vk = kp[qb, qt], kp[kb, kt]
+    pairs = vq[..., :, None] & vk[..., None, :]
+    return (pairs if mask is None else mask & pairs), vq
+
+
+def _bias(scores: Scores, problem: Problem, where: _Where, ct, lookups: list | None):
+    """The summed bias terms [..., m, nk] of a chunk in ``ct`` (None without any); appends
+    each term's ``(index, coef)`` to ``lookups`` (the backward reuses them)."""
+    if not scores.biases:
+        return None
+    head, qi, ki = where.q_head[..., :, None], where.q_pos[..., :, None], where.k_pos[..., None, :]
+    total = None
+    for mod in scores.biases:
+        index, coef = bias_lookup(mod, scores.pattern, problem, head, qi, ki)
+        (flat,) = mod.tensors()
+        b = flat.reshape(-1).to(ct)[index]
+        if coef is not None:
+            b = b * coef.to(ct)
+        total = b if total is None else total + b
+        if lookups is not None:
+            lookups.append((index, coef))
+    return total
+
+
+def _scale_of(scores: Scores | None, where: _Where, scale: float, ct):
+    """A float, or the per-head scales of the chunk's query rows [..., m, 1]."""
+    if scores is None or scores.head_scale is None:
+        return scale
+    return scores.head_scale.to(ct)[where.q_head][..., None]
+
+
+def _sink_of(scores: Scores | None, where: _Where, real_rows, ct):
+    if scores is None or scores.sinks is None:
+        return None
+    sink = scores.sinks.to(ct)[where.q_head]
+    if real_rows is not None:
+        sink = torch.where(real_rows, sink, torch.full_like(sink, -math.inf))
+    return sink
+
+
+def _real_rows(real: torch.Tensor | None, b: int, h: int, n: int) -> torch.Tensor | None:
+    """bool [B * H * N] rows of real tokens (``real`` [B, N]), or None (all real)."""
+    return None if real is None else real[:, None, :].expand(b, h, n).reshape(-1)
+
+
+# ------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: Iterable[Chunk], scale: float):
     """Attention of q [B, H, N, D], k/v [B, KVH, N, D] over ``chunks``.
 
     Returns ``(out, lse)``: out [B, H, N, Dv] in q's dtype, lse [B, H, N] natural log,
     float32 (float64 for float64 inputs), -inf for rows with nothing visible.
     """
+    return attend(q, k, v, chunks, scale)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks, scale: float, *, scores: Scores | None = None,
+           positions: Problem | None = None, real: torch.Tensor | None = None):
+    """``forward`` with score modifiers and padding: ``chunks`` holds ``Chunk``s (rows of the
+    call) and/or ``Block``s; ``scores`` the modifiers (None: plain ``scale * q.k``);
+    ``positions`` the call's problem at its grid (the bias terms' positions of blocks without
+    a problem of their own); ``real`` bool [B, N] the real tokens (None: all), whose rows no
+    chunk writes get LSE = sink when there are sinks (padded rows keep -inf)."""
     ct = compute_dtype(q.dtype)
     b, h, n, d = q.shape
+    kvh = k.shape[1]
     rows = b * h * n
+    sinks = None if scores is None else scores.sinks
     with torch.no_grad():
         qf, kf, vf = q.reshape(-1, d).to(ct), k.reshape(-1, d).to(ct), v.reshape(-1, v.shape[-1]).to(ct)
         out = torch.zeros(rows + 1, v.shape[-1], dtype=ct, device=q.device)  # + 1 scratch row
         lse = torch.full((rows + 1,), -math.inf, dtype=ct, device=q.device)
+        written = torch.zeros(rows + 1, dtype=torch.bool, device=q.device) if sinks is not None else None
         everything = torch.ones((), dtype=torch.bool, device=q.device)
         contain = not _all_finite(qf, kf, vf)
-        for c in chunks:
-            o, l = masked_softmax_attention(qf[c.q_rows.clamp_min(0)], kf[c.k_rows], vf[c.k_rows],
-                                            everything if c.mask is None else c.mask, scale, contain=contain)
-            at = _write_rows(c.q_rows, rows)
+        cap = None if scores is None else scores.softcap
+        for problem, where, mask, real_q in _placed(chunks, positions, n, h, kvh):
+            bias = None if scores is None else _bias(scores, problem, where, ct, None)
+            o, l = masked_softmax_attention(qf[where.q_rows], kf[where.k_rows], vf[where.k_rows],
+                                            everything if mask is None else mask,
+                                            _scale_of(scores, where, scale, ct), contain=contain, bias=bias,
+                                            softcap=cap, sink=_sink_of(scores, where, real_q, ct))
+            at = _write_rows(where.out_rows, rows)
             out[at] = o
             lse[at] = l
-    return out[:rows].view(b, h, n, v.shape[-1]).to(q.dtype), lse[:rows].view(b, h, n)
+            if written is not None:
+                written[at] = True
+        lse, out = lse[:rows], out[:rows]
+        if sinks is not None:
+            # a real row no chunk visited sees nothing: its denominator is the sink alone
+            fill = ~written[:rows]
+            real_rows = _real_rows(real, b, h, n)
+            if real_rows is not None:
+                fill &= real_rows
+            sink_rows = sinks.to(ct)[None, :, None].expand(b, h, n).reshape(-1)
+            lse = torch.where(fill, sink_rows, lse)
+    return out.view(b, h, n, v.shape[-1]).to(q.dtype), lse.view(b, h, n)
 
 
+# ------------------------------------------------------------------------------------
+# Backward
+# ------------------------------------------------------------------------------------
 def backward(q, k, v, out, lse, dout, chunks: Iterable[Chunk], scale: float, dlse: torch.Tensor | None = None):
     """Gradients (dq, dk, dv) of ``forward`` given dout (and optionally the gradient of the
     LSE output, ``dlse`` [B, H, N]); each in its input's dtype. ``dout`` may be None (only
     ``dlse`` flows back)."""
+    return attend_backward(q, k, v, out, lse, dout, chunks, scale, dlse=dlse)[:3]
+
+
+def attend_backward(q, k, v, out, lse, dout, chunks, scale: float, *, scores: Scores | None = None,
+                    positions: Problem | None = None, real: torch.Tensor | None = None,
+                    dlse: torch.Tensor | None = None):
+    """Gradients of ``attend``: ``(dq, dk, dv, grads)`` with ``grads`` the gradients of
+    ``scores.tensors()`` (``dsl.modifiers.modifier_tensors`` order; () without scores), each
+    in its tensor's dtype, summed in float64 in a fixed order (deterministic)."""
     ct = compute_dtype(q.dtype)
     b, h, n, d = q.shape
+    kvh = k.shape[1]
     dv_dim = v.shape[-1]
     rows = b * h * n
     dev = q.device
@@ -88,44 +323,120 @@ def backward(q, k, v, out, lse, dout, chunks: Iterable[Chunk], scale: float, dls
         if dlse is not None:
             delta = delta - dlse.reshape(-1).to(ct)
         # Rows with nothing visible have lse = -inf; +inf makes exp(S - lse) = 0 there.
-        lse_c = lse.reshape(-1).to(ct)
-        lse_c = torch.where(lse_c == -math.inf, torch.full_like(lse_c, math.inf), lse_c)
+        lse_raw = lse.reshape(-1).to(ct)
+        lse_c = torch.where(lse_raw == -math.inf, torch.full_like(lse_raw, math.inf), lse_raw)
         dq = torch.zeros(rows + 1, d, dtype=ct, device=dev)  # + 1 scratch row
         dk = torch.zeros_like(kf)
         dv = torch.zeros_like(vf)
         # lse is -inf on empty rows (now +inf); anything else non-finite comes from NaN/Inf inputs
         contain = not (_all_finite(qf, kf, vf, dof, delta) and bool((lse_c > -math.inf).all()))
-        for c in chunks:
-            qi = c.q_rows.clamp_min(0)
+        grads = _Grads(scores, dev)
+        cap = None if scores is None else scores.softcap
+        for problem, where, mask, _ in _placed(chunks, positions, n, h, kvh):
+            qi, ki = where.q_rows, where.k_rows
             qg, dog = qf[qi], dof[qi]                       # [..., m, D]
-            kg, vg = kf[c.k_rows], vf[c.k_rows]             # [..., nk, D]
-            if contain and c.mask is not None:
-                dq_c, dk_c, dv_c = _contained_chunk_backward(qg, kg, vg, dog, lse_c[qi], delta[qi], c.mask, scale)
+            kg, vg = kf[ki], vf[ki]                         # [..., nk, D]
+            lookups = [] if grads.biases else None
+            bias = None if scores is None else _bias(scores, problem, where, ct, lookups)
+            sc = _scale_of(scores, where, scale, ct)
+            contained = contain and mask is not None
+            if contained:
+                s_raw = allowed_dot(qg, kg, mask)
             else:
-                s = torch.matmul(qg, kg.transpose(-1, -2)) * scale
-                if c.mask is not None:
-                    s = s.masked_fill(~c.mask, -math.inf)
-                p = torch.exp(s - lse_c[qi][..., None])          # masked entries: exp(-inf) = 0
+                s_raw = torch.matmul(qg, kg.transpose(-1, -2))
+            s = s_raw * sc
+            if bias is not None:
+                s = s + (bias if mask is None else torch.where(mask, bias, 0))
+            t = None
+            if cap is not None:
+                t = torch.tanh(s / cap)
+                s = cap * t
+            if mask is not None:
+                s = s.masked_fill(~mask, -math.inf)
+            p = torch.exp(s - lse_c[qi][..., None])          # masked entries: exp(-inf) = 0
+            if contained:
+                p = torch.where(mask, p, 0)
+                dp = allowed_dot(dog, vg, mask)
+            else:
                 dp = torch.matmul(dog, vg.transpose(-1, -2))
-                ds = p * (dp - delta[qi][..., None])
-                dq_c = torch.matmul(ds, kg) * scale
-                dk_c = torch.matmul(ds.transpose(-1, -2), qg) * scale
+            ds = p * (dp - delta[qi][..., None])
+            if t is not None:
+                ds = ds * (1 - t * t)                        # through the softcap
+            if mask is not None and (contained or t is not None or bias is not None):
+                ds = torch.where(mask, ds, 0)
+            # a float scale multiplies the products (as without modifiers); per-head scales
+            # are per query row: they scale dS's rows before dK's product
+            per_row = isinstance(sc, torch.Tensor)
+            dsk = (ds * sc if per_row else ds).transpose(-1, -2)
+            if contained:
+                mask_t = mask.transpose(-1, -2)
+                dq_c = allowed_sum(ds, kg, mask) * sc
+                dk_c = allowed_sum(dsk, qg, mask_t)
+                dv_c = allowed_sum(p.transpose(-1, -2), dog, mask_t)
+            else:
+                dq_c = torch.matmul(ds, kg) * sc
+                dk_c = torch.matmul(dsk, qg)
                 dv_c = torch.matmul(p.transpose(-1, -2), dog)
-            dq[_write_rows(c.q_rows, rows)] = dq_c
-            flat = c.k_rows.reshape(-1)
+            if not per_row:
+                dk_c = dk_c * sc
+            dq[_write_rows(where.out_rows, rows)] = dq_c
+            flat = ki.reshape(-1)
             dk.index_add_(0, flat, dk_c.reshape(-1, d))
             dv.index_add_(0, flat, dv_c.reshape(-1, dv_dim))
-    return (dq[:rows].view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype))
+            grads.chunk(where, ds, s_raw, lookups)
+        grads.sinks(lse_raw, delta, b, h, n)
+    return (dq[:rows].view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype),
+            grads.result())
 
 
-def _contained_chunk_backward(qg, kg, vg, dog, lse, delta, mask, scale: float):
-    """(dq, dk, dv) of one chunk's pairs when some input is NaN or Inf: every product goes
-    through ``allowed_dot``/``allowed_sum``, so a pair the mask excludes contributes exactly
-    nothing (its P and dS are selected to 0, never multiplied by a NaN row)."""
-    mask_t = mask.transpose(-1, -2)
-    s = torch.where(mask, allowed_dot(qg, kg, mask) * scale, -math.inf)
-    p = torch.where(mask, torch.exp(s - lse[..., None]), 0)
-    dp = allowed_dot(dog, vg, mask)
-    ds = torch.where(mask, p * (dp - delta[..., None]), 0)
-    return (allowed_sum(ds, kg, mask) * scale, allowed_sum(ds.transpose(-1, -2), qg, mask_t) * scale,
-            allowed_sum(p.transpose(-1, -2), dog, mask_t))
+class _Grads:
+    """The modifier tensors' gradients, summed in float64 with ``index_add_`` in chunk order."""
+
+    def __init__(self, scores: Scores | None, device):
+        self.scores = scores
+        f64 = torch.float64
+        self.biases = [] if scores is None else [torch.zeros(m.tensors()[0].numel(), dtype=f64, device=device)
+                                                 for m in scores.biases]
+        self.sink = None if scores is None or scores.sinks is None else \
+            torch.zeros(scores.sinks.numel(), dtype=f64, device=device)
+        self.head_scale = None if scores is None or scores.head_scale is None else \
+            torch.zeros(scores.head_scale.numel(), dtype=f64, device=device)
+
+    def chunk(self, where: _Where, ds: torch.Tensor, s_raw: torch.Tensor, lookups) -> None:
+        """Add one chunk's terms: ``ds`` [..., m, nk] the gradient of the scores before the
+        softcap (0 at removed pairs), ``s_raw`` = q.k."""
+        if self.head_scale is not None:
+            per_row = (ds.double() * s_raw.double()).sum(-1)            # [..., m]
+            head = where.q_head.expand(per_row.shape)
+            self.head_scale.index_add_(0, head.reshape(-1), per_row.reshape(-1))
+        for acc, (index, coef) in zip(self.biases, lookups or ()):
+            g = ds.double()
+            if coef is not None:
+                g = g * coef
+            idx = index.expand(g.shape) if index.shape != g.shape else index
+            acc.index_add_(0, idx.reshape(-1), g.reshape(-1))
+
+    def sinks(self, lse: torch.Tensor, delta: torch.Tensor, b: int, h: int, n: int) -> None:
+        """d sink_h = -sum over the rows of head h of exp(sink_h - lse) * delta (rows with
+        LSE = -inf, padding, give nothing)."""
+        if self.sink is None:
+            return
+        sink = self.scores.sinks.to(lse.dtype)[None, :, None]
+        lse3, delta3 = lse.view(b, h, n), delta.view(b, h, n)
+        finite = torch.isfinite(lse3)
+        p = torch.exp(sink - torch.where(finite, lse3, torch.zeros_like(lse3)))
+        terms = torch.where(finite, -(p.double() * delta3.double()), 0)
+        self.sink += terms.sum(dim=(0, 2))
+
+    def result(self) -> tuple[torch.Tensor, ...]:
+        if self.scores is None:
+            return ()
+        out = []
+        for acc, m in zip(self.biases, self.scores.biases):
+            (t,) = m.tensors()
+            out.append(acc.view(t.shape).to(t.dtype))
+        if self.sink is not None:
+            out.append(self.sink.to(self.scores.sinks.dtype))
+        if self.head_scale is not None:
+            out.append(self.head_scale.to(self.scores.head_scale.dtype))
+        return tuple(out)

@@ -561,3 +561,133 @@ def relative_position_index(pattern: Pattern, problem: Problem, qi: torch.Tensor
         out = next(iter(per_leaf.values()))[None]
         return out if len(leaves) == 1 else out.expand(len(leaves), *out.shape[1:])
     return torch.stack([per_leaf[leaf] for leaf in leaves])
+
+
+# ------------------------------------------------------------------------------------
+# Per-pair lookups (the executors' form of ``bias``) and the flat tensor order of the ops
+# ------------------------------------------------------------------------------------
+def relative_position_pair_index(pattern: Pattern, problem: Problem, head: torch.Tensor, qi: torch.Tensor,
+                                 ki: torch.Tensor) -> torch.Tensor:
+    """int64 [..., ndim]: the table index per grid dimension of each (query head, query, key)
+    triple, elementwise (``head``, ``qi``, ``ki`` broadcast together; ``qi``/``ki`` flat indices
+    into ``problem.grid``) — ``relative_position_index`` pair by pair instead of all pairs of two
+    lists. Exact at the pairs ``pattern`` allows; unspecified (possibly outside the table) at
+    the others."""
+    relative_position_bias_shape(pattern, problem)  # refuses patterns without one window
+    leaves = _head_leaves(pattern, problem)
+    qc, kc = grid_coords(problem, qi), grid_coords(problem, ki)
+    distinct = list(dict.fromkeys(leaves))
+    per_leaf = []
+    for leaf in distinct:
+        dims = [_extent_index_1d(leaf, length, p, qd, kd)[1]
+                for length, p, qd, kd in zip(problem.grid, leaf.params(problem), qc, kc)]
+        per_leaf.append(torch.stack(torch.broadcast_tensors(head, *dims)[1:], dim=-1))
+    out = per_leaf[0]
+    if len(distinct) > 1:
+        which = torch.tensor([distinct.index(leaf) for leaf in leaves], device=head.device)[head]
+        for j in range(1, len(distinct)):
+            out = torch.where((which == j)[..., None], per_leaf[j], out)
+    return out
+
+
+def bias_lookup(modifier: BiasModifier, pattern: Pattern, problem: Problem, head: torch.Tensor, qi: torch.Tensor,
+                ki: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(index, coef)``: the bias of each (query head, query, key) triple (elementwise, as
+    ``relative_position_pair_index``) is ``coef * flat[index]`` with ``flat`` the modifier's
+    tensor (``tensors()[0]``) flattened row-major, ``coef`` float64 (None: 1). Its gradient is
+    therefore ``coef * dscore`` added at ``index``. Indices are always inside the tensor (a pair
+    the pattern hides gets some in-range entry, as ``bias`` does); equal to ``bias`` at the
+    pairs the pattern allows (``qi``/``ki`` in ``problem.grid``'s coordinates)."""
+    head, qi, ki = torch.broadcast_tensors(head.long(), qi.long(), ki.long())
+    if isinstance(modifier, RelativePositionBias):
+        extents = modifier.table.shape[1:]
+        idx = relative_position_pair_index(pattern, problem, head, qi, ki)
+        flat = head.clone()
+        for d, e in enumerate(extents):
+            flat = flat * e + idx[..., d].clamp(0, e - 1)
+        return flat, None
+    if isinstance(modifier, T5Bias):
+        bucket = t5_relative_position_bucket(ki - qi, modifier.bidirectional, modifier.num_buckets,
+                                             modifier.max_distance)
+        return head * modifier.num_buckets + bucket, None
+    if isinstance(modifier, ALiBi):
+        return head, -(ki - qi).abs().double()
+    raise TypeError(f"{type(modifier).__name__} has no per-pair lookup")
+
+
+#: The spec entry of a per-head scale tensor (``modifier_spec``).
+HEAD_SCALE_SPEC = ("HeadScale",)
+
+
+def _as_modifiers(modifiers) -> "Modifiers | None":
+    if modifiers is None or isinstance(modifiers, Modifiers):
+        return modifiers
+    raise TypeError(f"modifiers must be a checked Modifiers (check_modifiers) or None, got {modifiers!r}")
+
+
+def modifier_spec(modifiers: "Modifiers | None", head_scale: bool) -> tuple:
+    """What compiled kernels key on, hashable and free of tensor data: ``()`` when there is
+    nothing beyond ``scale * q.k``; else ``Modifiers.spec()`` (one entry per modifier: the bias
+    terms in the order given, then Softcap, then Sinks; each ``(kind, *(name, value))`` with
+    tensors as ``(name, shape, dtype name)``) followed by ``("HeadScale",)`` when a [H] scale
+    tensor replaces the float scale. E.g. ``(("RelativePositionBias", ("table", (8, 13, 13),
+    "fp32")), ("Softcap", ("cap", 50.0)), ("Sinks", ("logits", (8,), "fp32")), ("HeadScale",))``."""
+    modifiers = _as_modifiers(modifiers)
+    if not isinstance(head_scale, bool):
+        raise TypeError(f"head_scale must be a bool, got {head_scale!r}")
+    spec = () if modifiers is None else modifiers.spec()
+    return spec + ((HEAD_SCALE_SPEC,) if head_scale else ())
+
+
+def modifier_tensors(modifiers: "Modifiers | None", head_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The tensors of one call in the ops' fixed order (``params``): each bias term's tensors in
+    order (RelativePositionBias/T5Bias: the table; ALiBi: the slopes), then the sinks' logits,
+    then the per-head scale ``head_scale`` if given. Softcap holds none."""
+    modifiers = _as_modifiers(modifiers)
+    out: list[torch.Tensor] = []
+    if modifiers is not None:
+        for m in modifiers.biases:
+            out.extend(m.tensors())
+        if modifiers.sinks is not None:
+            out.extend(modifiers.sinks.tensors())
+    if head_scale is not None:
+        out.append(head_scale)
+    return tuple(out)
+
+
+def modifier_template(modifiers: "Modifiers | None") -> "Modifiers | None":
+    """``modifiers`` holding meta tensors of the same shapes and dtypes (what a kernel registry
+    keeps: the structure, no data); None when there are none."""
+    modifiers = _as_modifiers(modifiers)
+    if not modifiers:
+        return None
+
+    def meta(m):
+        return m.with_tensors(*(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in m.tensors()))
+    return Modifiers(tuple(meta(m) for m in modifiers.biases), modifiers.softcap,
+                     None if modifiers.sinks is None else meta(modifiers.sinks))
+
+
+def modifiers_from_tensors(template: "Modifiers | None", tensors, head_scale: bool
+                           ) -> tuple["Modifiers | None", torch.Tensor | None]:
+    """The inverse of ``modifier_tensors``: ``(modifiers, head_scale)`` with ``template``'s
+    structure (``modifier_template``) holding ``tensors`` (the ops' ``params``)."""
+    template = _as_modifiers(template)
+    tensors = list(tensors)
+    want = len(modifier_tensors(template)) + int(head_scale)
+    if len(tensors) != want:
+        raise ValueError(f"params holds {len(tensors)} tensor(s), expected {want} for the modifier spec "
+                         f"{modifier_spec(template, head_scale)} (dsl.modifiers.modifier_tensors order)")
+    scale = tensors.pop() if head_scale else None
+    if not template:
+        return None, scale
+    pos = 0
+
+    def take(m):
+        nonlocal pos
+        n = len(m.tensors())
+        pos += n
+        return m.with_tensors(*tensors[pos - n:pos])
+    biases = tuple(take(m) for m in template.biases)
+    sinks = None if template.sinks is None else take(template.sinks)
+    return Modifiers(biases, template.softcap, sinks), scale

@@ -336,6 +336,19 @@ def masked_softmax_attention(q, k, v, mask, scale, *, contain: bool = True, bias
     return (allowed_sum(p, v, mask) if contain else p @ v), lse
 
 
+def check_key_padding_mask(m, batch: int, tokens: int, device) -> torch.Tensor:
+    """``key_padding_mask``: a bool [batch, tokens] tensor on ``device`` (True = real token)."""
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a bool tensor [B, N], got {type(m).__name__}")
+    if m.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = real token), got {m.dtype}")
+    if tuple(m.shape) != (batch, tokens):
+        raise ValueError(f"key_padding_mask has shape {list(m.shape)}, expected [B={batch}, N={tokens}]")
+    if m.device != torch.device(device):
+        raise ValueError(f"key_padding_mask is on {m.device}, but q is on {device}; expected one device")
+    return m
+
+
 def reference_attention(q, k, v, pattern: Pattern, problem: Problem, *, scale=None,
                         coords=None, routes=None, groups=None, return_lse: bool = False, modifiers=(),
                         key_padding_mask=None, lengths=None, padding_side: str = "right", sizes=None):
@@ -457,17 +470,18 @@ def _attend_samples(q64, k64, v64, pattern: Pattern, problem: Problem, scale, mo
 # ------------------------------------------------------------------------------------
 # Padding and per-sample grids
 # ------------------------------------------------------------------------------------
-def _int_tensor(name: str, value, shape: tuple[int, ...], what: str, device) -> torch.Tensor:
-    """``value`` (an integer tensor or nested lists of ints) as int64 of ``shape``, on the CPU."""
+def check_int_tensor(name: str, value, shape: tuple[int, ...], what: str, device, out_device="cpu") -> torch.Tensor:
+    """``value`` (an integer tensor on ``device`` when that is given, or nested lists of ints)
+    as int64 of ``shape`` on ``out_device``."""
     if isinstance(value, torch.Tensor):
         if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
             raise TypeError(f"{name} must hold integers, got a tensor of {value.dtype}")
         if device is not None and value.device != torch.device(device):
             raise ValueError(f"{name} is on {value.device}, but q is on {device}; expected every tensor on one device")
-        t = value.detach().to("cpu", torch.long)
+        t = value.detach().to(out_device, torch.long)
     else:
         try:
-            t = torch.tensor(value)
+            t = torch.tensor(value, device=out_device)
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"{name} must be a tensor or a list of ints {what}, got {value!r}") from None
         if t.dtype != torch.long:
@@ -509,16 +523,7 @@ def check_padding(pattern: Pattern, problem: Problem, batch: int, tokens: int, d
             raise ValueError(f"key_padding_mask with {pattern!r}: its routing reads every token's q and k, "
                              "padding included; give lengths= or sizes= (each sample routed on its own "
                              "tokens) or routes=")
-        m = key_padding_mask
-        if not isinstance(m, torch.Tensor):
-            raise TypeError(f"key_padding_mask must be a bool tensor [B, N], got {type(m).__name__}")
-        if m.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must be a bool tensor (True = real token), got {m.dtype}")
-        if tuple(m.shape) != (batch, tokens):
-            raise ValueError(f"key_padding_mask has shape {list(m.shape)}, expected [B={batch}, N={tokens}]")
-        if m.device != torch.device(device):
-            raise ValueError(f"key_padding_mask is on {m.device}, but q is on {device}; expected one device")
-        return None, m
+        return None, check_key_padding_mask(key_padding_mask, batch, tokens, device)
     if routes is not None:
         raise ValueError(f"routes= with {given[0]}=: routes name regions of the full grid, but each sample is "
                          "routed on its own grid; leave routes out")
@@ -528,14 +533,14 @@ def check_padding(pattern: Pattern, problem: Problem, batch: int, tokens: int, d
         if len(grid) != 1:
             raise ValueError(f"lengths applies to 1-D sequences, but the problem grid is {grid}; give sizes= "
                              f"([B, {len(grid)}] per-sample grids) or key_padding_mask=")
-        t = _int_tensor("lengths", lengths, (batch,), f"[B={batch}]", device)
+        t = check_int_tensor("lengths", lengths, (batch,), f"[B={batch}]", device)
         for b, n in enumerate(t.tolist()):
             if not 0 <= n <= tokens:
                 raise ValueError(f"lengths[{b}] must be in [0, {tokens}] (the sequence length), got {n}")
             first = 0 if padding_side == "right" else tokens - n
             samples.append((torch.arange(first, first + n), (n,), f"lengths[{b}]={n}"))
         return samples, None
-    t = _int_tensor("sizes", sizes, (batch, len(grid)), f"[B={batch}, ndim={len(grid)}]", device)
+    t = check_int_tensor("sizes", sizes, (batch, len(grid)), f"[B={batch}, ndim={len(grid)}]", device)
     for b, box in enumerate(t.tolist()):
         for d, (s, g) in enumerate(zip(box, grid)):
             if not 0 <= s <= g:

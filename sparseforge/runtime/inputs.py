@@ -8,13 +8,14 @@ import numbers
 import torch
 
 from ..dsl.problem import DTYPE_NAMES, Problem
-from ..dsl.semantics import check_qkv
+from ..dsl.semantics import check_int_tensor, check_key_padding_mask, check_qkv
 from ..codegen.config import KernelConfig
 from .ops import resolve_backend
 
-__all__ = ["BACKENDS", "TRITON_DTYPES", "TRITON_HEAD_DIMS", "check_backend", "check_call_grid", "check_kernel_options",
-           "check_qkv", "check_return_lse", "check_scale", "check_triton_problem", "check_voxel_qkv",
-           "op_backend"]
+__all__ = ["BACKENDS", "PADDING_ARGUMENTS", "TRITON_DTYPES", "TRITON_HEAD_DIMS", "check_backend", "check_call_grid",
+           "check_call_modifiers", "check_call_scale", "check_compile_modifiers", "check_kernel_options", "check_qkv",
+           "check_return_lse", "check_scale", "check_triton_problem", "check_voxel_qkv", "op_backend",
+           "padding_input"]
 
 #: Values of ``compile(..., backend=)``.
 BACKENDS = (None, "triton", "cpu", "interpret")
@@ -95,10 +96,10 @@ def check_call_grid(problem: Problem, grid, q: torch.Tensor) -> tuple:
     ndim = len(problem.grid)
     tokens = q.shape[2]
     if grid is None:
+        if ndim == 1:  # q's length, compared with nothing: no guard on it under torch.compile
+            return (tokens,)
         if tokens == problem.tokens:
             return problem.grid
-        if ndim == 1:
-            return (tokens,)
         raise ValueError(f"q has shape {tuple(q.shape)}: its {tokens} tokens are not the compiled grid={problem.grid}; "
                          f"pass grid= (a tuple of {ndim} sizes) for a grid of another size")
     if isinstance(grid, (int, torch.SymInt)):
@@ -130,3 +131,128 @@ def check_voxel_qkv(q, k, v, problem: Problem, n_voxels: int) -> None:
         if tuple(t.shape) != expected:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {expected} [N_voxels (rows of coords), "
                              f"{'H' if name == 'q' else 'kv_heads'}, D] for {problem!r}")
+
+
+# ------------------------------------------------------------------------------------
+# Score modifiers and padding of a call (compiled attention)
+# ------------------------------------------------------------------------------------
+#: The padding arguments of a call, in the order errors list them.
+PADDING_ARGUMENTS = ("key_padding_mask", "lengths", "sizes")
+
+
+def check_compile_modifiers(modifiers, head_scale, pattern, problem):
+    """``compile(..., modifiers=, head_scale=)``: the checked ``Modifiers`` (None when there are
+    none) and the bool ``head_scale``."""
+    from ..dsl.modifiers import check_modifiers
+
+    if not isinstance(head_scale, bool):
+        raise TypeError(f"head_scale must be a bool (whether calls pass scale= as a [heads] tensor), got "
+                        f"{head_scale!r} ({type(head_scale).__name__})")
+    mods = check_modifiers(() if modifiers is None else modifiers, pattern, problem)
+    return mods if mods else None
+
+
+def check_call_modifiers(modifiers, compiled, pattern, problem, device):
+    """The checked ``Modifiers`` of a call (None when none), which must have the compiled
+    spec (kinds in order, tensor shapes and dtypes, softcap): a ValueError naming
+    ``modifiers`` otherwise."""
+    from ..dsl.modifiers import check_modifiers, modifier_spec
+
+    mods = check_modifiers(() if modifiers is None else modifiers, pattern, problem, device=device)
+    got, want = modifier_spec(mods, False), modifier_spec(compiled, False)
+    if got != want:
+        if not want:
+            raise ValueError(f"modifiers={modifiers!r} given, but this attention was compiled without modifiers; "
+                             "compile with sparseforge.compile(..., modifiers=(...)) to use them")
+        raise ValueError(f"modifiers={modifiers!r} do not match the compiled ones: expected the spec {want} "
+                         f"(kinds in this order, tensor shapes and dtypes, softcap value), got {got}")
+    return mods if mods else None
+
+
+def check_call_scale(scale, head_scale: bool, problem: Problem, device):
+    """A call's ``scale``: a float (``head_dim ** -0.5`` when None) or, for an attention compiled
+    with ``head_scale=True``, a floating [heads] tensor on q's device."""
+    from ..dsl.modifiers import check_scale as check_scale_value
+
+    if isinstance(scale, torch.Tensor):
+        if not head_scale:
+            raise ValueError(f"scale is a tensor of shape {list(scale.shape)}, but this attention was compiled "
+                             "with head_scale=False; compile with head_scale=True for a per-head scale, or pass "
+                             "a float")
+        return check_scale_value(scale, problem, device=device)
+    if head_scale:
+        raise ValueError(f"scale must be a [heads={problem.heads}] tensor (this attention was compiled with "
+                         f"head_scale=True), got {scale!r}")
+    return check_scale(scale, problem.head_dim)
+
+
+def padding_input(pattern, problem: Problem, grid: tuple, q: torch.Tensor, modifiers, *, key_padding_mask=None,
+                  lengths=None, padding_side: str = "right", sizes=None, routes=None, grid_free: bool = False,
+                  routed: bool = False):
+    """The ops' ``padding`` of a call: None, the key padding mask (bool [B, N]) or per-sample
+    boxes (int64 [B, 2, ndim]: first token and extent per dimension) from ``lengths``
+    (1-D, right or left padded) or ``sizes`` (leading boxes of the grid).
+
+    Shapes, dtypes and devices are checked always; values (ranges, each sample's grid against
+    the pattern and the modifiers) only outside ``torch.compile`` tracing, where they are
+    known (the op checks the boxes again)."""
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    given = [name for name, value in zip(PADDING_ARGUMENTS, (key_padding_mask, lengths, sizes)) if value is not None]
+    if padding_side != "right" and lengths is None:
+        raise ValueError(f"padding_side={padding_side!r} applies to lengths=, which was not given")
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ValueError(f"give at most one of key_padding_mask, lengths and sizes, got {' and '.join(given)}")
+    if grid_free:
+        raise ValueError(f"{given[0]} needs a token grid, but {pattern!r} takes its tokens from coords "
+                         "(voxel patterns have no padding: leave the padded voxels out)")
+    b, n = q.shape[0], q.shape[2]
+    if key_padding_mask is not None:
+        if routed and routes is None:
+            raise ValueError(f"key_padding_mask with {pattern!r}: its routing reads every token's q and k, "
+                             "padding included; give routes= (routing that ignores padding)")
+        return check_key_padding_mask(key_padding_mask, b, n, q.device).contiguous()
+    if routed:
+        raise NotImplementedError(f"{given[0]}= with {pattern!r}: per-sample routing (each sample routed on its own "
+                                  "grid) is not in the compiled attention yet; use key_padding_mask= with routes=, "
+                                  "or sparseforge.reference_attention")
+    check = not torch.compiler.is_compiling()
+    if lengths is not None:
+        if len(grid) != 1:
+            raise ValueError(f"lengths applies to 1-D sequences, but the problem grid is {problem.grid}; give sizes= "
+                             f"([B, {len(grid)}] per-sample grids) or key_padding_mask=")
+        t = check_int_tensor("lengths", lengths, (b,), f"[B={b}]", q.device, q.device)
+        if check:
+            for i, value in enumerate(t.tolist()):
+                if not 0 <= value <= n:
+                    raise ValueError(f"lengths[{i}] must be in [0, {n}] (the sequence length), got {value}")
+                _check_sample(pattern, problem, modifiers, (value,), f"lengths[{i}]={value}")
+        start = torch.zeros_like(t) if padding_side == "right" else n - t
+        return torch.stack([start, t], dim=1)[:, :, None].contiguous()
+    t = check_int_tensor("sizes", sizes, (b, len(grid)), f"[B={b}, ndim={len(grid)}]", q.device, q.device)
+    if check:
+        for i, box in enumerate(t.tolist()):
+            for d, (s, g) in enumerate(zip(box, grid)):
+                if not 0 <= s <= g:
+                    raise ValueError(f"sizes[{i}][{d}] must be in [0, {g}] (the grid extent), got {s} "
+                                     f"(sizes[{i}]={box}, grid={tuple(grid)})")
+            _check_sample(pattern, problem, modifiers, tuple(box), f"sizes[{i}]={box}")
+    return torch.stack([torch.zeros_like(t), t], dim=1).contiguous()
+
+
+def _check_sample(pattern, problem: Problem, modifiers, grid: tuple, name: str) -> None:
+    """A sample's own grid against the pattern and the modifiers (as the reference checks it)."""
+    if math.prod(grid) == 0:
+        return
+    from ..dsl.modifiers import check_modifiers
+
+    sub = problem.with_grid(grid)
+    try:
+        pattern.check(sub)
+        if modifiers:
+            check_modifiers([m for m in (*modifiers.biases, modifiers.softcap, modifiers.sinks) if m is not None],
+                            pattern, sub)
+    except ValueError as e:
+        raise ValueError(f"{name}: the sample is a grid of {grid}, on which {e}") from None

@@ -1,8 +1,8 @@
-"""The torch ops: one fixed set for every pattern, problem, shape and config.
+"""The torch ops: one fixed set for every pattern, problem, shape, config and modifier.
 
-    sparseforge::attention(q, k, v, tables, grid, kernel, scale, backend) -> (out, lse)
-    sparseforge::attention_backward(q, k, v, out, lse, dout?, dlse?, tables, grid, kernel, scale,
-                                    backend) -> (dq, dk, dv)
+    sparseforge::attention(q, k, v, tables, params, padding?, grid, kernel, scale, backend) -> (out, lse)
+    sparseforge::attention_backward(q, k, v, out, lse, dout?, dlse?, tables, params, padding?, grid, kernel,
+                                    scale, backend) -> (dq, dk, dv, dparams)
     sparseforge::linear_attention(q, k, v, plan, n_windows, feature_map, interpret) -> (out, kv, s)
     sparseforge::linear_attention_backward(q, k, v, out, kv, s, dout, plan, n_windows, feature_map,
                                            interpret) -> (dq, dk, dv)
@@ -11,13 +11,21 @@
   float64 inputs, which only the CPU executor takes: gradcheck needs it);
 - ``tables``: the per-call index data of the path (``lower.paths``): none for static
   attention, ``[routes]`` for routed attention, a plan's tensors for segments;
+- ``params``: the score modifiers' tensors of the call in ``dsl.modifiers.modifier_tensors``
+  order (each bias term's tensor, then the sinks' logits, then the per-head scale [H], which
+  replaces ``scale``); their structure (kinds, shapes, dtypes, softcap) is the registered
+  kernel's ``modifier_spec``. ``dparams`` are their gradients, in the same order (deterministic);
+- ``padding``: None, a key padding mask (bool [B, N], True = real token) or per-sample boxes
+  (int64 [B, 2, ndim]: each sample's first token and extent per grid dimension; its tokens
+  form a grid of that extent, on which it is attended alone: ``lengths``/``sizes``). Data, never
+  part of a key; the CPU executor only (the Triton kernels take none yet);
 - ``grid``: the token grid of this call (SymInt[]: under ``torch.compile(dynamic=True)`` it
   stays symbolic, so a new size is no new graph); for segments the packed length (the
   schedule does not depend on it: the tables come with the plan);
 - ``kernel``: the key of a registered ``Kernel`` — pattern, heads, head dim, dtype, tile
-  config: everything that shapes the generated code except the grid. The schedule (and its
-  tables, and the Triton kernels specialised to its extents) for each grid is built on
-  first use and cached (``Kernel.at``);
+  config, modifier spec: everything that shapes the generated code except the grid. The
+  schedule (and its tables, and the Triton kernels specialised to its extents) for each grid is
+  built on first use and cached (``Kernel.at``);
 - ``backend``: "auto" (CUDA tensors -> generated Triton kernels, others -> CPU executor),
   "triton", "cpu" or "interpret" (the Triton kernels under the interpreter, CPU tensors).
 
@@ -35,6 +43,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import threading
 from typing import Optional
@@ -46,9 +55,11 @@ from ..backends import cpu, linear_kernels
 from ..backends.linear import ScatteredLinearPlan
 from ..backends.triton import TritonKernels
 from ..codegen.config import KernelConfig
+from ..dsl.modifiers import Modifiers, modifier_spec, modifier_template, modifiers_from_tensors
 from ..dsl.pattern import Pattern
 from ..dsl.problem import DTYPE_NAMES, Problem
-from ..lower.paths import Path, Shape
+from ..dsl.semantics import box_indices
+from ..lower.paths import STATIC, Path, Shape
 from ..lower.schedule import TileSchedule
 
 __all__ = ["BACKENDS", "Kernel", "OPS", "register", "registered_kernel", "resolve_backend"]
@@ -85,17 +96,25 @@ class _AtGrid:
 
 
 class Kernel:
-    """What the ops run for one key: a pattern on a path with a tile config, at any grid.
+    """What the ops run for one key: a pattern on a path with a tile config and a modifier
+    spec, at any grid.
 
     ``at(grid)`` gives the schedule for a grid: the one it was registered with, or a new
-    one built (and cached, ``GRIDS_PER_KERNEL`` of them) with the same tiles."""
+    one built (and cached, ``GRIDS_PER_KERNEL`` of them) with the same tiles.
+    ``modifiers`` (checked ``dsl.modifiers.Modifiers``; only their structure is kept, as meta
+    tensors) and ``head_scale`` (a [H] scale tensor replaces the float scale) say what the
+    ops' ``params`` hold: ``self.spec`` (``dsl.modifiers.modifier_spec``) keys the kernel."""
 
-    def __init__(self, path: Path, seed: TileSchedule, config: KernelConfig):
+    def __init__(self, path: Path, seed: TileSchedule, config: KernelConfig, modifiers: Modifiers | None = None,
+                 head_scale: bool = False):
         self.path = path
         self.pattern: Pattern = seed.pattern
         self.problem: Problem = seed.problem
         self.config = config
-        self.key = _key(path, seed, config)
+        self.template: Modifiers | None = modifier_template(modifiers)
+        self.head_scale = head_scale
+        self.spec: tuple = modifier_spec(self.template, head_scale)
+        self.key = _key(path, seed, config, self.spec)
         self._grids: collections.OrderedDict[tuple[int, ...], _AtGrid] = collections.OrderedDict()
         self._grids[self._grid_key(seed.problem.grid)] = _AtGrid(seed)
         self._lock = threading.Lock()
@@ -133,58 +152,146 @@ class Kernel:
         entry = self.at(grid)
         with self._lock:
             if interpret not in entry.triton:
-                entry.triton[interpret] = TritonKernels(entry.schedule, interpret=interpret, config=self.config)
+                entry.triton[interpret] = TritonKernels(entry.schedule, interpret=interpret, config=self.config,
+                                                        modifiers=self.spec)
             return entry.triton[interpret]
 
     # -- the executors behind the ops ----------------------------------------------------
-    def forward(self, q, k, v, tables, grid, scale: float, backend: str):
+    def unflatten(self, params) -> tuple[Modifiers | None, Tensor | None]:
+        """(modifiers holding the call's tensors, per-head scale) of the ops' ``params``."""
+        mods, head_scale = modifiers_from_tensors(self.template, params, self.head_scale)
+        return mods, head_scale
+
+    def _scores(self, params) -> cpu.Scores | None:
+        mods, head_scale = self.unflatten(params)
+        if not mods and head_scale is None:
+            return None
+        return cpu.Scores(self.pattern, mods, head_scale)
+
+    def _call_problem(self, grid) -> Problem:
+        return self.problem.with_grid(tuple(int(x) for x in grid))
+
+    def _blocks(self, schedule, tables, q, k, grid, padding):
+        """(blocks of chunks for the CPU executor, bool [B, N] real tokens or None)."""
+        if padding is None:
+            return [cpu.Block(self.path.chunks(schedule, tables, _shape(q, k), q.device))], None
+        if padding.dtype == torch.bool:
+            return [cpu.Block(self.path.chunks(schedule, tables, _shape(q, k), q.device),
+                              key_padding=padding)], padding
+        return self._sample_blocks(tables, q, k, grid, padding)
+
+    def _sample_blocks(self, tables, q, k, grid, boxes):
+        """Per-sample grids: the samples with one box (first token, extent) share one schedule
+        of their own grid and one block whose rows are those samples' box tokens."""
+        grid = tuple(int(x) for x in grid)
+        b, n = q.shape[0], q.shape[2]
+        if self.path is not STATIC:
+            raise NotImplementedError(f"per-sample grids (lengths=/sizes=) run on static patterns only, not "
+                                      f"{self.pattern!r} ({self.path.name} path)")
+        if tuple(boxes.shape) != (b, 2, len(grid)):
+            raise ValueError(f"padding boxes have shape {list(boxes.shape)}, expected [B={b}, 2, ndim={len(grid)}]")
+        real = torch.zeros(b, n, dtype=torch.bool, device=q.device)
+        groups: dict[tuple, list[int]] = {}
+        for i, (start, extent) in enumerate(boxes.tolist()):
+            for d, (s0, e, g) in enumerate(zip(start, extent, grid)):
+                if not (0 <= s0 and 0 <= e and s0 + e <= g):
+                    raise ValueError(f"padding box of sample {i} starts at {start} with extent {extent}, outside "
+                                     f"the grid {grid} (dimension {d})")
+            if math.prod(extent) > 0:
+                groups.setdefault((tuple(start), tuple(extent)), []).append(i)
+        blocks = []
+        for (start, extent), samples in groups.items():
+            try:
+                schedule = self.at(extent).schedule
+            except ValueError as e:
+                raise ValueError(f"sample {samples[0]} is a grid of {extent}, on which {e}") from None
+            tokens = box_indices(grid, extent)
+            offset = sum(s0 * math.prod(grid[d + 1:]) for d, s0 in enumerate(start))
+            tokens = (tokens + offset).to(q.device)
+            real[torch.tensor(samples, device=q.device)[:, None], tokens[None, :]] = True
+            shape = Shape(len(samples), q.shape[1], k.shape[1], len(tokens))
+            blocks.append(cpu.Block(self.path.chunks(schedule, tables, shape, q.device),
+                                    problem=self.problem.with_grid(extent),
+                                    samples=torch.tensor(samples, device=q.device), tokens=tokens))
+        return blocks, real
+
+    def _no_padding_on_triton(self, padding, which: str) -> None:
+        if padding is not None:
+            raise NotImplementedError(
+                f"padding ({'key_padding_mask' if padding.dtype == torch.bool else 'lengths/sizes'}) is not in the "
+                f"generated Triton kernels yet (backend={which!r}): run padded calls with backend='cpu'")
+
+    def forward(self, q, k, v, tables, params, padding, grid, scale: float, backend: str):
         which = resolve_backend(backend, q.device)
         schedule = self.at(grid).schedule
         if which == "cpu":
-            return cpu.forward(q, k, v, self.path.chunks(schedule, tables, _shape(q, k), q.device), scale)
+            blocks, real = self._blocks(schedule, tables, q, k, grid, padding)
+            return cpu.attend(q, k, v, blocks, scale, scores=self._scores(params), positions=self._call_problem(grid),
+                              real=real)
+        self._no_padding_on_triton(padding, which)
+        mods, head_scale = self.unflatten(params)
         out, lse = self.triton(grid, which == "interpret").forward(
-            q, k, v, scale, self.path.kernel_tables(schedule, tables, q.device))
+            q, k, v, scale, self.path.kernel_tables(schedule, tables, q.device), modifiers=mods or None,
+            head_scale=head_scale)
         return out, lse.float()
 
-    def backward(self, q, k, v, out, lse, dout, dlse, tables, grid, scale: float, backend: str):
+    def backward(self, q, k, v, out, lse, dout, dlse, tables, params, padding, grid, scale: float, backend: str):
         which = resolve_backend(backend, q.device)
         schedule = self.at(grid).schedule
 
-        def chunks():
-            return self.path.chunks(schedule, tables, _shape(q, k), q.device)
+        def attend_backward(dout):
+            blocks, real = self._blocks(schedule, tables, q, k, grid, padding)
+            return cpu.attend_backward(q, k, v, out, lse, dout, blocks, scale, scores=self._scores(params),
+                                       positions=self._call_problem(grid), real=real, dlse=dlse)
 
         if which == "cpu":
-            return cpu.backward(q, k, v, out, lse, dout, chunks(), scale, dlse=dlse)
+            return attend_backward(dout)
+        self._no_padding_on_triton(padding, which)
+        mods, head_scale = self.unflatten(params)
         if dout is None:
             dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+            grads = tuple(torch.zeros_like(p) for p in params)
         else:
-            dq, dk, dv, _ = self.triton(grid, which == "interpret").backward(
-                q, k, v, out, lse.float(), dout, scale, self.path.kernel_tables(schedule, tables, q.device))
+            dq, dk, dv, grads = self.triton(grid, which == "interpret").backward(
+                q, k, v, out, lse.float(), dout, scale, self.path.kernel_tables(schedule, tables, q.device),
+                modifiers=mods or None, head_scale=head_scale)
         if dlse is not None:
             # The kernels take no LSE gradient; its contribution, dS += P * dlse, comes from
             # the CPU executor's formulas on the same device (only when lse is used).
-            cq, ck, _ = cpu.backward(q, k, v, out, lse, None, chunks(), scale, dlse=dlse)
+            cq, ck, _, cg = attend_backward(None)
             dq, dk = (dq.float() + cq.float()).to(q.dtype), (dk.float() + ck.float()).to(k.dtype)
-        return dq, dk, dv
+            grads = tuple((g.double() + c.double()).to(g.dtype) for g, c in zip(grads, cg))
+        return dq, dk, dv, tuple(grads)
 
     def __repr__(self) -> str:
-        return f"Kernel({self.key!r}, {self.pattern!r}, path={self.path.name})"
+        mods = f", modifiers={self.spec}" if self.spec else ""
+        return f"Kernel({self.key!r}, {self.pattern!r}, path={self.path.name}{mods})"
 
 
 def _shape(q: Tensor, k: Tensor) -> Shape:
     return Shape(q.shape[0], q.shape[1], k.shape[1], q.shape[2])
 
 
-def _key(path: Path, seed: TileSchedule, config: KernelConfig) -> str:
+#: Readable tags of the modifier kinds in kernel keys.
+_MODIFIER_TAGS = {"RelativePositionBias": "rpb", "T5Bias": "t5", "ALiBi": "alibi", "Softcap": "cap",
+                  "Sinks": "sinks", "HeadScale": "hs"}
+
+
+def _key(path: Path, seed: TileSchedule, config: KernelConfig, spec: tuple = ()) -> str:
     """Readable and unique: the schedule's name without its grid, and a hash of what shapes the
-    code (pattern, heads, head dim, dtype, tiles, launches, path and its layout)."""
+    code (pattern, heads, head dim, dtype, tiles, launches, path and its layout, and the
+    modifier spec when there is one: without modifiers the key is what it always was)."""
     p = seed.problem
-    content = json.dumps(dict(path=path.name, pattern=seed.pattern.fingerprint(), heads=p.heads,
-                              kv_heads=p.kv_heads, head_dim=p.head_dim, dtype=DTYPE_NAMES[p.dtype],
-                              config=config.as_dict(), scattered=repr(seed.scattered),
-                              grid_dims=None if p.grid is None else len(p.grid)), sort_keys=True)
-    digest = hashlib.sha256(content.encode()).hexdigest()[:12]
+    content = dict(path=path.name, pattern=seed.pattern.fingerprint(), heads=p.heads,
+                   kv_heads=p.kv_heads, head_dim=p.head_dim, dtype=DTYPE_NAMES[p.dtype],
+                   config=config.as_dict(), scattered=repr(seed.scattered),
+                   grid_dims=None if p.grid is None else len(p.grid))
+    if spec:
+        content["modifiers"] = repr(spec)
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
     stem = re.sub(r"_g[0-9x]+(?=_)", "", seed.name.rsplit("_", 1)[0])
+    if spec:
+        stem += "_" + "_".join(_MODIFIER_TAGS.get(entry[0], entry[0].lower()) for entry in spec)
     return f"{stem}_{digest}"
 
 
@@ -192,10 +299,12 @@ _KERNELS: dict[str, Kernel] = {}
 _KERNELS_LOCK = threading.Lock()
 
 
-def register(path: Path, schedule: TileSchedule, config: KernelConfig) -> Kernel:
-    """The registered kernel of ``schedule``'s pattern on ``path`` with ``config`` (the same
-    object for the same key; ``schedule`` seeds its grid cache)."""
-    new = Kernel(path, schedule, config)
+def register(path: Path, schedule: TileSchedule, config: KernelConfig, modifiers: Modifiers | None = None,
+             head_scale: bool = False) -> Kernel:
+    """The registered kernel of ``schedule``'s pattern on ``path`` with ``config`` and the
+    structure of ``modifiers``/``head_scale`` (the same object for the same key; ``schedule``
+    seeds its grid cache)."""
+    new = Kernel(path, schedule, config, modifiers, head_scale)
     with _KERNELS_LOCK:
         found = _KERNELS.setdefault(new.key, new)
     if found is not new:
@@ -227,51 +336,55 @@ def _no_autocast(t: Tensor):
 # The ops
 # ------------------------------------------------------------------------------------
 @torch.library.custom_op(f"{NAMESPACE}::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, tables: list[Tensor], grid: list[int], kernel: str,
-              scale: float, backend: str) -> tuple[Tensor, Tensor]:
+def attention(q: Tensor, k: Tensor, v: Tensor, tables: list[Tensor], params: list[Tensor], padding: Optional[Tensor],
+              grid: list[int], kernel: str, scale: float, backend: str) -> tuple[Tensor, Tensor]:
     with _no_autocast(q):
-        out, lse = registered_kernel(kernel).forward(q, k, v, tables, grid, scale, backend)
+        out, lse = registered_kernel(kernel).forward(q, k, v, tables, params, padding, grid, scale, backend)
     return out.contiguous(), lse.contiguous()
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, tables, grid, kernel, scale, backend):
+def _attention_fake(q, k, v, tables, params, padding, grid, kernel, scale, backend):
     b, h, n, _ = q.shape
     return q.new_empty((b, h, n, v.shape[-1])), q.new_empty((b, h, n), dtype=_lse_dtype(q.dtype))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::attention_backward", mutates_args=())
 def attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Optional[Tensor],
-                       dlse: Optional[Tensor], tables: list[Tensor], grid: list[int], kernel: str, scale: float,
-                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                       dlse: Optional[Tensor], tables: list[Tensor], params: list[Tensor], padding: Optional[Tensor],
+                       grid: list[int], kernel: str, scale: float,
+                       backend: str) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     with _no_autocast(q):
-        grads = registered_kernel(kernel).backward(q, k, v, out, lse, dout, dlse, tables, grid, scale, backend)
-    return tuple(g.contiguous() for g in grads)
+        dq, dk, dv, dparams = registered_kernel(kernel).backward(q, k, v, out, lse, dout, dlse, tables, params,
+                                                                padding, grid, scale, backend)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), [g.contiguous() for g in dparams]
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(q, k, v, out, lse, dout, dlse, tables, grid, kernel, scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _attention_backward_fake(q, k, v, out, lse, dout, dlse, tables, params, padding, grid, kernel, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), [torch.empty_like(p) for p in params]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, tables, grid, kernel, scale, backend = inputs
+    q, k, v, tables, params, padding, grid, kernel, scale, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *tables)
+    ctx.save_for_backward(q, k, v, out, lse, padding, *tables, *params)
     ctx.grid, ctx.kernel, ctx.scale, ctx.backend = grid, kernel, scale, backend
-    ctx.n_tables = len(tables)
+    ctx.n_tables, ctx.n_params = len(tables), len(params)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
-    none = (None, None, None, [None] * ctx.n_tables, None, None, None, None)
+    none_tables = [None] * ctx.n_tables
+    rest = (None, None, None, None, None)  # padding, grid, kernel, scale, backend
     if dout is None and dlse is None:
-        return none
-    q, k, v, out, lse, *tables = ctx.saved_tensors
-    dq, dk, dv = attention_backward(q, k, v, out, lse, None if dout is None else dout.contiguous(),
-                                    None if dlse is None else dlse.contiguous(), tables, ctx.grid, ctx.kernel,
-                                    ctx.scale, ctx.backend)
-    return (dq, dk, dv) + none[3:]
+        return (None, None, None, none_tables, [None] * ctx.n_params) + rest
+    q, k, v, out, lse, padding, *saved = ctx.saved_tensors
+    tables, params = saved[:ctx.n_tables], saved[ctx.n_tables:]
+    dq, dk, dv, dparams = attention_backward(q, k, v, out, lse, None if dout is None else dout.contiguous(),
+                                             None if dlse is None else dlse.contiguous(), tables, params, padding,
+                                             ctx.grid, ctx.kernel, ctx.scale, ctx.backend)
+    return (dq, dk, dv, none_tables, list(dparams)) + rest
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -186,3 +186,114 @@ def test_torch_compile_dynamic_shapes_one_graph_no_new_ops(pattern, grids):
         "sparseforge::attention", "sparseforge::attention_backward", "sparseforge::linear_attention",
         "sparseforge::linear_attention_backward"}
     torch._dynamo.reset()
+
+
+# -- score modifiers as module options ------------------------------------------------------------
+def manual_with_modifiers(module: SparseAttention, x: torch.Tensor, grid) -> torch.Tensor:
+    """``manual`` with the module's modifiers (their parameters kept differentiable, in float64)."""
+    b, c = x.shape[0], x.shape[-1]
+    n = x[0, ..., 0].numel()
+    q, k, v = (t.double() for t in module.project(x, grid))
+    problem = sf.Problem(grid=grid, heads=module.heads, head_dim=module.head_dim, dtype=torch.float32,
+                         kv_heads=module.kv_heads)
+    mods = tuple(m.with_tensors(*(t.double() for t in m.tensors())) for m in module.modifiers())
+    out = sf.reference_attention(q, k, v, module.pattern, problem, modifiers=mods)
+    return module.proj(out.transpose(1, 2).reshape(b, n, c).float()).reshape(x.shape)
+
+
+def test_modifier_options_are_parameters_that_train():
+    torch.manual_seed(6)
+    m = SparseAttention(sf.Blocks(4, offset=2), dim=32, heads=4, kv_heads=2, grid=(8, 7),
+                        relative_position_bias=True, sinks=True, softcap=20.0)
+    names = dict(m.named_parameters())
+    assert names["relative_position_bias_table"].shape == (4, 7, 7) and names["sinks"].shape == (4,)
+    assert 0 < m.relative_position_bias_table.abs().max() < 0.1 and (m.sinks == 0).all()   # trunc_normal, zeros
+    assert "relative_position_bias=True, sinks=True, softcap=20.0" in repr(m)
+    x = _x(2, 8, 7, 32)
+    y = m(x)
+    want = manual_with_modifiers(m, x, (8, 7))
+    assert rel_err(y, want) < TOL[torch.float32]
+    params = (m.relative_position_bias_table, m.sinks, m.qkv.weight)
+    got = torch.autograd.grad(y.square().sum(), params)
+    ref = torch.autograd.grad(want.square().sum(), params)
+    for g, w in zip(got, ref):
+        assert rel_err(g, w) < 1e-4 and g.abs().sum() > 0
+    # a few steps of training move the modifier parameters and lower the loss
+    target = torch.randn(2, 8, 7, 32, generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in (m.relative_position_bias_table, m.sinks)]
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = (m(x.detach()) - target).square().mean()
+        loss.backward()
+        assert m.relative_position_bias_table.grad is not None and m.sinks.grad is not None
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert not torch.equal(before[0], m.relative_position_bias_table) and not torch.equal(before[1], m.sinks)
+    assert len(m._compiled) == 1
+
+
+def test_modifier_option_values_and_errors():
+    m = SparseAttention(sf.Neighborhood(3, dilation=2), dim=16, heads=2, grid=(7, 9), relative_position_bias="zeros")
+    assert m.relative_position_bias_table.shape == (2, 5, 5) and (m.relative_position_bias_table == 0).all()
+    assert m.sinks is None and m.softcap is None and m.modifiers()[0].table is m.relative_position_bias_table
+    with pytest.raises(ValueError, match=r"relative_position_bias needs grid="):
+        SparseAttention(sf.Blocks(4), dim=16, heads=2, relative_position_bias=True)
+    with pytest.raises(ValueError, match=r"relative_position_bias must be False, True, 'trunc_normal' or 'zeros'"):
+        SparseAttention(sf.Blocks(4), dim=16, heads=2, grid=(8, 8), relative_position_bias="normal")
+    with pytest.raises(ValueError, match=r"has no window to measure relative positions"):
+        SparseAttention(sf.Causal(), dim=16, heads=2, grid=(8,), relative_position_bias=True)
+    with pytest.raises(ValueError, match=r"cap must be a finite float > 0, got -1.0"):
+        SparseAttention(sf.Blocks(4), dim=16, heads=2, softcap=-1.0)
+    with pytest.raises(TypeError, match=r"sinks must be a bool"):
+        SparseAttention(sf.Blocks(4), dim=16, heads=2, sinks=1)
+
+
+def test_torch_compile_fullgraph_module_with_modifiers():
+    """A module with a relative position table, softcap and sinks: one graph, no break; the
+    parameters' gradients equal eager ones."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(7)
+    m = SparseAttention(sf.Neighborhood(3), dim=16, heads=2, grid=(5, 6), relative_position_bias=True, sinks=True,
+                        softcap=5.0)
+    x = _x(2, 5, 6, 16)
+    want = m(x)
+    got = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    assert rel_err(got, want) < 1e-6
+    params = (m.relative_position_bias_table, m.sinks)
+    for g, w in zip(torch.autograd.grad(got.sum(), params), torch.autograd.grad(want.sum(), params)):
+        assert rel_err(g, w) < 1e-6
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch._dynamo.reset()
+
+
+def test_torch_compile_dynamic_sequence_module_with_sinks_and_softcap():
+    """fullgraph + dynamic=True: three sequence lengths, one graph, with sinks and softcap."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(8)
+    m = SparseAttention(sf.Causal() & sf.SlidingWindow(4), dim=16, heads=2, sinks=True, softcap=10.0)
+    with torch.no_grad():
+        m.sinks.normal_()
+    m(_x(1, 20, 16))  # eager once: compiles the pattern (outside the trace)
+    cm = torch.compile(m, fullgraph=True, dynamic=True, backend="aot_eager")
+    for i, n in enumerate((20, 33, 47)):
+        x = _x(2, n, 16, seed=i)
+        got = cm(x)
+        want = manual_with_modifiers(m, x, (n,))
+        assert rel_err(got, want) < TOL[torch.float32]
+        g = torch.autograd.grad(got.square().sum(), m.sinks)[0]
+        w = torch.autograd.grad(want.square().sum(), m.sinks)[0]
+        assert rel_err(g, w) < 1e-4
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch._dynamo.reset()

@@ -148,7 +148,7 @@ def test_opcheck_auto_backend():
     attn = compile(pattern, problem, q_tile=(4,))
     q, k, v = qkv(problem, 1, requires_grad=True)
     args = attn.op_inputs(q, k, v, scale=0.5)
-    assert args[-1] == "auto" and args[3] == [] and args[4] == [12]
+    assert args[-1] == "auto" and args[3] == [] and args[4] == [] and args[5] is None and args[6] == [12]
     torch.library.opcheck(attn.op.default, args)
 
 
@@ -245,3 +245,70 @@ def test_a_second_compile_seeds_the_shared_kernel_with_its_schedule():
     assert b.kernel is a.kernel
     assert a.kernel.at((9, 13)).schedule is b.schedule  # not built a second time
     assert a.kernel.at((11, 6)).schedule is a.schedule
+
+
+# -- score modifiers and padding: tensors into the same ops --------------------------------------
+def _modifier_cases():
+    """(pattern, problem, modifiers, head_scale tensor or None, call options) of every kind."""
+    gen = torch.Generator().manual_seed(0)
+    h = 2
+    rpb2 = sf.RelativePositionBias(rand((h, 5, 5), torch.float32, gen, True))
+    rpb1 = sf.RelativePositionBias(rand((h, 6), torch.float32, gen, True))
+    t5 = sf.T5Bias(rand((h, 8), torch.float32, gen, True), max_distance=12)
+    alibi = sf.ALiBi(sf.ALiBi.geometric_slopes(h).requires_grad_())
+    sinks = sf.Sinks(rand((h,), torch.float32, gen, True))
+    hs = torch.tensor([0.3, 0.5], requires_grad=True)
+    return [
+        (sf.Neighborhood(3), P((6, 7)), (rpb2,), None, {}),
+        (sf.Neighborhood(3), P((6, 7)), (rpb2, sf.Softcap(3.0), sinks), hs, {"sizes": [[6, 7], [4, 5]]}),
+        (sf.SlidingWindow(3, 2), P(20), (rpb1, t5, alibi, sinks), None, {"key_padding_mask": torch.rand(2, 20) > 0.2}),
+        (sf.Causal() & sf.SlidingWindow(4), P(20, kv_heads=1), (t5, sf.Softcap(2.0)), hs, {"lengths": [20, 9]}),
+        (sf.Causal(), P(20), (sinks,), None, {"lengths": [3, 20], "padding_side": "left"}),
+        (sf.Routed((2, 2), 2), P((4, 4)), (sf.Softcap(2.0), sinks), hs, {}),
+        (sf.Grid(2), P((4, 6)), (sf.RelativePositionBias(rand((h, 3, 3), torch.float32, gen, True)),), None, {}),
+    ]
+
+
+def test_modifiers_and_padding_register_no_op():
+    """Compiling and calling with every modifier kind, a per-head scale and every kind of
+    padding adds kernel entries (other keys), never an op: the fixed four stay."""
+    compile(sf.Causal(), P(4))(*qkv(P(4), 1))
+    assert _sparseforge_ops() == FIXED_OPS
+    keys = set()
+    for pattern, problem, mods, hs, kw in _modifier_cases():
+        attn = compile(pattern, problem, backend="cpu", modifiers=mods, head_scale=hs is not None)
+        plain = compile(pattern, problem, backend="cpu")
+        assert attn.kernel.key != plain.kernel.key and attn.op is plain.op is torch.ops.sparseforge.attention
+        keys.add(attn.kernel.key)
+        q, k, v = qkv(problem, 2, requires_grad=True)
+        out, lse = attn(q, k, v, modifiers=mods, scale=hs, return_lse=True, **kw)
+        tensors = [t for m in mods for t in m.tensors()] + ([hs] if hs is not None else [])
+        grads = torch.autograd.grad((out.square().sum() + torch.where(torch.isfinite(lse), lse, 0).sum()),
+                                    (q, k, v, *tensors))
+        assert all(torch.isfinite(g).all() for g in grads)
+        assert _sparseforge_ops() == FIXED_OPS, pattern
+    assert len(keys) == len(_modifier_cases())
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_opcheck_with_params_and_padding(case):
+    """opcheck of both ops with modifier tensors in ``params`` (and padding): schema, fake
+    tensors (the list of parameter gradients included) and autograd registration."""
+    pattern, problem, mods, hs, kw = _modifier_cases()[case]
+    attn = compile(pattern, problem, backend="cpu", modifiers=mods, head_scale=hs is not None)
+    q, k, v = qkv(problem, 2, requires_grad=True)
+    if isinstance(pattern, sf.Routed):
+        from sparseforge.lower.routed import routes_for
+        kw = dict(kw, routes=routes_for(pattern, problem, q, k))  # the op's form: [B, H|1, R, topk]
+    args = attn.op_inputs(q, k, v, modifiers=mods, scale=hs, **kw)
+    assert len(args[4]) == len(mods) - sum(isinstance(m, sf.Softcap) for m in mods) + (hs is not None)
+    torch.library.opcheck(attn.op.default, args)
+    out, lse = attn.op.default(*args)
+    gen = torch.Generator().manual_seed(3)
+    do, dl = rand(out.shape, torch.float32, gen), torch.where(torch.isfinite(lse), rand(lse.shape, lse.dtype, gen), 0)
+    q, k, v, out, lse = (t.detach() for t in (q, k, v, out, lse))
+    rest = (args[3], [p.detach() for p in args[4]], *args[5:])  # the backward op is first-order
+    torch.library.opcheck(attn.backward_op.default, (q, k, v, out, lse, do, dl, *rest))
+    torch.library.opcheck(attn.backward_op.default, (q, k, v, out, lse, do, None, *rest))
+    dq, dk, dv, dparams = attn.backward_op.default(q, k, v, out, lse, do, None, *rest)
+    assert [g.shape for g in dparams] == [p.shape for p in args[4]]
