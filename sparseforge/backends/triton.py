@@ -19,7 +19,7 @@ import torch
 from .. import envvars
 from ..dsl.problem import DTYPE_NAMES
 from ..atomic import write_atomic
-from ..codegen.config import KERNELS, KernelConfig
+from ..codegen.config import KERNELS, KernelConfig, Launch
 from ..codegen.render import KINDS, block_d, kernel_name, modifier_context, render
 from ..lower.paths import path_of
 from .aot import aot_compile
@@ -97,8 +97,9 @@ class TritonKernels:
     """
 
     def __init__(self, schedule: TileSchedule, interpret: bool = False, config: KernelConfig | None = None,
-                 modifiers: tuple = ()):
+                 modifiers: tuple = (), padding: bool = False):
         self.schedule = schedule
+        self.padding = padding  # a variant that takes a key padding mask (``KEY_VALID``) with every call
         self.modifiers = modifiers  # ``dsl.modifiers.modifier_spec``: what the kernels compute beyond scale * q.k
         self.interpret = interpret
         self.config = (KernelConfig() if config is None else config).resolved(schedule.problem, schedule.pattern)
@@ -106,7 +107,10 @@ class TritonKernels:
         self.path = path_of(schedule.pattern)
         self.dkdv_schedule = self.path.dkdv_schedule(schedule, self.config)
         self.mods = modifier_context(modifiers)  # NotImplementedError for modifiers the kernels lack
-        self.sources = {kind: render(self.schedule_of(kind), kind, self.config, self.name, modifiers) for kind in KINDS}
+        if padding and self.path.grid_free:
+            raise ValueError("a key padding mask needs a token grid; segment (voxel) attention has none")
+        self.sources = {kind: render(self.schedule_of(kind), kind, self.config, self.name, modifiers, padding)
+                        for kind in KINDS}
         self._modules: dict[str, object] = {}
 
     def schedule_of(self, name: str) -> TileSchedule:
@@ -128,7 +132,8 @@ class TritonKernels:
             path = self.source_path(kind)
             if not path.exists() or path.read_text() != self.sources[kind]:
                 write_atomic(path, self.sources[kind])
-            mod_name = f"sparseforge_generated.{self.name}.{kind}{'_interp' if self.interpret else ''}"
+            mod_name = (f"sparseforge_generated.{self.name}.{kind}{'_padded' if self.padding else ''}"
+                        f"{'_interp' if self.interpret else ''}")
             spec = importlib.util.spec_from_file_location(mod_name, path)
             mod = importlib.util.module_from_spec(spec)
             with envvars.triton_interpreter(self.interpret):
@@ -157,6 +162,8 @@ class TritonKernels:
         on a static schedule whose visited tiles are all FULL; always for segments (tables per plan)."""
         if self.path.predicate == "none":
             return False
+        if self.padding:
+            return True
         schedule = self.schedule_of(name)
         return self.path.grid_free or schedule.full_tiles < schedule.visited_tiles
 
@@ -165,10 +172,19 @@ class TritonKernels:
         g = self.schedule_of(name).geometry
         return dict(BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_D=block_d(self.schedule.problem.head_dim))
 
+    def launch(self, name: str) -> Launch:
+        """The launch of kernel ``name`` (``<kernel>_fix``: as its kernel): the config's, but the
+        padding variant's dK/dV kernel one stage shallower (its mask loads take the registers
+        of a stage: 64x128 tiles with 3 stages spill 32 B on sm_90 otherwise)."""
+        launch = self.config.launch(name.removesuffix("_fix"))
+        if self.padding and name.startswith("bwd_dkdv") and launch.num_stages > 1:
+            return Launch(launch.num_warps, launch.num_stages - 1)
+        return launch
+
     def _meta(self, name: str):
         meta = self.constexprs(name)
         if not self.interpret:
-            launch = self.config.launch(name.removesuffix("_fix"))  # <kernel>_fix: as its kernel
+            launch = self.launch(name)
             meta.update(num_warps=launch.num_warps, num_stages=launch.num_stages)
         return meta
 
@@ -210,10 +226,11 @@ class TritonKernels:
             out["SINKS"] = f32(sinks.logits)
         return out
 
-    def forward(self, q, k, v, scale: float, tables: dict, modifiers=None, head_scale=None):
+    def forward(self, q, k, v, scale: float, tables: dict, modifiers=None, head_scale=None, key_valid=None):
         """out, lse; ``modifiers`` (``dsl.modifiers.Modifiers``, their tensors) and ``head_scale``
-        ([H] scales replacing ``scale``) must match the spec the kernels were made for."""
-        extra = self._modifier_inputs(modifiers, head_scale, q.device)
+        ([H] scales replacing ``scale``) must match the spec the kernels were made for;
+        ``key_valid``: bool [B, N] (True = real token), for the ``padding`` variant only."""
+        extra = self._modifier_inputs(modifiers, head_scale, q.device) | self._padding_input(key_valid, q)
         b, h, n, _ = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
@@ -224,11 +241,12 @@ class TritonKernels:
             qk_scale=scale * math.log2(math.e)))
         return out, lse
 
-    def backward(self, q, k, v, out, lse, dout, scale: float, tables: dict, modifiers=None, head_scale=None):
+    def backward(self, q, k, v, out, lse, dout, scale: float, tables: dict, modifiers=None, head_scale=None,
+                 key_valid=None):
         """dq, dk, dv, and the gradients of the modifiers' tensors (``dsl.modifiers.modifier_tensors``
         order; () without modifiers). ``tables``: the forward's; the dK/dV kernel's, when it
         has a schedule of its own (static patterns only), are that schedule's."""
-        extra = self._modifier_inputs(modifiers, head_scale, q.device)
+        extra = self._modifier_inputs(modifiers, head_scale, q.device) | self._padding_input(key_valid, q)
         dkdv_tables = tables if self.dkdv_schedule is self.schedule else \
             self.path.kernel_tables(self.dkdv_schedule, [], q.device)
         rows = {name: torch.zeros(lse.shape, dtype=torch.float32, device=q.device)
@@ -236,6 +254,18 @@ class TritonKernels:
         dq, delta = self.backward_dq(q, k, v, out, dout, lse, scale, tables, **extra, **rows)
         dk, dv = self.backward_dkdv(q, k, v, dout, lse, delta, scale, dkdv_tables, **extra)
         return dq, dk, dv, self._modifier_grads(modifiers, head_scale, lse, delta, rows)
+
+    def _padding_input(self, key_valid, q) -> dict:
+        if (key_valid is not None) != self.padding:
+            raise ValueError(f"key_valid {'is required by' if self.padding else 'needs'} the kernels' padding variant "
+                             f"(TritonKernels(padding=True)); got {'none' if key_valid is None else 'a mask'}")
+        if key_valid is None:
+            return {}
+        b, _, n, _ = q.shape
+        if key_valid.dtype != torch.bool or tuple(key_valid.shape) != (b, n):
+            raise ValueError(f"key_valid must be a bool [B={b}, N={n}] tensor, got {key_valid.dtype} "
+                             f"{list(key_valid.shape)}")
+        return dict(KEY_VALID=key_valid.to(device=q.device, dtype=torch.int8).contiguous())
 
     def _modifier_grads(self, modifiers, head_scale, lse, delta, rows) -> tuple:
         """Gradients of the modifiers' tensors (``dsl.modifiers.modifier_tensors`` order: the
@@ -309,6 +339,8 @@ class TritonKernels:
         if name == "bwd_dq":
             sig.update({arg: "*fp32" for arg, on in (("DSCALE_ROWS", m["head_scale"]), ("DSLOPE_ROWS", m["alibi"]))
                         if on})
+        if self.padding:
+            sig["KEY_VALID"] = "*i8"
         sig.update({t: "*i32" for t in tables})
         if self.path.grid_free:
             # segment ids of the packed rows and the packed length (a multiple of 16)
@@ -340,7 +372,7 @@ class TritonKernels:
         """Compile kernel ``name`` for ``target`` on the CPU; returns its ResourceReport."""
         if self.interpret:
             raise ValueError("ahead-of-time compile needs TritonKernels(interpret=False)")
-        launch = self.config.launch(name.removesuffix("_fix"))
+        launch = self.launch(name)
         return aot_compile(self.kernel(name), self.signature(name), self.constexprs(name), target=target,
                            num_warps=launch.num_warps, num_stages=launch.num_stages)
 

@@ -78,12 +78,14 @@ def _row_functions(schedule: TileSchedule) -> tuple[list[dict], list[dict]]:
     return sides, dispatch
 
 
-def render(schedule: TileSchedule, kind: str, config=None, name: str | None = None, modifiers: tuple = ()) -> str:
+def render(schedule: TileSchedule, kind: str, config=None, name: str | None = None, modifiers: tuple = (),
+           padding: bool = False) -> str:
     """Source of the ``kind`` ("fwd", "bwd_dq" or "bwd_dkdv") kernel module for ``schedule``
     (for "bwd_dkdv", the schedule of the dK/dV tiles, whose inverse tables it reads);
     ``config`` (a resolved ``KernelConfig``) is named in the header; ``name``: the kernels'
     prefix (default ``kernel_name(schedule)``; one name for the modules of one attention);
-    ``modifiers``: the score modifiers' spec (``modifier_context``)."""
+    ``modifiers``: the score modifiers' spec (``modifier_context``); ``padding``: the kernels
+    take a key padding mask (call data, ``KEY_VALID``)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     prob, geom = schedule.problem, schedule.geometry
@@ -127,7 +129,7 @@ def render(schedule: TileSchedule, kind: str, config=None, name: str | None = No
         contain=path.predicate != "none",
         dot_args=', input_precision="ieee"' if prob.dtype in (torch.float32, torch.float64) else "",
         loop_bounds=schedule.loop_bounds, bounds_reason=schedule.bounds_reason,
-        module=kind, launches=_launches(config, (kind,)), mods=modifier_context(modifiers),
+        module=kind, launches=_launches(config, (kind,)), mods=modifier_context(modifiers), padding=padding,
         # the dK/dV kernel walks the inverse tables: no closed-form key-tile loops
         closed_form=_closed_form_context(schedule) if schedule.bounds is not None and kind != "bwd_dkdv" else None,
     )

@@ -147,14 +147,15 @@ class Kernel:
         with self._lock:
             self._grids.setdefault(self._grid_key(schedule.problem.grid), _AtGrid(schedule))
 
-    def triton(self, grid, interpret: bool) -> TritonKernels:
-        """The generated Triton kernels for ``grid`` (rendered and loaded on first use)."""
+    def triton(self, grid, interpret: bool, padding: bool = False) -> TritonKernels:
+        """The generated Triton kernels for ``grid`` (rendered and loaded on first use); with
+        ``padding``, the variant that takes a key padding mask."""
         entry = self.at(grid)
         with self._lock:
-            if interpret not in entry.triton:
-                entry.triton[interpret] = TritonKernels(entry.schedule, interpret=interpret, config=self.config,
-                                                        modifiers=self.spec)
-            return entry.triton[interpret]
+            if (interpret, padding) not in entry.triton:
+                entry.triton[interpret, padding] = TritonKernels(entry.schedule, interpret=interpret, config=self.config,
+                                                                 modifiers=self.spec, padding=padding)
+            return entry.triton[interpret, padding]
 
     # -- the executors behind the ops ----------------------------------------------------
     def unflatten(self, params) -> tuple[Modifiers | None, Tensor | None]:
@@ -215,11 +216,14 @@ class Kernel:
                                     samples=torch.tensor(samples, device=q.device), tokens=tokens))
         return blocks, real
 
-    def _no_padding_on_triton(self, padding, which: str) -> None:
-        if padding is not None:
+    def _key_valid_on_triton(self, padding, which: str):
+        """The key padding mask the Triton kernels take (None without padding); per-sample
+        grids (lengths/sizes) are not in them yet."""
+        if padding is not None and padding.dtype != torch.bool:
             raise NotImplementedError(
-                f"padding ({'key_padding_mask' if padding.dtype == torch.bool else 'lengths/sizes'}) is not in the "
-                f"generated Triton kernels yet (backend={which!r}): run padded calls with backend='cpu'")
+                f"per-sample grids (lengths=/sizes=) are not in the generated Triton kernels yet (backend={which!r}): "
+                "run them with backend='cpu', or give key_padding_mask= (positions of the full grid)")
+        return padding
 
     def forward(self, q, k, v, tables, params, padding, grid, scale: float, backend: str):
         which = resolve_backend(backend, q.device)
@@ -228,11 +232,11 @@ class Kernel:
             blocks, real = self._blocks(schedule, tables, q, k, grid, padding)
             return cpu.attend(q, k, v, blocks, scale, scores=self._scores(params), positions=self._call_problem(grid),
                               real=real)
-        self._no_padding_on_triton(padding, which)
+        key_valid = self._key_valid_on_triton(padding, which)
         mods, head_scale = self.unflatten(params)
-        out, lse = self.triton(grid, which == "interpret").forward(
+        out, lse = self.triton(grid, which == "interpret", key_valid is not None).forward(
             q, k, v, scale, self.path.kernel_tables(schedule, tables, q.device), modifiers=mods or None,
-            head_scale=head_scale)
+            head_scale=head_scale, key_valid=key_valid)
         return out, lse.float()
 
     def backward(self, q, k, v, out, lse, dout, dlse, tables, params, padding, grid, scale: float, backend: str):
@@ -246,15 +250,15 @@ class Kernel:
 
         if which == "cpu":
             return attend_backward(dout)
-        self._no_padding_on_triton(padding, which)
+        key_valid = self._key_valid_on_triton(padding, which)
         mods, head_scale = self.unflatten(params)
         if dout is None:
             dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
             grads = tuple(torch.zeros_like(p) for p in params)
         else:
-            dq, dk, dv, grads = self.triton(grid, which == "interpret").backward(
+            dq, dk, dv, grads = self.triton(grid, which == "interpret", key_valid is not None).backward(
                 q, k, v, out, lse.float(), dout, scale, self.path.kernel_tables(schedule, tables, q.device),
-                modifiers=mods or None, head_scale=head_scale)
+                modifiers=mods or None, head_scale=head_scale, key_valid=key_valid)
         if dlse is not None:
             # The kernels take no LSE gradient; its contribution, dS += P * dlse, comes from
             # the CPU executor's formulas on the same device (only when lse is used).
