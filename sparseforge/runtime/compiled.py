@@ -153,13 +153,6 @@ class CompiledAttention:
         padding = padding_input(self.pattern, self.problem, tuple(grid), q, mods, key_padding_mask=key_padding_mask,
                                 lengths=lengths, padding_side=padding_side, sizes=sizes, routes=routes,
                                 routed=self.path.batched_head_groups)
-        if padding is not None and key_padding_mask is None:
-            which = ops.resolve_backend(backend, q.device)
-            if which != "cpu":  # the kernels take a key padding mask; per-sample grids run on the CPU executor
-                given = "lengths" if lengths is not None else "sizes"
-                raise NotImplementedError(
-                    f"{given}= (per-sample grids) is not in the generated Triton kernels yet (backend={which!r}); it "
-                    "runs on the CPU executor: compile with backend='cpu' (CPU tensors), or give key_padding_mask=")
         tables = [] if routes is None else [routes]
         return (q, k, v, tables, params, padding, list(grid), self.kernel.key, scale, backend)
 

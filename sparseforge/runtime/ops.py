@@ -184,6 +184,17 @@ class Kernel:
     def _sample_blocks(self, tables, q, k, grid, boxes):
         """Per-sample grids: the samples with one box (first token, extent) share one schedule
         of their own grid and one block whose rows are those samples' box tokens."""
+        groups, real = self._sample_groups(q, grid, boxes)
+        blocks = [cpu.Block(self.path.chunks(schedule, tables, Shape(len(samples), q.shape[1], k.shape[1], len(tokens)),
+                                             q.device),
+                            problem=self.problem.with_grid(extent), samples=samples, tokens=tokens)
+                  for extent, schedule, samples, tokens in groups]
+        return blocks, real
+
+    def _sample_groups(self, q, grid, boxes):
+        """([(extent, its schedule, int64 samples, int64 flat tokens of their box)], bool [B, N]
+        real tokens): the samples of each distinct box, in order of first appearance. Reads
+        the boxes on the host (one synchronisation per call)."""
         grid = tuple(int(x) for x in grid)
         b, n = q.shape[0], q.shape[2]
         if self.path is not STATIC:
@@ -200,7 +211,7 @@ class Kernel:
                                      f"the grid {grid} (dimension {d})")
             if math.prod(extent) > 0:
                 groups.setdefault((tuple(start), tuple(extent)), []).append(i)
-        blocks = []
+        out = []
         for (start, extent), samples in groups.items():
             try:
                 schedule = self.at(extent).schedule
@@ -209,21 +220,27 @@ class Kernel:
             tokens = box_indices(grid, extent)
             offset = sum(s0 * math.prod(grid[d + 1:]) for d, s0 in enumerate(start))
             tokens = (tokens + offset).to(q.device)
-            real[torch.tensor(samples, device=q.device)[:, None], tokens[None, :]] = True
-            shape = Shape(len(samples), q.shape[1], k.shape[1], len(tokens))
-            blocks.append(cpu.Block(self.path.chunks(schedule, tables, shape, q.device),
-                                    problem=self.problem.with_grid(extent),
-                                    samples=torch.tensor(samples, device=q.device), tokens=tokens))
-        return blocks, real
+            samples = torch.tensor(samples, device=q.device)
+            real[samples[:, None], tokens[None, :]] = True
+            out.append((extent, schedule, samples, tokens))
+        return out, real
 
-    def _key_valid_on_triton(self, padding, which: str):
-        """The key padding mask the Triton kernels take (None without padding); per-sample
-        grids (lengths/sizes) are not in them yet."""
-        if padding is not None and padding.dtype != torch.bool:
-            raise NotImplementedError(
-                f"per-sample grids (lengths=/sizes=) are not in the generated Triton kernels yet (backend={which!r}): "
-                "run them with backend='cpu', or give key_padding_mask= (positions of the full grid)")
-        return padding
+    def _triton_by_box(self, which, q, k, v, tables, grid, boxes, run):
+        """Per-sample grids on the Triton kernels: each group of samples with one box runs the
+        kernels of its own grid on its box's tokens (gathered), ``run(kernels, schedule, qs, ks,
+        vs, rows)`` -> tensors scattered back by ``rows`` (samples, tokens)."""
+        groups, _ = self._sample_groups(q, grid, boxes)
+        for extent, schedule, samples, tokens in groups:
+            def box(t):
+                return t.index_select(0, samples).index_select(2, tokens).contiguous()
+            kernels = self.triton(extent, which == "interpret")
+            yield run(kernels, self.path.kernel_tables(schedule, tables, q.device), box), (samples, tokens)
+
+    @staticmethod
+    def _scatter(into, rows, value):
+        samples, tokens = rows
+        into[samples[:, None, None], torch.arange(into.shape[1], device=into.device)[None, :, None],
+             tokens[None, None, :]] = value.to(into.dtype)
 
     def forward(self, q, k, v, tables, params, padding, grid, scale: float, backend: str):
         which = resolve_backend(backend, q.device)
@@ -232,8 +249,19 @@ class Kernel:
             blocks, real = self._blocks(schedule, tables, q, k, grid, padding)
             return cpu.attend(q, k, v, blocks, scale, scores=self._scores(params), positions=self._call_problem(grid),
                               real=real)
-        key_valid = self._key_valid_on_triton(padding, which)
         mods, head_scale = self.unflatten(params)
+        if padding is not None and padding.dtype != torch.bool:  # per-sample grids
+            out = torch.zeros_like(q)
+            lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
+
+            def run(kernels, kernel_tables, box):
+                return kernels.forward(box(q), box(k), box(v), scale, kernel_tables, modifiers=mods or None,
+                                       head_scale=head_scale)
+            for (o, l), rows in self._triton_by_box(which, q, k, v, tables, grid, padding, run):
+                self._scatter(out, rows, o)
+                self._scatter(lse, rows, l)
+            return out, lse
+        key_valid = padding
         out, lse = self.triton(grid, which == "interpret", key_valid is not None).forward(
             q, k, v, scale, self.path.kernel_tables(schedule, tables, q.device), modifiers=mods or None,
             head_scale=head_scale, key_valid=key_valid)
@@ -250,11 +278,24 @@ class Kernel:
 
         if which == "cpu":
             return attend_backward(dout)
-        key_valid = self._key_valid_on_triton(padding, which)
         mods, head_scale = self.unflatten(params)
+        key_valid = padding if padding is not None and padding.dtype == torch.bool else None
         if dout is None:
             dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
             grads = tuple(torch.zeros_like(p) for p in params)
+        elif padding is not None and key_valid is None:  # per-sample grids: each box's kernels
+            dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+            sums = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+
+            def run(kernels, kernel_tables, box):
+                return kernels.backward(box(q), box(k), box(v), box(out), box(lse.float()), box(dout), scale,
+                                        kernel_tables, modifiers=mods or None, head_scale=head_scale)
+            for (gq, gk, gv, g), rows in self._triton_by_box(which, q, k, v, tables, grid, padding, run):
+                self._scatter(dq, rows, gq)
+                self._scatter(dk, rows, gk)
+                self._scatter(dv, rows, gv)
+                sums = [s + x.double() for s, x in zip(sums, g)]  # boxes in a fixed order
+            grads = tuple(s.to(p.dtype) for s, p in zip(sums, params))
         else:
             dq, dk, dv, grads = self.triton(grid, which == "interpret", key_valid is not None).backward(
                 q, k, v, out, lse.float(), dout, scale, self.path.kernel_tables(schedule, tables, q.device),

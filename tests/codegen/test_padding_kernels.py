@@ -69,3 +69,47 @@ def test_sm90_padding_kernels_stay_wgmma_only(pattern, problem):
     for name in TritonKernels.KERNELS:
         report = kernels.aot(name, "sm_90")
         assert report.tensor_core == "wgmma" and report.spills == 0 and not report.serialized, (name, report.as_dict())
+
+
+@pytest.mark.parametrize("pattern,grid,padding", [
+    (sf.Causal() & sf.SlidingWindow(6), (40,), dict(lengths=[40, 23, 9, 23], padding_side="right")),
+    (sf.SlidingWindow(5, 3) | sf.Sink(2), (40,), dict(lengths=[31, 40, 12, 31], padding_side="left")),
+    (sf.Neighborhood(3, dilation=2), (9, 10), dict(sizes=[[9, 10], [6, 7], [6, 7], [7, 10]])),
+], ids=["lengths_right", "lengths_left", "sizes"])
+def test_per_sample_grids_in_kernels(pattern, grid, padding):
+    """lengths=/sizes=: the samples of each distinct grid run that grid's kernels on their own
+    tokens (windows clamped at their own border); padding holds NaN and is never read."""
+    gen = torch.Generator().manual_seed(1)
+    heads, kv_heads = 2, 1
+    problem = sf.Problem(grid=grid, heads=heads, kv_heads=kv_heads, head_dim=16, dtype=torch.float32)
+    mods = (sf.Sinks(torch.randn(heads, generator=gen)),)
+    attn = sf.compile(pattern, problem, backend="interpret", modifiers=mods)
+    n, b = problem.tokens, 4
+    q = torch.randn(b, heads, n, 16, generator=gen)
+    k, v = (torch.randn(b, kv_heads, n, 16, generator=gen) for _ in range(2))
+    ref_out, ref_lse = sf.reference_attention(q.double(), k.double(), v.double(), pattern, problem, return_lse=True,
+                                              modifiers=mods, **padding)
+    real = torch.isfinite(ref_lse[:, 0])  # [B, N]: padded rows have LSE -inf
+    for t in (q, k, v):
+        t[~real[:, None, :, None].expand_as(t)] = float("nan")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    sink = mods[0].logits.clone().requires_grad_()
+    out, lse = attn(*leaves, return_lse=True, modifiers=(sf.Sinks(sink),), **padding)
+    dout = torch.randn(out.shape, generator=gen)
+    out.backward(dout)
+
+    clean = [torch.where(real[:, None, :, None], t, 0.0).double().requires_grad_() for t in (q, k, v)]
+    ref_sink = mods[0].logits.double().requires_grad_()
+    ref = sf.reference_attention(*clean, pattern, problem, modifiers=(sf.Sinks(ref_sink),), **padding)
+    ref.backward(dout.double())
+    assert torch.all(out[~real[:, None, :, None].expand_as(out)] == 0)
+    keys, queries = check.reductions(pattern, problem)
+    tol = check.attention_tolerances(torch.float32, torch.float32, keys, queries, 16)
+    for name, got, want in (("out", out, ref), ("dq", leaves[0].grad, clean[0].grad),
+                            ("dk", leaves[1].grad, clean[1].grad), ("dv", leaves[2].grad, clean[2].grad)):
+        assert torch.isfinite(got).all(), name
+        err = check.row_error(got, want)
+        assert err <= tol[name], f"{name}: largest row error {err:.2e} above {tol[name]:.2e}"
+    assert check.lse_error(lse, ref_lse) <= tol["lse"]
+    rel = ((sink.grad.double() - ref_sink.grad).abs().max() / ref_sink.grad.abs().max()).item()
+    assert rel < 1e-4, rel

@@ -249,16 +249,6 @@ def test_padding_errors(make_attn, q, kw, exc, match):
         make_attn()(q, q, q, **kw)
 
 
-def test_triton_backends_refuse_per_sample_grids():
-    """No silent CPU fallback: the generated kernels take a key padding mask
-    (tests/codegen/test_padding_kernels.py) but no per-sample grids yet."""
-    attn = compile(sf.Causal(), P(32, head_dim=16), backend="interpret")
-    q = torch.zeros(1, 2, 32, 16)
-    for kw, name in (({"lengths": [5]}, "lengths"), ({"sizes": [[5]]}, "sizes")):
-        with pytest.raises(NotImplementedError, match=rf"{name}= \(per-sample grids\) is not in the generated Triton "
-                                                      r"kernels.*'interpret'"):
-            attn(q, q, q, **kw)
-
 
 def test_content_patterns_refusals():
     routed = compile(sf.Routed(2, 2), P(8), backend="cpu")
