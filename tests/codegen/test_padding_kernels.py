@@ -58,8 +58,10 @@ def test_key_padding_mask_in_kernels(pattern, grid, heads, kv_heads, with_modifi
 ], ids=["na2d", "causal_window"])
 def test_sm90_padding_kernels_stay_wgmma_only(pattern, problem):
     """The padding variant (a mask load per key tile, FULL tiles masked too) compiles for sm_90
-    on wgmma only, spill-free and unserialized."""
+    on wgmma only and spill-free, and with the pinned Triton (3.9) unserialized: the older
+    ptxas of Triton 3.6 serializes its 2-stage dK/dV (C7515)."""
     from sparseforge.backends.triton import TritonKernels
+    from ._spills import triton_minor
     from sparseforge.codegen.config import default_config
     from sparseforge.lower import build_schedule
 
@@ -68,7 +70,8 @@ def test_sm90_padding_kernels_stay_wgmma_only(pattern, problem):
     kernels = TritonKernels(schedule, config=config, padding=True)
     for name in TritonKernels.KERNELS:
         report = kernels.aot(name, "sm_90")
-        assert report.tensor_core == "wgmma" and report.spills == 0 and not report.serialized, (name, report.as_dict())
+        assert report.tensor_core == "wgmma" and report.spills == 0, (name, report.as_dict())
+        assert triton_minor() < (3, 9) or not report.serialized, (name, report.as_dict())
 
 
 @pytest.mark.parametrize("pattern,grid,padding", [
