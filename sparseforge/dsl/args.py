@@ -54,14 +54,33 @@ def expand(name: str, value, ndim: int) -> tuple:
     return (value,) * ndim
 
 
-def pairwise_le(small_name: str, small, big_name: str, big) -> None:
-    """Check ``small <= big`` per dimension where both ranks are known at construction."""
+def _pairs(small_name: str, small, big_name: str, big):
+    """(dimension, small, big) per dimension where both ranks are known at construction (an
+    int broadcasts; two tuples must have the same number of entries), and the number of them."""
     if isinstance(small, tuple) and isinstance(big, tuple) and len(small) != len(big):
         raise ValueError(f"{small_name}={small!r} and {big_name}={big!r} must have the same number of entries")
     n = max(len(small) if isinstance(small, tuple) else 1, len(big) if isinstance(big, tuple) else 1)
     s = small if isinstance(small, tuple) else (small,) * n
     b = big if isinstance(big, tuple) else (big,) * n
-    for d, (x, y) in enumerate(zip(s, b)):
+    return list(enumerate(zip(s, b))), n
+
+
+def pairwise_le(small_name: str, small, big_name: str, big) -> None:
+    """Check ``small <= big`` per dimension where both ranks are known at construction."""
+    pairs, n = _pairs(small_name, small, big_name, big)
+    for d, (x, y) in pairs:
         if x > y:
             where = f" in dimension {d}" if n > 1 else ""
             raise ValueError(f"{small_name} must be <= {big_name}{where}, got {small_name}={small!r}, {big_name}={big!r}")
+
+
+def pairwise_lt(small_name: str, small, big_name: str, big) -> None:
+    """Check ``small < big`` per dimension where both are known at construction (0 passes)."""
+    if small == 0:
+        return
+    pairs, n = _pairs(small_name, small, big_name, big)
+    for d, (x, y) in pairs:
+        if x >= y:
+            where = f" in dimension {d}" if n > 1 else ""
+            raise ValueError(f"{small_name} must be < {big_name}{where} (0 <= {small_name} < {big_name}), got "
+                             f"{small_name}={small!r}, {big_name}={big!r}")

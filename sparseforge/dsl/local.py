@@ -12,7 +12,7 @@ import numpy as np
 import sympy
 import torch
 
-from .args import expand, pairwise_le, per_dim, per_dim_bool
+from .args import expand, pairwise_le, pairwise_lt, per_dim, per_dim_bool
 from .pattern import MaskContext, Pattern
 from .problem import Problem
 
@@ -236,23 +236,6 @@ def blocks_pad(size: int, offset: int) -> int:
     """How far ``Blocks(size, offset)`` shifts coordinates so that its windows start at
     multiples of ``size``: ``(size - offset) % size`` (0 for ``offset=0``)."""
     return (size - offset) % size
-
-
-def pairwise_lt(small_name: str, small, big_name: str, big) -> None:
-    """Check ``small < big`` per dimension where both are known at construction (an int
-    broadcasts; two tuples must have the same number of entries)."""
-    if small == 0:
-        return
-    if isinstance(small, tuple) and isinstance(big, tuple) and len(small) != len(big):
-        raise ValueError(f"{small_name}={small!r} and {big_name}={big!r} must have the same number of entries")
-    n = max(len(small) if isinstance(small, tuple) else 1, len(big) if isinstance(big, tuple) else 1)
-    s = small if isinstance(small, tuple) else (small,) * n
-    b = big if isinstance(big, tuple) else (big,) * n
-    for d, (x, y) in enumerate(zip(s, b)):
-        if x >= y:
-            where = f" in dimension {d}" if n > 1 else ""
-            raise ValueError(f"{small_name} must be < {big_name}{where} (0 <= {small_name} < {big_name}), got "
-                             f"{small_name}={small!r}, {big_name}={big!r}")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
