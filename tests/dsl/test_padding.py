@@ -55,6 +55,24 @@ def alone(q, k, v, b, idx, grid, pattern, problem, **kw):
     return out[0], lse[0]
 
 
+def assert_each_sample_alone(got, lse, inputs, qkv_clean, valid, samples, pattern, problem, **kw):
+    """A padded batch's out/LSE: sample b's real tokens ``samples[b] = (idx, grid)`` equal that
+    sample run alone on its own grid; padded rows are zeros with LSE -inf; and the gradients
+    reaching the (NaN-poisoned) ``inputs`` are finite and zero at every padded token."""
+    q, k, v = qkv_clean
+    for b, (idx, grid) in enumerate(samples):
+        if len(idx):
+            o, l = alone(q, k, v, b, idx, grid, pattern, problem, **kw)
+            close(got[b][:, idx], o, 1e-13)
+            close(lse[b][:, idx], l, 1e-13)
+        pad = ~valid[b]
+        assert torch.equal(got[b][:, pad], torch.zeros_like(got[b][:, pad]))
+        assert torch.isneginf(lse[b][:, pad]).all()
+    got.sum().backward()
+    for t in inputs:
+        assert torch.isfinite(t.grad).all() and (t.grad[(~valid)[:, None, :, None].expand_as(t.grad)] == 0).all()
+
+
 def box(grid, size) -> torch.Tensor:
     coords = np.array(list(np.ndindex(*grid)))
     keep = np.all(coords < np.array(size), axis=1)
@@ -136,18 +154,9 @@ def test_lengths_each_sample_alone(side, pattern, lengths):
     inputs = [poison(t, valid).requires_grad_() for t in (q, k, v)]
     got, lse = sf.reference_attention(*inputs, pattern, problem, lengths=torch.tensor(lengths), padding_side=side,
                                       modifiers=(alibi, sf.Softcap(4.0)), return_lse=True)
-    for b, L in enumerate(lengths):
-        idx = torch.nonzero(valid[b]).flatten()
-        if L:
-            o, l = alone(q, k, v, b, idx, (L,), pattern, problem, modifiers=(alibi, sf.Softcap(4.0)))
-            close(got[b][:, idx], o, 1e-13)
-            close(lse[b][:, idx], l, 1e-13)
-        pad = ~valid[b]
-        assert torch.equal(got[b][:, pad], torch.zeros_like(got[b][:, pad]))
-        assert torch.isneginf(lse[b][:, pad]).all()
-    got.sum().backward()
-    for t in inputs:
-        assert torch.isfinite(t.grad).all() and (t.grad[(~valid)[:, None, :, None].expand_as(t.grad)] == 0).all()
+    samples = [(torch.nonzero(valid[b]).flatten(), (L,)) for b, L in enumerate(lengths)]
+    assert_each_sample_alone(got, lse, inputs, (q, k, v), valid, samples, pattern, problem,
+                             modifiers=(alibi, sf.Softcap(4.0)))
 
 
 def test_left_padded_natten_clamps_at_the_samples_own_border():
@@ -206,18 +215,8 @@ def test_sizes_each_sample_alone(pattern, grid, sizes):
     inputs = [poison(t, valid).requires_grad_() for t in (q, k, v)]
     got, lse = sf.reference_attention(*inputs, pattern, problem, sizes=torch.tensor(sizes), modifiers=mods,
                                       return_lse=True)
-    for b, s in enumerate(sizes):
-        idx = box(grid, s)
-        if len(idx):
-            o, l = alone(q, k, v, b, idx, tuple(s), pattern, problem, modifiers=mods)
-            close(got[b][:, idx], o, 1e-13)
-            close(lse[b][:, idx], l, 1e-13)
-        pad = ~valid[b]
-        assert torch.equal(got[b][:, pad], torch.zeros_like(got[b][:, pad]))
-        assert torch.isneginf(lse[b][:, pad]).all()
-    got.sum().backward()
-    for t in inputs:
-        assert torch.isfinite(t.grad).all() and (t.grad[(~valid)[:, None, :, None].expand_as(t.grad)] == 0).all()
+    samples = [(box(grid, s), tuple(s)) for s in sizes]
+    assert_each_sample_alone(got, lse, inputs, (q, k, v), valid, samples, pattern, problem, modifiers=mods)
 
 
 def test_sizes_natten_written_out():
