@@ -20,7 +20,7 @@ from .. import envvars
 from ..dsl.problem import DTYPE_NAMES
 from ..atomic import write_atomic
 from ..codegen.config import KERNELS, KernelConfig, Launch
-from ..codegen.render import KINDS, block_d, kernel_name, modifier_context, render
+from ..codegen.render import KINDS, TABLE_BIASES, block_d, kernel_name, modifier_context, render
 from ..lower.paths import path_of
 from .aot import aot_compile
 from ..lower.schedule import TileSchedule
@@ -84,6 +84,24 @@ def _interpretable_library_functions():
         _restore_language(snapshot)
 
 
+def fixed_point_scale(v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """fp32 [1]: the power of two that turns every dS of one backward into a 64-bit integer
+    whose sums over any set of pairs cannot overflow (the bias table gradient's fixed point).
+
+    sum over a row's keys of |dS| <= |dO| (max |v| + |o|), since dS = P (dO.v - dO.o) and the
+    row's P sum to at most 1 (softcap's factor is at most 1); the bound T sums that over every
+    row, and the scale is 2^(61 - ceil(log2 T)): each term is a multiple of T 2^-61, about 2^-61
+    of the largest sum (fp32 terms summed exactly). Computed on the device (no host sync);
+    non-finite rows count 0 (padding and hidden keys may hold garbage)."""
+    def norms(t):
+        return torch.linalg.vector_norm(t.float(), dim=-1).nan_to_num(0.0, 0.0, 0.0)
+    group = out.shape[1] // v.shape[1]
+    v_max = norms(v).amax(dim=2).repeat_interleave(group, dim=1)            # [B, H]
+    bound = (norms(dout) * (v_max[:, :, None] + norms(out))).double().sum()
+    exponent = (61 - torch.ceil(torch.log2(bound.clamp_min(2.0 ** -100)))).clamp(-120, 120)
+    return torch.exp2(exponent).float().reshape(1)
+
+
 class TritonKernels:
     """Forward and backward kernels of one schedule, loaded for GPU or interpreter use.
 
@@ -106,12 +124,23 @@ class TritonKernels:
         self.name = kernel_name(schedule)
         self.path = path_of(schedule.pattern)
         self.dkdv_schedule = self.path.dkdv_schedule(schedule, self.config)
-        self.mods = modifier_context(modifiers)  # NotImplementedError for modifiers the kernels lack
+        self.mods = modifier_context(modifiers, schedule.pattern, schedule.problem)  # NotImplementedError: not in kernels
         if padding and self.path.grid_free:
             raise ValueError("a key padding mask needs a token grid; segment (voxel) attention has none")
-        self.sources = {kind: render(self.schedule_of(kind), kind, self.config, self.name, modifiers, padding)
-                        for kind in KINDS}
+        self.table_grad_kernel = self._table_grad_kernel() if self.mods["table"] else None
+        self.sources = {kind: render(self.schedule_of(kind), kind, self.config, self.name, modifiers, padding,
+                                     table_grad=kind == self.table_grad_kernel) for kind in KINDS}
         self._modules: dict[str, object] = {}
+
+    def _table_grad_kernel(self) -> str:
+        """The backward kernel that adds up the bias table's gradient: each visits every allowed
+        pair once; the one with fewer pairs per thread per tile (its per-pair atomics hold a
+        64-bit address and value each: dQ's 128x64 tiles on 8 warps spill them at head_dim
+        128 on sm_90, dK/dV's 32x64 on 4 warps do not), dQ on a tie."""
+        def pairs_per_thread(kind):
+            g = self.schedule_of(kind).geometry
+            return g.block_m * g.block_n / self.config.launch(kind).num_warps
+        return "bwd_dkdv" if pairs_per_thread("bwd_dkdv") < pairs_per_thread("bwd_dq") else "bwd_dq"
 
     def schedule_of(self, name: str) -> TileSchedule:
         """The schedule kernel ``name`` (or its ``_fix``) walks."""
@@ -175,10 +204,14 @@ class TritonKernels:
     def launch(self, name: str) -> Launch:
         """The launch of kernel ``name`` (``<kernel>_fix``: as its kernel): the config's, but the
         padding variant's dK/dV kernel one stage shallower (its mask loads take the registers
-        of a stage: 64x128 tiles with 3 stages spill 32 B on sm_90 otherwise)."""
+        of a stage: 64x128 tiles with 3 stages spill 32 B on sm_90 otherwise), and the kernel
+        that adds up a bias table's gradient on at least 8 warps (its per-pair atomics hold a
+        64-bit address and value: at head_dim 128 the 32x64 dK/dV tiles on 4 warps spill)."""
         launch = self.config.launch(name.removesuffix("_fix"))
         if self.padding and name.startswith("bwd_dkdv") and launch.num_stages > 1:
-            return Launch(launch.num_warps, launch.num_stages - 1)
+            launch = Launch(launch.num_warps, launch.num_stages - 1)
+        if name.removesuffix("_fix") == self.table_grad_kernel and launch.num_warps < 8:
+            launch = Launch(8, launch.num_stages)
         return launch
 
     def _meta(self, name: str):
@@ -207,10 +240,13 @@ class TritonKernels:
     def _modifier_inputs(self, modifiers, head_scale, device) -> dict:
         """The modifier tensors by kernel argument name (fp32, contiguous), checked against
         the spec the kernels were made for."""
-        alibi = [m for m in (modifiers.biases if modifiers else ()) if type(m).__name__ == "ALiBi"]
+        biases = {type(m).__name__: m for m in (modifiers.biases if modifiers else ())}
+        alibi = biases.get("ALiBi")
+        table = next((biases[kind] for kind in TABLE_BIASES if kind in biases), None)
         sinks = modifiers.sinks if modifiers else None
-        given = dict(head_scale=head_scale is not None, alibi=bool(alibi), sinks=sinks is not None)
-        wanted = {key: self.mods.get(key, False) for key in given}
+        given = dict(head_scale=head_scale is not None, alibi=alibi is not None, sinks=sinks is not None,
+                     table=table is not None)
+        wanted = {key: bool(self.mods.get(key)) for key in given}
         if given != wanted or (modifiers and (modifiers.softcap is not None) != (self.mods["softcap"] is not None)):
             raise ValueError(f"modifiers/head_scale of this call ({given}) do not match the kernels' "
                              f"({wanted}, softcap {self.mods['softcap']})")
@@ -220,8 +256,10 @@ class TritonKernels:
         out = {}
         if head_scale is not None:
             out["HEAD_SCALE"] = f32(head_scale)
-        if alibi:
-            out["SLOPES"] = f32(alibi[0].slopes)
+        if table is not None:
+            out["BIAS_TABLE"] = f32(table.table).reshape(-1)
+        if alibi is not None:
+            out["SLOPES"] = f32(alibi.slopes)
         if sinks is not None:
             out["SINKS"] = f32(sinks.logits)
         return out
@@ -251,9 +289,15 @@ class TritonKernels:
             self.path.kernel_tables(self.dkdv_schedule, [], q.device)
         rows = {name: torch.zeros(lse.shape, dtype=torch.float32, device=q.device)
                 for name, on in (("DSCALE_ROWS", self.mods["head_scale"]), ("DSLOPE_ROWS", self.mods["alibi"])) if on}
-        dq, delta = self.backward_dq(q, k, v, out, dout, lse, scale, tables, **extra, **rows)
-        dk, dv = self.backward_dkdv(q, k, v, dout, lse, delta, scale, dkdv_tables, **extra)
-        return dq, dk, dv, self._modifier_grads(modifiers, head_scale, lse, delta, rows)
+        table = {}
+        if self.mods["table"]:  # the bias table's gradient (added up by ``table_grad_kernel``)
+            table = dict(DBIAS=torch.zeros(extra["BIAS_TABLE"].numel(), dtype=torch.int64, device=q.device),
+                         BIAS_SCALE=fixed_point_scale(v, out, dout))
+        dq_table, dkdv_table = (table, {}) if self.table_grad_kernel == "bwd_dq" else ({}, table)
+        dq, delta = self.backward_dq(q, k, v, out, dout, lse, scale, tables, **extra, **rows, **dq_table)
+        dk, dv = self.backward_dkdv(q, k, v, dout, lse, delta, scale, dkdv_tables, **extra, **dkdv_table)
+        rows.update(table)
+        return dq, dk, dv, self._modifier_grads(modifiers, head_scale, lse, delta, rows, dq)
 
     def _padding_input(self, key_valid, q) -> dict:
         if (key_valid is not None) != self.padding:
@@ -267,15 +311,22 @@ class TritonKernels:
                              f"{list(key_valid.shape)}")
         return dict(KEY_VALID=key_valid.to(device=q.device, dtype=torch.int8).contiguous())
 
-    def _modifier_grads(self, modifiers, head_scale, lse, delta, rows) -> tuple:
+    def _modifier_grads(self, modifiers, head_scale, lse, delta, rows, dq) -> tuple:
         """Gradients of the modifiers' tensors (``dsl.modifiers.modifier_tensors`` order: the
         biases', the sinks', the per-head scale), each a fixed-order sum over rows of per-row
-        partials the dQ kernel stored (no atomics: bitwise reproducible)."""
+        partials the dQ kernel stored, or for a bias table the dQ kernel's fixed-point sums
+        (integer atomics: exact in any order); bitwise reproducible either way."""
         def over_rows(t):  # [B, H, N] -> [H], in float64 then the parameter's dtype
             return t.double().sum(dim=(0, 2))
         grads = []
         for m in (modifiers.biases if modifiers else ()):
-            grads.append(over_rows(rows["DSLOPE_ROWS"]).to(m.slopes.dtype))
+            if type(m).__name__ == "ALiBi":
+                grads.append(over_rows(rows["DSLOPE_ROWS"]).to(m.slopes.dtype))
+                continue
+            dtable = rows["DBIAS"].double().reshape(m.table.shape[0], -1) / rows["BIAS_SCALE"].double()
+            # a row with a non-finite dS leaves its head's dQ non-finite: its table gradient is NaN
+            finite = torch.isfinite(dq).flatten(2).all(dim=2).all(dim=0)
+            grads.append(torch.where(finite[:, None], dtable, math.nan).reshape(m.table.shape).to(m.table.dtype))
         if modifiers and modifiers.sinks is not None:
             sink = modifiers.sinks.logits.detach().double().to(lse.device)
             p_sink = torch.exp(sink[None, :, None] - lse.double())   # the sink's probability per row
@@ -334,11 +385,13 @@ class TritonKernels:
             sig.update(Q=dt, K=dt, V=dt, DO=dt, LSE="*fp32", DELTA="*fp32", DK=dt, DV=dt)
         # the score modifiers' tensors (``codegen.templates`` modifier_arguments, in this order)
         m = self.mods
-        sig.update({arg: "*fp32" for arg, on in (("HEAD_SCALE", m["head_scale"]), ("SLOPES", m["alibi"]),
-                                                  ("SINKS", m["sinks"])) if on})
+        sig.update({arg: "*fp32" for arg, on in (("HEAD_SCALE", m["head_scale"]), ("BIAS_TABLE", m["table"]),
+                                                  ("SLOPES", m["alibi"]), ("SINKS", m["sinks"])) if on})
         if name == "bwd_dq":
             sig.update({arg: "*fp32" for arg, on in (("DSCALE_ROWS", m["head_scale"]), ("DSLOPE_ROWS", m["alibi"]))
                         if on})
+        if name == self.table_grad_kernel:
+            sig.update(DBIAS="*i64", BIAS_SCALE="*fp32")
         if self.padding:
             sig["KEY_VALID"] = "*i8"
         sig.update({t: "*i32" for t in tables})

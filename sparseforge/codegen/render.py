@@ -11,6 +11,7 @@ import torch
 from ..dsl.problem import DTYPE_NAMES
 from ..lower.paths import path_of
 from ..version import __version__
+from ..dsl.modifiers import relative_position_flat_index, t5_bucket_steps
 from ..lower.families import Symbols, predicate
 from .config import KERNELS
 from .printer import to_triton
@@ -79,13 +80,14 @@ def _row_functions(schedule: TileSchedule) -> tuple[list[dict], list[dict]]:
 
 
 def render(schedule: TileSchedule, kind: str, config=None, name: str | None = None, modifiers: tuple = (),
-           padding: bool = False) -> str:
+           padding: bool = False, table_grad: bool = False) -> str:
     """Source of the ``kind`` ("fwd", "bwd_dq" or "bwd_dkdv") kernel module for ``schedule``
     (for "bwd_dkdv", the schedule of the dK/dV tiles, whose inverse tables it reads);
     ``config`` (a resolved ``KernelConfig``) is named in the header; ``name``: the kernels'
     prefix (default ``kernel_name(schedule)``; one name for the modules of one attention);
     ``modifiers``: the score modifiers' spec (``modifier_context``); ``padding``: the kernels
-    take a key padding mask (call data, ``KEY_VALID``)."""
+    take a key padding mask (call data, ``KEY_VALID``); ``table_grad``: this kernel adds up the
+    bias table's gradient (``DBIAS``; one backward kernel does, ``TritonKernels.table_grad_kernel``)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     prob, geom = schedule.problem, schedule.geometry
@@ -129,34 +131,82 @@ def render(schedule: TileSchedule, kind: str, config=None, name: str | None = No
         contain=path.predicate != "none",
         dot_args=', input_precision="ieee"' if prob.dtype in (torch.float32, torch.float64) else "",
         loop_bounds=schedule.loop_bounds, bounds_reason=schedule.bounds_reason,
-        module=kind, launches=_launches(config, (kind,)), mods=modifier_context(modifiers), padding=padding,
+        module=kind, launches=_launches(config, (kind,)), mods=modifier_context(modifiers, schedule.pattern, prob), padding=padding,
+        table_grad=table_grad,
         # the dK/dV kernel walks the inverse tables: no closed-form key-tile loops
         closed_form=_closed_form_context(schedule) if schedule.bounds is not None and kind != "bwd_dkdv" else None,
     )
     return _tidy(_env.get_template(_TEMPLATES[kind]).render(**context))
 
 
-#: Score modifiers the generated kernels compute (``dsl.modifiers`` kinds; the rest run on the
-#: CPU executor only, for now).
-KERNEL_MODIFIERS = ("ALiBi", "Softcap", "Sinks", "HeadScale")
+#: Score modifiers the generated kernels compute (``dsl.modifiers`` kinds).
+KERNEL_MODIFIERS = ("RelativePositionBias", "T5Bias", "ALiBi", "Softcap", "Sinks", "HeadScale")
+#: The bias terms read from a learnable table per head (``bias_table``).
+TABLE_BIASES = ("RelativePositionBias", "T5Bias")
 
 
-def modifier_context(spec: tuple) -> dict:
+def modifier_context(spec: tuple, pattern=None, problem=None) -> dict:
     """What the templates need of a modifier spec (``dsl.modifiers.modifier_spec``: one entry
-    per modifier, ``(kind, ...)``): which modifiers, the softcap, a one-line description.
-    Raises NotImplementedError for a kind the kernels do not compute yet."""
+    per modifier, ``(kind, ...)``) for ``pattern`` on ``problem`` (needed by the table biases):
+    which modifiers, the softcap, the bias table's index code, a one-line description."""
     kinds = [entry[0] for entry in spec]
     missing = [k for k in kinds if k not in KERNEL_MODIFIERS]
     if missing:
-        raise NotImplementedError(f"score modifiers {missing} are not in the generated Triton kernels yet (they "
+        raise NotImplementedError(f"score modifiers {missing} are not in the generated Triton kernels (they "
                                   f"compute {list(KERNEL_MODIFIERS)}): run them with backend='cpu'")
+    tables = [entry for entry in spec if entry[0] in TABLE_BIASES]
+    if len(tables) > 1:
+        raise NotImplementedError(f"the generated kernels read one bias table, got {[t[0] for t in tables]}: "
+                                  "sum them into one table, or run with backend='cpu'")
+    table = bias_table(tables[0], pattern, problem) if tables else None
     softcap = next((dict(entry[1:])["cap"] for entry in spec if entry[0] == "Softcap"), None)
     parts = ["per-head scale" if "HeadScale" in kinds else "scale"] + ["* q.k"] + \
+        ([f"+ {table['describe']}"] if table else []) + \
         (["- slope_h * |k - q| (ALiBi)"] if "ALiBi" in kinds else []) + \
         ([f"-> {softcap!r} * tanh(s / {softcap!r})"] if softcap is not None else []) + \
         (["; softmax with one sink logit per head"] if "Sinks" in kinds else [])
     return dict(any=bool(spec), head_scale="HeadScale" in kinds, alibi="ALiBi" in kinds, sinks="Sinks" in kinds,
-                softcap=softcap, describe=" ".join(parts))
+                softcap=softcap, table=table, describe=" ".join(parts))
+
+
+def bias_table(entry: tuple, pattern, problem) -> dict:
+    """The bias table of spec ``entry`` (RelativePositionBias or T5Bias) as template data:
+    ``entries`` per head, and the lines that compute ``bias_idx`` (the entry of every pair of a
+    tile: ``index`` with query rows, ``index_t`` with key rows first)."""
+    if pattern is None or problem is None:
+        raise ValueError(f"{entry[0]} needs the pattern and problem to print its index")
+    if entry[0] == "T5Bias":
+        params = dict(entry[2:])
+        half, exact, steps = t5_bucket_steps(params["bidirectional"], params["num_buckets"], params["max_distance"])
+
+        def index(q, k):
+            dist = "tl.abs(rel)" if half else "tl.maximum(-rel, 0)"
+            jumps = "".join(f" + (dist >= {t}).to(tl.int32){f' * {j}' if j > 1 else ''}" for t, j in steps)
+            return [f"rel = {k} - {q}  # key - query",
+                    f"dist = {dist}",
+                    f"bias_idx = tl.minimum(dist, {exact}){jumps}  # T5 buckets (transformers' float32 boundaries)"] + \
+                ([f"bias_idx += tl.where(rel > 0, {half}, 0)  # keys after the query: the upper half"] if half else [])
+        entries = params["num_buckets"]
+        describe = (f"T5 bucket bias table[h, bucket(k - q)] ({entries} buckets, max_distance "
+                    f"{params['max_distance']}{', bidirectional' if half else ', causal'})")
+        return dict(entries=entries, clamp=False, describe=describe, index=index("qx0[:, None]", "kx0[None, :]"),
+                    index_t=index("qx0[None, :]", "kx0[:, None]"))
+    extents = entry[1][1][1:]  # ("table", shape, dtype): [H, e_1, ..., e_n]
+    sym = Symbols.make(problem.ndim)
+    per_window = relative_position_flat_index(pattern, problem, sym.qx, sym.kx)
+
+    def index(q_axis, k_axis):
+        names = {sym.head: "head"} | {sym.qx[d]: f"qx{d}{q_axis}" for d in range(problem.ndim)} | \
+            {sym.kx[d]: f"kx{d}{k_axis}" for d in range(problem.ndim)}
+        lines = [f"bias_idx = {to_triton(per_window[0][1], names)}"]
+        for heads, flat in per_window[1:]:
+            which = " | ".join(f"(head == {h})" for h in heads)
+            lines.append(f"bias_idx = tl.where({which}, {to_triton(flat, names)}, bias_idx)")
+        return lines
+    shape = "x".join(map(str, extents))
+    describe = f"relative position bias table[h, {shape}] (offsets in the window's coordinates)"
+    return dict(entries=math.prod(extents), clamp=True, describe=describe, index=index("[:, None]", "[None, :]"),
+                index_t=index("[None, :]", "[:, None]"))
 
 
 def _tidy(source: str) -> str:

@@ -563,6 +563,40 @@ def relative_position_index(pattern: Pattern, problem: Problem, qi: torch.Tensor
     return torch.stack([per_leaf[leaf] for leaf in leaves])
 
 
+def relative_position_flat_index(pattern: Pattern, problem: Problem, q, k) -> list[tuple[tuple[int, ...], object]]:
+    """The table index of the pair (query at grid coordinates ``q``, key at ``k``: one entry per
+    dimension, ints, tensors or sympy symbols) flattened row-major within one head's table
+    ``[e_1, ..., e_n]``, per distinct window: ``[(heads, index), ...]`` with ``heads`` the query
+    heads that measure in that window (one entry covering every head unless a PerHead mixes
+    windows). What the generated kernels print (``codegen.render``); exact at allowed pairs."""
+    extents = relative_position_bias_shape(pattern, problem)[1:]
+    leaves = _head_leaves(pattern, problem)
+    out = []
+    for leaf in dict.fromkeys(leaves):
+        flat = 0
+        for d, (length, p) in enumerate(zip(problem.grid, leaf.params(problem))):
+            flat = flat * extents[d] + _extent_index_1d(leaf, length, p, q[d], k[d])[1]
+        per_head = leaves if len(leaves) == problem.heads else leaves * problem.heads
+        out.append((tuple(h for h, x in enumerate(per_head) if x == leaf), flat))
+    return out
+
+
+def t5_bucket_steps(bidirectional: bool, num_buckets: int, max_distance: int) -> tuple[int, int, tuple]:
+    """T5's bucket as integer steps (no logarithm in a kernel, the float32 boundaries kept):
+    ``(half, exact, steps)`` with ``bucket(dist) = min(dist, exact) + sum(jump for t, jump in
+    steps if dist >= t)``, ``dist = |k - q|`` (bidirectional, plus ``half`` when k > q) or
+    ``max(q - k, 0)``; equal to ``t5_relative_position_bucket`` at every offset."""
+    n = num_buckets // 2 if bidirectional else num_buckets
+    exact = n // 2
+    dist = torch.arange(max_distance + 1)
+    bucket = t5_relative_position_bucket(-dist, False, n, max_distance).tolist()  # one half, by distance
+    steps = tuple((t, bucket[t] - bucket[t - 1]) for t in range(exact + 1, max_distance + 1)
+                  if bucket[t] != bucket[t - 1])
+    if any(j < 0 for _, j in steps) or bucket[-1] != n - 1:
+        raise AssertionError(f"T5 buckets not monotone up to max_distance={max_distance}: {bucket}")
+    return (n if bidirectional else 0), exact, steps
+
+
 # ------------------------------------------------------------------------------------
 # Per-pair lookups (the executors' form of ``bias``) and the flat tensor order of the ops
 # ------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sparseforge as sf
+from sparseforge.dsl.modifiers import relative_position_bias_shape
 from sparseforge.runtime import check
 
 CASES = [
@@ -116,3 +117,41 @@ def test_per_sample_grids_in_kernels(pattern, grid, padding):
     assert check.lse_error(lse, ref_lse) <= tol["lse"]
     rel = ((sink.grad.double() - ref_sink.grad).abs().max() / ref_sink.grad.abs().max()).item()
     assert rel < 1e-4, rel
+
+
+@pytest.mark.parametrize("pattern,grid,table", [
+    (sf.Neighborhood(3, dilation=2), (9, 10), "rpb"),
+    (sf.Causal() & sf.SlidingWindow(6), (40,), "t5"),
+], ids=["rpb", "t5"])
+def test_bias_table_gradient_ignores_nan_padding(pattern, grid, table):
+    """A bias table's gradient (the kernels' fixed-point sums) counts real pairs only: NaN in
+    padded q, k, v reaches neither the outputs nor the table's gradient, which matches float64."""
+    gen = torch.Generator().manual_seed(2)
+    heads = 2
+    problem = sf.Problem(grid=grid, heads=heads, kv_heads=1, head_dim=16, dtype=torch.float32)
+    shape = relative_position_bias_shape(pattern, problem) if table == "rpb" else (heads, 8)
+    values = torch.randn(shape, generator=gen)
+
+    def make(t):
+        return sf.RelativePositionBias(t) if table == "rpb" else sf.T5Bias(t, max_distance=12, bidirectional=False)
+    attn = sf.compile(pattern, problem, backend="interpret", modifiers=(make(values),))
+    n = problem.tokens
+    real = torch.rand(2, n, generator=gen) > 0.25
+    q = torch.randn(2, heads, n, 16, generator=gen)
+    k, v = (torch.randn(2, 1, n, 16, generator=gen) for _ in range(2))
+    for t in (q, k, v):
+        t[~real[:, None, :, None].expand_as(t)] = float("nan")
+    leaf = values.clone().requires_grad_()
+    out = attn(q, k, v, modifiers=(make(leaf),), key_padding_mask=real)
+    dout = torch.randn(out.shape, generator=gen)
+    out.backward(dout)
+
+    clean = [torch.where(real[:, None, :, None], t, 0.0).double() for t in (q, k, v)]
+    ref_leaf = values.double().requires_grad_()
+    ref = sf.reference_attention(*clean, pattern, problem, modifiers=(make(ref_leaf),), key_padding_mask=real)
+    ref.backward(dout.double())
+    keys, _ = check.reductions(pattern, problem)
+    assert torch.isfinite(out).all() and torch.isfinite(leaf.grad).all()
+    err = (leaf.grad.double() - ref_leaf.grad).abs().max().item()
+    tol = check.tolerance(torch.float32, 2 * n * keys) * ref_leaf.grad.abs().max().item()
+    assert err <= tol and ref_leaf.grad.abs().max().item() > 10 * tol, (err, tol)

@@ -53,16 +53,17 @@ def with_grad(mods, hs):
     return mods, None if hs is None else hs.detach().clone().requires_grad_()
 
 
-def run_case(pattern, problem, kinds, dtype, *, batch=2, seed=0, q_tile=None, k_tile=None, padding=None):
-    """Compile with the modifiers of ``kinds`` and compare the CPU executor with the float64
-    reference: out, LSE, dq, dk, dv and every modifier tensor's gradient, row by row.
+def run_case(pattern, problem, kinds, dtype, *, batch=2, seed=0, q_tile=None, k_tile=None, padding=None,
+             backend="cpu"):
+    """Compile with the modifiers of ``kinds`` and compare the CPU executor (or ``backend``) with
+    the float64 reference: out, LSE, dq, dk, dv and every modifier tensor's gradient, row by row.
     Returns the worst error / tolerance ratio per tensor."""
     padding = padding or {}
     gen = torch.Generator().manual_seed(seed)
     built = [make(kind, pattern, problem, gen, dtype) for kind in kinds]
     hs = next((m for m in built if isinstance(m, torch.Tensor)), None)
     mods = tuple(m for m in built if not isinstance(m, torch.Tensor))
-    attn = compile(pattern, problem, backend="cpu", modifiers=mods, head_scale=hs is not None, q_tile=q_tile,
+    attn = compile(pattern, problem, backend=backend, modifiers=mods, head_scale=hs is not None, q_tile=q_tile,
                    k_tile=k_tile)
     n, d = problem.tokens, problem.head_dim
     q = rand((batch, problem.heads, n, d), dtype, gen, True)
@@ -139,6 +140,20 @@ def test_each_modifier_fp32(fid, kind):
 def test_every_modifier_together(fid, dtype):
     pattern, problem, q_tile = FAMILY[fid]
     run_case(pattern, problem, ALL[fid], dtype, q_tile=q_tile, seed=1)
+
+
+#: through the ops on the Triton interpreter: a bias table (relative positions; T5 in 1-D) with
+#: every other modifier, the LSE's gradient included (the kernels read one table)
+INTERPRETED = {"blocks_offset": ("rpb", "softcap", "sinks", "hs"),
+               "perhead_blocks_grid_gqa": ("rpb", "softcap", "sinks", "hs"),
+               "na1d_dilated": ("t5", "alibi", "softcap", "sinks", "hs")}
+
+
+@pytest.mark.parametrize("fid", list(INTERPRETED))
+def test_table_biases_on_the_interpreter(fid):
+    pattern, problem, q_tile = FAMILY[fid]
+    problem = sf.Problem(grid=problem.grid, heads=problem.heads, kv_heads=problem.kv_heads, head_dim=16, dtype=F32)
+    run_case(pattern, problem, INTERPRETED[fid], F32, q_tile=q_tile, seed=2, backend="interpret")
 
 
 def test_empty_rows_with_sinks_have_lse_sink():
