@@ -6,6 +6,7 @@ into a callable attention.
     lin = sf.compile(Scattered(window_size=(12, 12, 1)), problem, attention="linear",  # ScatterFormer
                      feature_map="elu+1", neighbor_pooling=True)
     attn = sf.load("build/na2d")                                              # sparseforge compile --out
+    dec = sf.compile(Causal(), Problem(grid=1, kv_grid=4096, heads=H, head_dim=D))   # decode: dec(q, k, v)
     swin = sf.compile(Blocks(7, offset=3), problem, modifiers=(RelativePositionBias(table),), head_scale=True)
 
 Static, routed and scattered patterns give a ``runtime.compiled.CompiledAttention``;
@@ -20,7 +21,7 @@ from .codegen.config import KernelConfig
 from .dsl.content import Grouped, Routed, Scattered
 from .dsl.pattern import Pattern
 from .dsl.problem import Problem
-from .dsl.semantics import check_pattern_problem
+from .dsl.semantics import check_cross, check_cross_extras, check_pattern_problem
 from .lower.paths import path_of
 from .runtime.build import load
 from .runtime.check import check_numerics
@@ -28,6 +29,7 @@ from .runtime.compiled import CompiledAttention, UnsupportedPatternError
 from .runtime.grouped import GroupedAttention
 from .runtime.inputs import check_backend, check_compile_modifiers, check_kernel_options
 from .runtime.linear_attention import ScatteredLinearAttention, check_linear_backend
+from .runtime.ops import CrossGridsNotImplementedError, refuse_cross_on
 
 __all__ = ["ATTENTIONS", "compile", "load", "verify_config"]
 
@@ -68,9 +70,18 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
     head_scale: calls pass ``scale=`` as a [heads] tensor (one scale per query head, e.g.
               Swin V2's logit scale), which gets a gradient.
     Without modifiers and head_scale the compile is exactly what it was (same kernel key).
+
+    A problem with a ``kv_grid`` (keys on a grid of their own: cross attention, decode, pooled
+    keys, strided queries; ``dsl.problem.placement``) compiles for the CPU executor: its calls
+    take k/v of Nk tokens; the Triton backends and autotuning refuse it
+    (``CrossGridsNotImplementedError``, a NotImplementedError). The schedule (and kernel key)
+    is the key grid's, which calls whose keys share the queries' grid run.
     """
     check_pattern_problem(pattern, problem)
     check_backend(backend)
+    if problem.is_cross:
+        _check_cross_compile(pattern, problem, backend=backend, modifiers=modifiers, autotune=autotune,
+                             target=target)
     mods = check_compile_modifiers(modifiers, head_scale, pattern, problem)
     if (mods is not None or head_scale) and (attention == "linear" or isinstance(pattern, Grouped)):
         what = "attention='linear'" if attention == "linear" else repr(pattern)
@@ -119,8 +130,22 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
         config = tuning.config
     elif config is None:
         config = KernelConfig(q_tile=q_tile, k_tile=k_tile)
-    schedule = path_of(pattern).build(pattern, problem, config)
-    return CompiledAttention(schedule, backend, config, tuning=tuning, modifiers=mods, head_scale=head_scale)
+    schedule = path_of(pattern).build(pattern, problem.on_key_grid(), config)
+    return CompiledAttention(schedule, backend, config, tuning=tuning, modifiers=mods, head_scale=head_scale,
+                             problem=problem if problem.is_cross else None)
+
+
+def _check_cross_compile(pattern, problem: Problem, *, backend, modifiers, autotune, target) -> None:
+    """What a problem with a ``kv_grid`` compiles: the CPU executor (no Triton backend, no
+    tuning), patterns its two grids define (``check_cross``), Softcap/Sinks modifiers only."""
+    if backend in ("triton", "interpret"):
+        refuse_cross_on(backend, f"compile({pattern!r}, {problem!r})")
+    if autotune or target is not None:
+        raise CrossGridsNotImplementedError(
+            f"autotune=True with {problem!r}: tuning times the generated Triton kernels, which do not take kv_grid "
+            "(keys on a grid of their own) yet; compile without autotune (the CPU executor runs it)")
+    check_cross_extras(problem, modifiers)
+    check_cross(pattern, problem)
 
 
 def _check_voxel_problem(pattern, problem: Problem) -> None:

@@ -30,6 +30,11 @@ view of the call's tensors (``Block.samples``/``Block.tokens``) and positions me
 sample's grid. Rows no chunk writes output zeros with LSE -inf, or LSE = sink for a real row
 when there are sinks.
 
+Keys on a grid of their own (``Problem.kv_grid``: cross attention, decode, pooled keys,
+strided queries): ``mask_chunks`` yields chunks of query rows against the keys any of them
+may see, with the exact mask of ``dsl.semantics`` (queries placed on the key grid); q has Nq
+tokens, k/v Nk, and the forward and backward below run unchanged on them.
+
 It runs on whatever device the tensors are on (it is torch ops only), which is how the
 runtime computes the rarely needed LSE-gradient correction for the Triton backends too.
 """
@@ -43,12 +48,15 @@ from collections.abc import Iterable
 import torch
 
 from ..dsl.modifiers import Modifiers, bias_lookup, modifier_tensors
-from ..dsl.pattern import Pattern
+from ..dsl.pattern import Pattern, as_4d
 from ..dsl.problem import Problem
-from ..dsl.semantics import allowed_dot, allowed_sum, masked_softmax_attention
-from ..lower.paths import Chunk
+from ..dsl.semantics import allowed_dot, allowed_sum, make_context, masked_softmax_attention
+from ..lower.paths import Chunk, Shape
 
-__all__ = ["Block", "Scores", "attend", "attend_backward", "backward", "compute_dtype", "forward"]
+__all__ = ["Block", "Scores", "attend", "attend_backward", "backward", "compute_dtype", "forward", "mask_chunks"]
+
+#: Mask entries (batch x heads x query rows x keys) evaluated per chunk of ``mask_chunks``.
+MASK_CHUNK_ELEMENTS = 1 << 22
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,6 +72,40 @@ def _all_finite(*tensors) -> bool:
 def _write_rows(rows: torch.Tensor, scratch: int) -> torch.Tensor:
     """Rows to write a chunk's results to: padding rows (-1) go to the scratch row."""
     return torch.where(rows >= 0, rows, torch.full_like(rows, scratch))
+
+
+# ------------------------------------------------------------------------------------
+# Chunks straight from the exact mask (keys on a grid of their own)
+# ------------------------------------------------------------------------------------
+def mask_chunks(pattern: Pattern, problem: Problem, shape: Shape, device, *, groups=None, kv_groups=None,
+                chunk_elements: int = MASK_CHUNK_ELEMENTS):
+    """Chunks of q [B, H, Nq, D] rows against k/v [B, KVH, Nk, D] rows under ``pattern`` on
+    ``problem`` (Nq = ``problem.tokens``, Nk = ``problem.kv_tokens``; ``shape.tokens`` is Nq):
+    a run of query rows of every (batch, head) at a time, against the keys any of them may see,
+    with the exact mask (``dsl.semantics``; None where the gathered block is all allowed). Rows
+    that see nothing are in no chunk (zeros, LSE -inf). ``groups``/``kv_groups``: the
+    queries'/keys' group ids of a ``Grouped`` pattern."""
+    ctx = make_context(pattern, problem, groups=groups, kv_groups=kv_groups)
+    nq, nk = ctx.tokens, ctx.keys
+    b, h, kvh = shape.batch, shape.heads, shape.kv_heads
+    if b == 0 or nq == 0 or nk == 0:
+        return
+    heads = torch.arange(h, device=device)
+    batch = torch.arange(b, device=device)[:, None]
+    q_base = (batch * h + heads) * nq                       # [B, H]
+    k_base = (batch * kvh + heads // (h // kvh)) * nk       # [B, H]
+    step = max(1, chunk_elements // max(1, b * h * nk))
+    keys = torch.arange(nk)
+    for start in range(0, nq, step):
+        rows = torch.arange(start, min(start + step, nq))
+        m = as_4d(pattern.mask(ctx, rows, keys))
+        m = m.expand(m.shape[0], m.shape[1], len(rows), nk)    # [1|B, 1|H, r, Nk]
+        cols = m.any(-2).flatten(0, 1).any(0).nonzero().flatten()
+        if len(cols) == 0:
+            continue
+        sub = m[..., cols]
+        mask = None if bool(sub.all()) else sub.to(device)
+        yield Chunk(q_base[..., None] + rows.to(device), k_base[..., None] + cols.to(device), mask)
 
 
 # ------------------------------------------------------------------------------------

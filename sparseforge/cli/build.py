@@ -37,15 +37,27 @@ def kernel_problem_options(f):
     return problem_options(f)
 
 
-def kernel_problem(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads):
+def kv_grid_option(f):
+    """``--kv-grid``: the keys' grid when it is not the queries' (cross attention, decode)."""
+    return click.option("--kv-grid", "kv_grid_text", default=None, metavar="SxS",
+                        help="The keys' token grid when it is not --grid (cross attention; 1-D: decode, the "
+                             "queries are the last positions), sizes joined by 'x': 4096, 28x28 [default: --grid].")(f)
+
+
+def kernel_problem(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads, kv_grid_text=None):
     from ..dsl import Problem
 
     base = problem_from_options(pattern, grid_text, seq, heads)
     if base.grid is None:
         raise InputError("'--grid'", "missing: give --grid (e.g. 56x56) or --seq N")
+    kv_grid = None
+    if kv_grid_text is not None:
+        kv_grid = parse_sizes(kv_grid_text, "'--kv-grid'", "a grid", "28x28 or 4096")
+        with user_errors("'--kv-grid'"):
+            Problem(grid=base.grid, kv_grid=kv_grid)
     with user_errors("'--kv-heads'" if kv_heads is not None else "'--head-dim'"):
         return Problem(grid=base.grid, heads=base.heads, head_dim=head_dim, dtype=dtype,
-                       kv_heads=base.heads if kv_heads is None else kv_heads)
+                       kv_heads=base.heads if kv_heads is None else kv_heads, kv_grid=kv_grid)
 
 
 def _refuse_grouped(pattern) -> None:
@@ -144,6 +156,7 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
 @command(name="compile", short_help="Compile a pattern into a build directory.")
 @click.argument("pattern", metavar="PATTERN")
 @kernel_problem_options
+@kv_grid_option
 @tile_option("q-tile")
 @tile_option("k-tile")
 @click.option("--autotune", is_flag=True, help="Choose tiles and launches: timed on a GPU of the target, "
@@ -154,11 +167,13 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Build directory to write [default: <cache dir>/builds/<op name>].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def compile_cmd(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads, q_tile_text, k_tile_text, autotune,
-                target, out_dir, as_json) -> None:
+def compile_cmd(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads, kv_grid_text, q_tile_text, k_tile_text,
+                autotune, target, out_dir, as_json) -> None:
     """Compile PATTERN for a problem into a build directory: kernel sources, the chosen
     config, ahead-of-time PTX/cubin for the target and a manifest with the sha256 of every
-    file. Works without a GPU (cross-compiles for --target).
+    file. Works without a GPU (cross-compiles for --target). --kv-grid (keys on a grid of
+    their own) is checked against PATTERN, but its Triton kernels do not exist yet: the
+    build is refused (run it with sparseforge.compile on CPU tensors).
 
     \b
     Examples:
@@ -176,7 +191,14 @@ def compile_cmd(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads, q_til
     from ..runtime.inputs import check_triton_problem
 
     pat = load_pattern_arg(pattern)
-    problem = kernel_problem(pat, grid_text, seq, heads, head_dim, dtype, kv_heads)
+    problem = kernel_problem(pat, grid_text, seq, heads, head_dim, dtype, kv_heads, kv_grid_text)
+    if problem.is_cross:
+        from ..dsl.semantics import check_cross
+        from ..runtime.ops import refuse_cross_on
+
+        with user_errors(f"'--kv-grid' ({problem!r})"):
+            check_cross(pat, problem)
+            refuse_cross_on("triton", "a build directory holds the generated Triton kernels")
     with user_errors("'--head-dim'" if problem.head_dim != 64 else "'--dtype'"):
         check_triton_problem(problem, "triton")  # a build holds GPU kernels
     q_tile = tile_from_text(q_tile_text, "'--q-tile'", problem.ndim)

@@ -92,11 +92,18 @@ def routing_bytes(pattern, problem, batch: int = 1) -> int:
     return total
 
 
-def mask_rows_bytes(heads: int, tokens: int, batch: int, chunk_elements: int) -> int:
+def mask_rows_bytes(heads: int, tokens: int, batch: int, chunk_elements: int, queries: int | None = None) -> int:
     """Peak bytes of evaluating the mask a chunk of query rows at a time: at least one row of
-    every head and batch element, else ``chunk_elements`` entries (at most the whole mask)."""
+    every head and batch element, else ``chunk_elements`` entries (at most the whole mask).
+    ``tokens``: the keys (a row's length); ``queries``: the rows (default ``tokens``)."""
     row = batch * heads * tokens
-    return min(max(chunk_elements, row), row * tokens) * MASK_ELEMENT_BYTES + 8 * tokens + heads * PER_HEAD_BYTES
+    rows = tokens if queries is None else queries
+    return min(max(chunk_elements, row), row * rows) * MASK_ELEMENT_BYTES + 8 * tokens + heads * PER_HEAD_BYTES
+
+
+def _keys(ctx) -> int:
+    """Nk of a mask context (``MaskContext.keys``)."""
+    return getattr(ctx, "keys", ctx.tokens)
 
 
 def mask_batch(pattern, ctx) -> int:
@@ -113,7 +120,7 @@ def mask_batch(pattern, ctx) -> int:
 
 def _shape(pattern, ctx, batch: int) -> str:
     heads = ctx.problem.heads
-    return (f"{heads} head{'s' if heads != 1 else ''} x {ctx.tokens} queries x {ctx.tokens} keys"
+    return (f"{heads} head{'s' if heads != 1 else ''} x {ctx.tokens} queries x {_keys(ctx)} keys"
             + (f" x batch {batch}" if batch > 1 else ""))
 
 
@@ -121,9 +128,9 @@ def check_mask_rows(what: str, pattern, ctx, chunk_elements: int) -> None:
     """The check of a computation that evaluates the mask a chunk of query rows at a time
     (``describe``, the reference): at least one row of every head at once."""
     batch = mask_batch(pattern, ctx)
-    rows = mask_rows_bytes(ctx.problem.heads, ctx.tokens, batch, chunk_elements)
+    rows = mask_rows_bytes(ctx.problem.heads, _keys(ctx), batch, chunk_elements, ctx.tokens)
     routing = routing_bytes(pattern, ctx.problem, batch)
-    row = batch * ctx.problem.heads * ctx.tokens
+    row = batch * ctx.problem.heads * _keys(ctx)
     entries = min(max(chunk_elements, row), row * ctx.tokens)
     why = f"{_shape(pattern, ctx, batch)}, evaluated {entries} mask entries at a time (at least one query row " \
           f"of every head) at {MASK_ELEMENT_BYTES} bytes each" + \
@@ -139,9 +146,9 @@ def check_dense_mask(pattern, ctx, chunk_elements: int) -> None:
     batch, heads = mask_batch(pattern, ctx), ctx.problem.heads
     if pattern.is_static:  # probe one entry for the heads the mask really has
         heads = as_4d(pattern.mask(ctx, _first(ctx), _first(ctx))).shape[1]
-    rows = mask_rows_bytes(ctx.problem.heads, ctx.tokens, batch, chunk_elements)
+    rows = mask_rows_bytes(ctx.problem.heads, _keys(ctx), batch, chunk_elements, ctx.tokens)
     routing = routing_bytes(pattern, ctx.problem, batch)
-    kept = batch * heads * ctx.tokens * ctx.tokens
+    kept = batch * heads * ctx.tokens * _keys(ctx)
     why = f"a bool mask of {_shape(pattern, ctx, batch)} ({format_bytes(kept)}), plus {format_bytes(rows)} " \
           f"to evaluate it" + (f" and {format_bytes(routing)} of routing" if routing else "")
     check("dense_mask", kept + rows + routing, why, "use a smaller grid, or describe() for statistics")

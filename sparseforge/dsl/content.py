@@ -219,6 +219,11 @@ class Grouped(Pattern):
     ``causal=True``). ``groups`` is int [B, N] (one grouping for all heads) or [B, H, N]
     (per head); a negative id puts a token in no group: its row is empty and it is never a
     key. Needs ``groups``.
+
+    Keys that are not the queries (``Problem.kv_grid``): ``groups`` are the queries' ids
+    [B, (H,) Nq] and ``kv_groups`` the keys' [B, (H,) Nk]; any pair of sizes without
+    ``causal``, which compares positions (``ctx.query_positions``: the last Nq of a 1-D
+    sequence).
     """
 
     needs = frozenset({"groups"})
@@ -232,28 +237,31 @@ class Grouped(Pattern):
     def mask(self, ctx, qi, ki):
         if ctx.groups is None:
             raise ValueError(f"{self!r} needs group ids: pass groups= (int [B, N] or [B, H, N])")
-        g = ctx.groups  # int64 [B, 1|H, N]
-        gq, gk = g[:, :, qi], g[:, :, ki]
+        gq, gk = ctx.groups[:, :, qi], ctx.key_groups()[:, :, ki]  # int64 [B, 1|H, n]
         m = (gq[..., :, None] == gk[..., None, :]) & (gq >= 0)[..., :, None]
         if self.causal:
-            m = m & (ki[None, :] <= qi[:, None])
+            m = m & (ki[None, :] <= ctx.query_positions(qi)[:, None])
         return m
 
+    def needs_placement(self) -> bool:
+        return self.causal
 
-def check_groups(groups, batch: int | None, heads: int, n: int, *, keep_device: bool = False) -> torch.Tensor:
+
+def check_groups(groups, batch: int | None, heads: int, n: int, *, keep_device: bool = False,
+                 name: str = "groups") -> torch.Tensor:
     """Validate group ids: int tensor [B, N] or [B, H, N] matching the problem (``batch``
     None: any B). Returns them as int64 [B, 1 or H, N] on the CPU (``keep_device``: on
-    their own device)."""
+    their own device). ``name``: the argument errors name (``kv_groups`` for the keys')."""
     if not isinstance(groups, torch.Tensor):
-        raise TypeError(f"groups must be an integer tensor [B, N] or [B, H, N], got {type(groups).__name__}")
+        raise TypeError(f"{name} must be an integer tensor [B, N] or [B, H, N], got {type(groups).__name__}")
     if groups.dtype not in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
-        raise TypeError(f"groups must have an integer dtype, got {groups.dtype}")
+        raise TypeError(f"{name} must have an integer dtype, got {groups.dtype}")
     shape = tuple(groups.shape)
     if groups.dim() == 2:
         groups = groups[:, None]
     if groups.dim() != 3 or groups.shape[1] not in (1, heads) or groups.shape[2] != n \
             or (batch is not None and groups.shape[0] != batch):
         b = "B" if batch is None else f"B={batch}"
-        raise ValueError(f"groups must have shape [{b}, N={n}] or [{b}, H={heads}, N={n}], "
+        raise ValueError(f"{name} must have shape [{b}, N={n}] or [{b}, H={heads}, N={n}], "
                          f"got {shape}")
     return groups.long() if keep_device else groups.long().cpu()

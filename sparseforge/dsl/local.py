@@ -3,6 +3,10 @@
 Neighborhood (NATTEN), SlidingWindow, Halo (HaloNet), Blocks and Grid (MaxViT). Each family
 gives its 1-D rule per dimension (``allowed_1d``); ``codegen`` lowers the same rules to
 tile bounds and is tested against this module.
+
+Across grids (``Problem.kv_grid``) each rule is evaluated on the key grid with the query
+placed there (``dsl.problem.placement``: strided queries at ``c * r``, pooled keys at
+``c // r``, 1-D decode at the last positions): ``ctx.query_positions``.
 """
 from __future__ import annotations
 
@@ -30,8 +34,9 @@ class _Separable(Pattern):
 
     def mask(self, ctx: MaskContext, qi, ki):
         out = None
+        qp = ctx.query_positions(qi)
         for d, p in enumerate(self.params(ctx.problem)):
-            qd = ctx.grid_coord(qi, d)[:, None]
+            qd = ctx.grid_coord(qp, d)[:, None]
             kd = ctx.grid_coord(ki, d)[None, :]
             m = self.allowed_1d(ctx.problem.grid[d], qd, kd, **p)
             out = m if out is None else out & m

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .problem import Problem
+from .problem import Placement, Problem
 
 # Bump when the meaning of an existing pattern changes: it is part of every fingerprint.
 SEMANTICS_VERSION = 1
@@ -25,10 +25,18 @@ SEMANTICS_VERSION = 1
 class MaskContext:
     """What a pattern's mask may read: the problem and the run-time inputs.
 
+    problem: the problem the pattern is evaluated on: self attention on the key grid
+             (``Problem.on_key_grid``; the given problem itself when keys share its grid).
+    tokens:  Nq, the query rows; ``keys``: Nk, the key columns.
+    given:   the problem as given, when its keys have a grid of their own (None otherwise).
+    placement: where the queries sit on the key grid (``dsl.problem.placement``); a pattern
+             reads query positions only through ``query_positions``.
     q, k:    float64 [B, H, N, D] (k already expanded from kv_heads to heads), for routing.
     coords:  int64 [N, 1 + ndim] voxel coordinates (batch first), for ``Scattered``.
     routes:  int64 [B, H or 1, R, topk] routing given by the caller instead of computed.
-    groups:  int64 [B, H or 1, N] group ids (negative: no group), for ``Grouped``.
+    groups:  int64 [B, H or 1, N] group ids (negative: no group), for ``Grouped``;
+    kv_groups: the keys' group ids [B, H or 1, Nk] when the keys are not the queries (None:
+             ``groups``).
     """
 
     problem: Problem
@@ -39,9 +47,36 @@ class MaskContext:
     routes: torch.Tensor | None = None
     groups: torch.Tensor | None = None
     cache: dict = dataclasses.field(default_factory=dict)
+    kv_tokens: int | None = None
+    given: Problem | None = None
+    placement: Placement | None = None
+    kv_groups: torch.Tensor | None = None
+
+    @property
+    def keys(self) -> int:
+        """Nk, the number of key tokens (``tokens`` when keys and queries are one set)."""
+        return self.tokens if self.kv_tokens is None else self.kv_tokens
+
+    @property
+    def aligned(self) -> bool:
+        """Whether the queries have a place on the key grid (always, without ``kv_grid``)."""
+        return self.placement is None or self.placement.aligned
+
+    def query_positions(self, qi: torch.Tensor) -> torch.Tensor:
+        """Flat key-grid positions of the flat query indices ``qi``: ``qi`` itself when keys and
+        queries share the grid, else as ``dsl.problem.placement`` places them (ValueError when
+        the grids give the queries no place)."""
+        if self.placement is None or self.given is None:
+            return qi
+        return self.placement.positions(qi, self.given.grid, self.given.kv_grid)
+
+    def key_groups(self) -> torch.Tensor | None:
+        """The keys' group ids: ``kv_groups``, or ``groups`` when keys are the queries."""
+        return self.groups if self.kv_groups is None else self.kv_groups
 
     def grid_coord(self, idx: torch.Tensor, dim: int) -> torch.Tensor:
-        """Coordinate along grid dimension ``dim`` of flat row-major token indices."""
+        """Coordinate along grid dimension ``dim`` of flat row-major token indices (of the
+        key grid; a query's placed position from ``query_positions`` lives there too)."""
         grid = self.problem.grid
         stride = 1
         for s in grid[dim + 1:]:
@@ -79,8 +114,23 @@ class Pattern:
         """Raise ValueError if this pattern cannot be applied to ``problem``."""
 
     def mask(self, ctx: MaskContext, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
-        """Bool tensor broadcastable to [B, H, len(qi), len(ki)]: may query qi[a] see key ki[b]."""
+        """Bool tensor broadcastable to [B, H, len(qi), len(ki)]: may query qi[a] see key ki[b].
+
+        ``qi`` are query indices (flat on the query grid), ``ki`` key indices (flat on the key
+        grid, ``ctx.problem.grid``); a family that reads a query's position takes it from
+        ``ctx.query_positions(qi)`` (the same indices when keys and queries share one grid)."""
         raise NotImplementedError
+
+    #: Whether the mask reads query positions (a leaf's; combinators ask their parts). Such a
+    #: pattern needs the queries placed on the key grid (``dsl.problem.placement``).
+    reads_query_positions: ClassVar[bool] = True
+
+    def needs_placement(self) -> bool:
+        """True when some leaf reads query positions (``reads_query_positions``)."""
+        kids = self.children()
+        if kids:
+            return any(c.needs_placement() for c in kids)
+        return self.reads_query_positions
 
     def children(self) -> tuple["Pattern", ...]:
         return ()

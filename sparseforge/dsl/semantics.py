@@ -14,7 +14,7 @@ from .budget import check_dense_mask, check_mask_rows
 from .content import Scattered, check_coords, check_groups
 from .modifiers import Modifiers, check_modifiers, check_scale
 from .pattern import MaskContext, Pattern, as_4d
-from .problem import Problem
+from .problem import Problem, placement
 
 # Largest number of mask elements materialised at once by the chunked helpers.
 CHUNK_ELEMENTS = 1 << 26
@@ -29,13 +29,22 @@ def check_pattern_problem(pattern, problem) -> None:
 
 
 def make_context(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=None, routes=None,
-                 groups=None) -> MaskContext:
-    """Check ``pattern`` against ``problem`` and the run-time inputs; build the mask context."""
+                 groups=None, kv_groups=None) -> MaskContext:
+    """Check ``pattern`` against ``problem`` and the run-time inputs; build the mask context.
+
+    A problem whose keys have a grid of their own (``kv_grid``) is checked as self attention
+    on the key grid (``Problem.on_key_grid``), with the queries placed on it
+    (``check_cross``). ``kv_groups``: the keys' group ids of a ``Grouped`` pattern (needed
+    with a ``kv_grid``; otherwise optional, default ``groups``)."""
     check_pattern_problem(pattern, problem)
     for name, t in (("q", q), ("k", k)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if problem.is_cross:
+        return _cross_context(pattern, problem, q=q, groups=groups, kv_groups=kv_groups)
     needs = pattern.inputs_needed()
+    if kv_groups is not None and "groups" not in needs:
+        raise ValueError(f"kv_groups is for Grouped patterns; {pattern!r} reads none")
     grid_free = all(not p.needs_grid for p in pattern.walk() if not p.children())
     if problem.grid is None and not grid_free:
         raise ValueError(f"{pattern!r} is defined on a token grid: give Problem(grid=...)")
@@ -57,6 +66,8 @@ def make_context(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=N
             raise ValueError(f"{pattern!r} needs group ids: pass groups= (int [B, N] or [B, H, N])")
         batch = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
         groups = check_groups(groups, batch, problem.heads, tokens)
+        if kv_groups is not None:
+            kv_groups = check_groups(kv_groups, groups.shape[0], problem.heads, tokens, name="kv_groups")
     q64 = k64 = None
     if "qk" in needs and routes is None:
         if q is None or k is None:
@@ -67,7 +78,49 @@ def make_context(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=N
             k64 = k64.repeat_interleave(q64.shape[1] // k64.shape[1], dim=1)
     elif q is not None:
         q64 = q.detach()
-    return MaskContext(problem=problem, tokens=tokens, q=q64, k=k64, coords=coords, routes=routes, groups=groups)
+    return MaskContext(problem=problem, tokens=tokens, q=q64, k=k64, coords=coords, routes=routes, groups=groups,
+                       kv_groups=kv_groups)
+
+
+def check_cross(pattern: Pattern, problem: Problem) -> None:
+    """Refuse, naming the family and the grids, a pattern that ``problem``'s two grids do not
+    define: content-routed and voxel patterns (one set of tokens), and patterns that read
+    query positions where the grids give the queries none (``dsl.problem.placement``); then
+    check the pattern as self attention on the key grid."""
+    for leaf in pattern.walk():
+        if leaf.children():
+            continue
+        if not leaf.needs_grid or "qk" in leaf.inputs_needed():
+            raise ValueError(f"{type(leaf).__name__} ({leaf!r}) is defined on one set of tokens, but {problem!r} "
+                             f"has keys on a grid of their own (kv_grid={problem.kv_grid}); give no kv_grid")
+    place = placement(problem)
+    if not place.aligned:
+        for leaf in pattern.walk():
+            if leaf.children() or not leaf.needs_placement():
+                continue
+            raise ValueError(f"{type(leaf).__name__} ({leaf!r}) reads query positions, but grid={problem.grid} and "
+                             f"kv_grid={problem.kv_grid} give the queries no place on the key grid: {place.reason}. "
+                             "Full, Sink, GlobalTokens (on keys) and Grouped without causal take any pair of grids")
+    pattern.check(problem.on_key_grid())
+
+
+def _cross_context(pattern: Pattern, problem: Problem, *, q=None, groups=None, kv_groups=None) -> MaskContext:
+    """The mask context of a problem whose keys have a grid of their own."""
+    check_cross(pattern, problem)
+    nq, nk = problem.tokens, problem.kv_tokens
+    if "groups" in pattern.inputs_needed():
+        if groups is None or kv_groups is None:
+            missing = "groups" if groups is None else "kv_groups"
+            raise ValueError(f"{pattern!r} needs group ids of the queries and of the keys on {problem!r}: pass "
+                             f"groups= (int [B, Nq={nq}] or [B, H, Nq]) and kv_groups= (int [B, Nk={nk}] or "
+                             f"[B, H, Nk]); {missing} is missing")
+        batch = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
+        groups = check_groups(groups, batch, problem.heads, nq)
+        kv_groups = check_groups(kv_groups, groups.shape[0], problem.heads, nk, name="kv_groups")
+    elif kv_groups is not None:
+        raise ValueError(f"kv_groups is for Grouped patterns; {pattern!r} reads none")
+    return MaskContext(problem=problem.on_key_grid(), tokens=nq, q=None if q is None else q.detach(), groups=groups,
+                       kv_tokens=nk, given=problem, placement=placement(problem), kv_groups=kv_groups)
 
 
 def _check_routing_qk(q: torch.Tensor, k: torch.Tensor, problem: Problem, tokens: int) -> None:
@@ -90,37 +143,43 @@ def _check_routing_qk(q: torch.Tensor, k: torch.Tensor, problem: Problem, tokens
 
 
 def mask_rows(pattern: Pattern, ctx: MaskContext, rows: torch.Tensor) -> torch.Tensor:
-    """Bool [B|1, H, len(rows), N]: the mask of the given query rows against every key."""
-    keys = torch.arange(ctx.tokens)
+    """Bool [B|1, H, len(rows), Nk]: the mask of the given query rows against every key."""
+    keys = torch.arange(ctx.keys)
     m = as_4d(pattern.mask(ctx, rows, keys))
-    return m.expand(m.shape[0], ctx.problem.heads, len(rows), ctx.tokens)
+    return m.expand(m.shape[0], ctx.problem.heads, len(rows), ctx.keys)
 
 
 def _row_chunks(ctx: MaskContext):
-    per_row = max(1, ctx.problem.heads * ctx.tokens)
+    per_row = max(1, ctx.problem.heads * ctx.keys)
     step = max(1, CHUNK_ELEMENTS // per_row)
     for start in range(0, ctx.tokens, step):
         yield torch.arange(start, min(start + step, ctx.tokens))
 
 
 def dense_mask(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=None, routes=None,
-               groups=None) -> torch.Tensor:
-    """The exact mask: bool [H, N, N], or [B, H, N, N] for patterns that route on q/k or
-    read group ids.
+               groups=None, kv_groups=None) -> torch.Tensor:
+    """The exact mask: bool [H, Nq, Nk], or [B, H, Nq, Nk] for patterns that route on q/k or
+    read group ids (Nq = Nk = N unless the problem has a ``kv_grid``).
 
     ``q``/``k`` ([B, H, N, D]) are needed by ``Routed`` (or ``routes``), ``coords`` by
-    ``Scattered``, ``groups`` by ``Grouped``; they are ignored by static patterns.
+    ``Scattered``, ``groups`` by ``Grouped`` (with a ``kv_grid``: ``groups`` the queries' ids,
+    ``kv_groups`` the keys'); they are ignored by static patterns.
+
+    With a ``kv_grid`` the pattern is evaluated as self attention on the key grid, each query
+    at its place there (``dsl.problem.placement``): row i is the key-grid row of query i's
+    position (for 1-D decode, the last Nq rows of the mask on Nk tokens).
     """
-    ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes, groups=groups)
+    ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes, groups=groups,
+                       kv_groups=kv_groups)
     check_dense_mask(pattern, ctx, CHUNK_ELEMENTS)
-    keys, m = torch.arange(ctx.tokens), None
-    for rows in list(_row_chunks(ctx)) or [keys]:  # temporaries a chunk of rows at a time; heads stay shared
-        part = as_4d(pattern.mask(ctx, rows, keys))
+    keys, m = torch.arange(ctx.keys), None
+    for rows in list(_row_chunks(ctx)) or [torch.arange(0)]:  # a chunk of rows at a time; heads stay shared
+        part = as_4d(pattern.mask(ctx, rows, keys)).expand(-1, -1, len(rows), ctx.keys)
         if m is None:
-            m = torch.empty(*part.shape[:2], ctx.tokens, ctx.tokens, dtype=torch.bool)
+            m = torch.empty(*part.shape[:2], ctx.tokens, ctx.keys, dtype=torch.bool)
         start = int(rows[0]) if len(rows) else 0
         m[:, :, start:start + len(rows)] = part
-    m = m.expand(m.shape[0], problem.heads, ctx.tokens, ctx.tokens)
+    m = m.expand(m.shape[0], problem.heads, ctx.tokens, ctx.keys)
     needs = pattern.inputs_needed()
     if "groups" in needs:
         return m.expand(ctx.groups.shape[0], *m.shape[1:])
@@ -130,8 +189,12 @@ def dense_mask(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=Non
 # ------------------------------------------------------------------------------------
 # Reference attention
 # ------------------------------------------------------------------------------------
-def check_qkv(q, k, v, problem: Problem, *, tokens: int | None = None, names=("q", "k", "v")) -> None:
-    """Check q [B, H, N, D], k/v [B, kv_heads, N, D] against ``problem``; errors name the argument."""
+def check_qkv(q, k, v, problem: Problem, *, tokens: int | None = None, names=("q", "k", "v"),
+              kv_tokens: int | None = None) -> None:
+    """Check q [B, H, Nq, D], k/v [B, kv_heads, Nk, D] against ``problem``; errors name the argument.
+
+    ``tokens`` (Nq) defaults to ``problem.tokens``; ``kv_tokens`` (Nk) to ``problem.kv_tokens``
+    for a problem with a ``kv_grid``, else to ``tokens``."""
     for name, t in zip(names, (q, k, v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -144,14 +207,19 @@ def check_qkv(q, k, v, problem: Problem, *, tokens: int | None = None, names=("q
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     n = problem.tokens if tokens is None else tokens
+    if kv_tokens is None:
+        kv_tokens = problem.kv_tokens if problem.is_cross else n
     b, h, nq, d = q.shape
     expected = {names[0]: (b, problem.heads, n, problem.head_dim),
-                names[1]: (b, problem.kv_heads, n, problem.head_dim),
-                names[2]: (b, problem.kv_heads, n, problem.head_dim)}
+                names[1]: (b, problem.kv_heads, kv_tokens, problem.head_dim),
+                names[2]: (b, problem.kv_heads, kv_tokens, problem.head_dim)}
     for name, t in zip(names, (q, k, v)):
         if tuple(t.shape) != expected[name]:
+            dims = "H, Nq" if name == names[0] else "kv_heads, Nk"
+            if n == kv_tokens:
+                dims = "H, N" if name == names[0] else "kv_heads, N"
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {expected[name]} "
-                             f"[B, {'H' if name == names[0] else 'kv_heads'}, N, D] for {problem!r}")
+                             f"[B, {dims}, D] for {problem!r}")
 
 
 # ------------------------------------------------------------------------------------
@@ -351,8 +419,15 @@ def check_key_padding_mask(m, batch: int, tokens: int, device) -> torch.Tensor:
 
 def reference_attention(q, k, v, pattern: Pattern, problem: Problem, *, scale=None,
                         coords=None, routes=None, groups=None, return_lse: bool = False, modifiers=(),
-                        key_padding_mask=None, lengths=None, padding_side: str = "right", sizes=None):
+                        key_padding_mask=None, lengths=None, padding_side: str = "right", sizes=None,
+                        kv_groups=None):
     """Attention under ``pattern`` in float64: [B, H, N, D] in, float64 [B, H, N, D] out.
+
+    Keys on a grid of their own (``problem.kv_grid``): q [B, H, Nq, D], k/v [B, kv_heads,
+    Nk, D], out [B, H, Nq, D], the mask ``dense_mask``'s [H, Nq, Nk] (queries placed on the
+    key grid, ``dsl.problem.placement``); ``Grouped`` takes ``groups`` (the queries') and
+    ``kv_groups`` (the keys'). Of the modifiers only ``Softcap`` and ``Sinks`` apply there
+    (bias terms are measured between positions of one grid), and no padding argument.
 
     k/v may have ``problem.kv_heads`` heads (GQA). ``scale`` defaults to D**-0.5; a float or a
     [H] tensor (one scale per query head). With ``return_lse`` also returns the natural-log
@@ -386,12 +461,17 @@ def reference_attention(q, k, v, pattern: Pattern, problem: Problem, *, scale=No
     voxel_layout = isinstance(q, torch.Tensor) and q.dim() == 3
     if voxel_layout:
         q, k, v = (t.permute(1, 0, 2).unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in (q, k, v))
-    ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes, groups=groups)
-    check_qkv(q, k, v, problem, tokens=ctx.tokens)
+    ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes, groups=groups,
+                       kv_groups=kv_groups)
+    check_qkv(q, k, v, problem, tokens=ctx.tokens, kv_tokens=ctx.keys)
     scale = check_scale(scale, problem, device=q.device)
     if scale is None:
         scale = problem.head_dim ** -0.5
-    mods = check_modifiers(modifiers, pattern, problem, device=q.device)
+    if problem.is_cross:
+        check_cross_extras(problem, modifiers, key_padding_mask=key_padding_mask, lengths=lengths, sizes=sizes)
+        mods = check_modifiers(modifiers, pattern, problem.on_key_grid(), device=q.device)
+    else:
+        mods = check_modifiers(modifiers, pattern, problem, device=q.device)
     samples, valid = check_padding(pattern, problem, q.shape[0], ctx.tokens, q.device, routes=routes,
                                    key_padding_mask=key_padding_mask, lengths=lengths,
                                    padding_side=padding_side, sizes=sizes)
@@ -408,13 +488,31 @@ def reference_attention(q, k, v, pattern: Pattern, problem: Problem, *, scale=No
     return (out, lse) if return_lse else out
 
 
+def check_cross_extras(problem: Problem, modifiers=(), *, key_padding_mask=None, lengths=None, sizes=None) -> None:
+    """What a problem with a ``kv_grid`` does not take yet: bias modifiers (``RelativePositionBias``,
+    ``T5Bias``, ``ALiBi`` measure positions of one grid; ``Softcap`` and ``Sinks`` apply) and
+    padding arguments. A ValueError naming the argument."""
+    from .modifiers import BiasModifier
+
+    mods = (modifiers,) if not isinstance(modifiers, (tuple, list)) else tuple(modifiers or ())
+    for i, m in enumerate(mods):
+        if isinstance(m, BiasModifier):
+            raise ValueError(f"modifiers[{i}] ({type(m).__name__}) is a bias measured between positions of one grid; "
+                             f"{problem!r} has keys on a grid of their own (kv_grid={problem.kv_grid}), where bias "
+                             "terms are not defined yet (Softcap and Sinks apply)")
+    for name, value in (("key_padding_mask", key_padding_mask), ("lengths", lengths), ("sizes", sizes)):
+        if value is not None:
+            raise ValueError(f"{name} is not supported with kv_grid (keys on a grid of their own, {problem!r}) yet; "
+                             "give queries and keys of the call's own lengths instead")
+
+
 def _attend(q64, k64, v64, pattern: Pattern, ctx: MaskContext, scale, mods: Modifiers, valid=None):
-    """(out, lse) of float64 q64/k64/v64 [B, H, N, D] (k/v heads already expanded) in row
-    chunks; ``valid``: bool [B, N] or None (every token real)."""
+    """(out, lse) of float64 q64 [B, H, Nq, D], k64/v64 [B, H, Nk, D] (k/v heads already
+    expanded) in row chunks; ``valid``: bool [B, N] or None (every token real)."""
     problem = ctx.problem
     if isinstance(scale, torch.Tensor):
         scale = scale.double().view(1, -1, 1, 1)
-    keys = torch.arange(ctx.tokens)
+    keys = torch.arange(ctx.keys)
     outs, lses = [], []
     for rows in _row_chunks(ctx):
         m = mask_rows(pattern, ctx, rows).to(q64.device)
@@ -638,28 +736,35 @@ class HeadStats:
 @dataclasses.dataclass(frozen=True)
 class PatternStats:
     """What ``describe`` returns: totals and one ``HeadStats`` per head (batch element 0
-    for content-dependent patterns)."""
+    for content-dependent patterns). ``kv_tokens``: Nk when the keys have a grid of their
+    own (None: ``tokens``); densities are over Nq x Nk pairs."""
 
     pattern: str
     problem: str
     tokens: int
     heads: tuple[HeadStats, ...]
+    kv_tokens: int | None = None
 
     @property
     def density(self) -> float:
-        return sum(h.allowed for h in self.heads) / (len(self.heads) * self.tokens ** 2)
+        keys = self.tokens if self.kv_tokens is None else self.kv_tokens
+        return sum(h.allowed for h in self.heads) / (len(self.heads) * self.tokens * keys)
 
     @property
     def empty_rows(self) -> int:
         return sum(h.empty_rows for h in self.heads)
 
     def as_dict(self) -> dict:
-        return {"pattern": self.pattern, "problem": self.problem, "tokens": self.tokens,
-                "density": self.density, "empty_rows": self.empty_rows,
-                "heads": [dataclasses.asdict(h) for h in self.heads]}
+        out = {"pattern": self.pattern, "problem": self.problem, "tokens": self.tokens,
+               "density": self.density, "empty_rows": self.empty_rows,
+               "heads": [dataclasses.asdict(h) for h in self.heads]}
+        if self.kv_tokens is not None:
+            out["kv_tokens"] = self.kv_tokens
+        return out
 
     def __str__(self) -> str:
-        lines = [f"{self.pattern} on {self.problem}: N={self.tokens}, density {self.density:.4g}, "
+        n = f"N={self.tokens}" if self.kv_tokens is None else f"Nq={self.tokens}, Nk={self.kv_tokens}"
+        lines = [f"{self.pattern} on {self.problem}: {n}, density {self.density:.4g}, "
                  f"empty rows {self.empty_rows}",
                  f"{'head':>4} {'density':>9} {'keys/query min':>15} {'mean':>9} {'max':>7} {'empty rows':>11}"]
         for h in self.heads:
@@ -669,12 +774,13 @@ class PatternStats:
 
 
 def describe(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=None, routes=None,
-             groups=None) -> PatternStats:
+             groups=None, kv_groups=None) -> PatternStats:
     """Density per head, keys per query (min/mean/max) and empty rows, computed exactly."""
-    ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes, groups=groups)
+    ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes, groups=groups,
+                       kv_groups=kv_groups)
     check_mask_rows("describe", pattern, ctx, CHUNK_ELEMENTS)
     h = problem.heads
-    kmin = torch.full((h,), ctx.tokens, dtype=torch.long)
+    kmin = torch.full((h,), ctx.keys, dtype=torch.long)
     kmax = torch.zeros(h, dtype=torch.long)
     total = torch.zeros(h, dtype=torch.long)
     empty = torch.zeros(h, dtype=torch.long)
@@ -684,7 +790,7 @@ def describe(pattern: Pattern, problem: Problem, *, q=None, k=None, coords=None,
         kmax = torch.maximum(kmax, counts.amax(-1))
         total += counts.sum(-1)
         empty += (counts == 0).sum(-1)
-    n = ctx.tokens
-    heads = tuple(HeadStats(i, int(total[i]), int(total[i]) / n ** 2, int(kmin[i]), int(total[i]) / n,
-                            int(kmax[i]), int(empty[i])) for i in range(h))
-    return PatternStats(repr(pattern), repr(problem), n, heads)
+    n, nk = ctx.tokens, ctx.keys
+    heads = tuple(HeadStats(i, int(total[i]), int(total[i]) / (n * nk) if n * nk else 0.0, int(kmin[i]),
+                            int(total[i]) / n if n else 0.0, int(kmax[i]), int(empty[i])) for i in range(h))
+    return PatternStats(repr(pattern), repr(problem), n, heads, nk if problem.is_cross else None)

@@ -1,5 +1,10 @@
 """Families defined on the flat (row-major) token index: Full, Causal, Sink, GlobalTokens,
-Documents and StridedShards (S2-Attention / DKernel)."""
+Documents and StridedShards (S2-Attention / DKernel).
+
+Indices are key positions: a query's is ``ctx.query_positions(qi)`` (with 1-D ``kv_grid``
+the queries are the last Nq positions of the keys' sequence, ``dsl.problem.placement``), so
+decode and chunked prefill are the bottom rows of the self-attention mask on the keys'
+sequence. Full, Sink and the key side of GlobalTokens read no query position."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,6 +19,8 @@ from .pattern import Pattern
 class Full(Pattern):
     """Every query sees every key."""
 
+    reads_query_positions = False
+
     def mask(self, ctx, qi, ki):
         return torch.ones(len(qi), len(ki), dtype=torch.bool)
 
@@ -23,12 +30,14 @@ class Causal(Pattern):
     """Key ``k`` is visible to query ``q`` iff ``k <= q`` (flat row-major index)."""
 
     def mask(self, ctx, qi, ki):
-        return ki[None, :] <= qi[:, None]
+        return ki[None, :] <= ctx.query_positions(qi)[:, None]
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class Sink(Pattern):
     """The first ``n`` keys (flat index) are visible to every query."""
+
+    reads_query_positions = False
 
     n: int
 
@@ -45,7 +54,15 @@ class Sink(Pattern):
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class GlobalTokens(Pattern):
-    """The tokens at flat ``indices`` see every key and are seen by every query."""
+    """The tokens at flat ``indices`` see every key and are seen by every query.
+
+    ``indices`` are positions on the key grid. A query is global when its position
+    (``ctx.query_positions``) is one of them; where the query and key grids give the queries
+    no position (``dsl.problem.placement``: e.g. a 2-D query grid against 1-D keys) the
+    indices name keys only: they are seen by every query, and no query row is global.
+    """
+
+    reads_query_positions = False
 
     indices: tuple[int, ...]
 
@@ -64,7 +81,10 @@ class GlobalTokens(Pattern):
 
     def mask(self, ctx, qi, ki):
         g = torch.tensor(self.indices, dtype=torch.long)
-        return torch.isin(qi, g)[:, None] | torch.isin(ki, g)[None, :]
+        keys = torch.isin(ki, g)[None, :]
+        if not ctx.aligned:
+            return keys.expand(len(qi), len(ki))
+        return torch.isin(ctx.query_positions(qi), g)[:, None] | keys
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -92,7 +112,7 @@ class Documents(Pattern):
         return torch.searchsorted(ends, idx, right=True)
 
     def mask(self, ctx, qi, ki):
-        return self.document_of(qi)[:, None] == self.document_of(ki)[None, :]
+        return self.document_of(ctx.query_positions(qi))[:, None] == self.document_of(ki)[None, :]
 
 
 # ------------------------------------------------------------------------------------
@@ -176,7 +196,8 @@ class StridedShards(Pattern):
         return layout
 
     def mask(self, ctx, qi, ki):
-        m = self.block_mask(ctx.problem, qi // self.block_size, ki // self.block_size)
+        qp = ctx.query_positions(qi)
+        m = self.block_mask(ctx.problem, qp // self.block_size, ki // self.block_size)
         if self.causal:
-            m = m & (ki[None, :] <= qi[:, None])[None]
+            m = m & (ki[None, :] <= qp[:, None])[None]
         return m

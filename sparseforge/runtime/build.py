@@ -31,6 +31,7 @@ from ..lower.paths import path_of
 from .builddir import BuildIntegrityError, read_build, write_build
 from .compiled import CompiledAttention
 from .inputs import check_backend
+from .ops import refuse_cross_on
 
 __all__ = ["load", "save", "versions"]
 
@@ -48,14 +49,20 @@ def versions() -> dict[str, str]:
 
 
 def problem_to_dict(problem: Problem) -> dict:
-    return dict(grid=list(problem.grid) if problem.grid else None, heads=problem.heads, head_dim=problem.head_dim,
-                kv_heads=problem.kv_heads, dtype=DTYPE_NAMES[problem.dtype])
+    """The problem as JSON data; ``kv_grid`` only when the keys have a grid of their own (so the
+    record of every other problem is what it always was)."""
+    out = dict(grid=list(problem.grid) if problem.grid else None, heads=problem.heads, head_dim=problem.head_dim,
+               kv_heads=problem.kv_heads, dtype=DTYPE_NAMES[problem.dtype])
+    if problem.kv_grid is not None:
+        out["kv_grid"] = list(problem.kv_grid)
+    return out
 
 
 def problem_from_dict(data: dict) -> Problem:
-    grid = data["grid"]
+    grid, kv_grid = data["grid"], data.get("kv_grid")
     return Problem(grid=tuple(grid) if grid is not None else None, heads=data["heads"], head_dim=data["head_dim"],
-                   kv_heads=data["kv_heads"], dtype=data["dtype"])
+                   kv_heads=data["kv_heads"], dtype=data["dtype"],
+                   kv_grid=tuple(kv_grid) if kv_grid is not None else None)
 
 
 def save(attn: CompiledAttention, out_dir, targets=("sm_90",), *, progress=None) -> Path:
@@ -64,6 +71,8 @@ def save(attn: CompiledAttention, out_dir, targets=("sm_90",), *, progress=None)
     empty for sources only. Returns the directory."""
 
     say = progress or (lambda _text, _done=None, _total=None: None)
+    if attn.problem.is_cross:
+        refuse_cross_on("triton", f"a build directory of {attn!r} (it holds the generated Triton kernels)")
     caps = [parse_target(t) for t in targets]
     kernels = attn.kernels()
     files: dict[str, bytes | str] = {SOURCES[kind]: kernels.source(kind) for kind in SOURCES}
@@ -108,7 +117,8 @@ def load(path, *, backend: str | None = None) -> CompiledAttention:
         raise BuildIntegrityError(f"build directory '{build.path}': manifest.json meta is not a sparseforge "
                                   f"compile's ({type(exc).__name__}: {exc}); rebuild it with "
                                   f"'sparseforge compile ... --out {build.path}'") from exc
-    attn = CompiledAttention(path_of(pattern).build(pattern, problem, config), backend, config, build=build)
+    attn = CompiledAttention(path_of(pattern).build(pattern, problem.on_key_grid(), config), backend, config,
+                             build=build, problem=problem if problem.is_cross else None)
     recorded = meta.get("versions", {})
     for kind, rel in SOURCES.items():
         if attn.source(kind) != build.read_text(rel):

@@ -99,19 +99,21 @@ def lse_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return row_error(got.unsqueeze(-1), want.unsqueeze(-1))
 
 
-def reductions(pattern, problem, *, q=None, k=None, coords=None, routes=None, groups=None) -> tuple[int, int]:
+def reductions(pattern, problem, *, q=None, k=None, coords=None, routes=None, groups=None,
+               kv_groups=None) -> tuple[int, int]:
     """(most keys any query sees, most (query, head) rows that see any one key row), from the
     exact mask; the second counts every head of a GQA group, as they all sum into one dK/dV
-    row. ``q``/``k``/``routes``/``coords``/``groups`` as for ``dense_mask``."""
-    ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes, groups=groups)
-    n, group = ctx.tokens, problem.heads // problem.kv_heads
-    per_row = max(1, problem.heads * n)
+    row. ``q``/``k``/``routes``/``coords``/``groups``/``kv_groups`` as for ``dense_mask``
+    (a problem with a ``kv_grid`` has Nq query rows and Nk key rows)."""
+    ctx = make_context(pattern, problem, q=q, k=k, coords=coords, routes=routes, groups=groups, kv_groups=kv_groups)
+    n, nk, group = ctx.tokens, ctx.keys, problem.heads // problem.kv_heads
+    per_row = max(1, problem.heads * nk)
     step = max(1, (1 << 24) // per_row)
     keys, seen = 0, None
     for start in range(0, n, step):
         m = mask_rows(pattern, ctx, torch.arange(start, min(start + step, n)))  # [B|1, H, rows, N]
         keys = max(keys, int(m.sum(-1).max()) if m.numel() else 0)
-        cols = m.sum(2).reshape(m.shape[0], problem.kv_heads, group, n).sum(2)  # [B|1, kv_heads, N]
+        cols = m.sum(2).reshape(m.shape[0], problem.kv_heads, group, nk).sum(2)  # [B|1, kv_heads, Nk]
         seen = cols if seen is None else seen + cols
     return keys, (int(seen.max()) if seen is not None and seen.numel() else 0)
 
@@ -176,8 +178,8 @@ def check_numerics(attn, *, batch: int = 1, seed: int = 0, device: str | torch.d
     def rand(*shape):
         return torch.randn(shape, dtype=torch.float64, generator=gen).to(device=device, dtype=problem.dtype)
 
-    n, d = problem.tokens, problem.head_dim
-    q, k, v = rand(batch, problem.heads, n, d), rand(batch, problem.kv_heads, n, d), rand(batch, problem.kv_heads, n, d)
+    n, nk, d = problem.tokens, problem.kv_tokens, problem.head_dim
+    q, k, v = rand(batch, problem.heads, n, d), rand(batch, problem.kv_heads, nk, d), rand(batch, problem.kv_heads, nk, d)
     dout = rand(batch, problem.heads, n, d)
     t0 = time.perf_counter()
     inputs = [t.clone().requires_grad_(backward) for t in (q, k, v)]

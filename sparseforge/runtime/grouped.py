@@ -9,6 +9,11 @@
 ``ids`` is int [B, N] (one grouping for every head) or [B, H, N] (per head); tokens with a
 negative id belong to no group: their rows are zeros with LSE = -inf and they are never keys.
 
+Keys that are not the queries (cross attention between two sequences, ``Problem(grid=Nq,
+kv_grid=Nk)``, or any call whose k has another length): ``attn(q, k, v, groups=q_ids,
+kv_groups=k_ids)`` runs the CPU executor on the exact mask (``runtime.ops``' ``kv_grid``);
+``causal=True`` places the queries at the last Nq positions of the keys' sequence.
+
 No kernel of its own: a group is a scattered "window". The tokens with an id >= 0 become
 voxels with coordinates ``(b, id)`` (per-head ids: ``(b * H + h, id)``, one head per voxel,
 k/v repeated to H heads); ``lower.segments`` sorts them stably by (batch, group, position)
@@ -30,7 +35,9 @@ from ..dsl.content import Grouped, check_groups
 from ..dsl.problem import Problem
 from ..lower.paths import SEGMENTS
 from .compiled import CompiledAttention
-from .inputs import check_qkv, check_return_lse, check_scale
+from ..dsl.semantics import check_cross
+from .inputs import check_qkv, check_return_lse, check_scale, op_backend
+from .ops import refuse_cross_on, resolve_backend
 
 __all__ = ["GroupedAttention", "GroupedPlan"]
 
@@ -112,10 +119,18 @@ class GroupedAttention:
         return GroupedPlan(self.pattern, (b, g.shape[1], n), tuple(i.contiguous() for i in index), inner)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, groups: torch.Tensor | None = None,
-                 plan: GroupedPlan | None = None, scale: float | None = None, return_lse: bool = False):
+                 plan: GroupedPlan | None = None, scale: float | None = None, return_lse: bool = False,
+                 kv_groups: torch.Tensor | None = None):
         """out [B, H, N, D] (and the natural-log LSE [B, H, N], -inf on empty rows) of q, k, v
-        and exactly one of ``groups`` (int [B, N] or [B, H, N]) or ``plan`` (``self.plan(groups)``)."""
+        and exactly one of ``groups`` (int [B, N] or [B, H, N]) or ``plan`` (``self.plan(groups)``).
+
+        ``kv_groups`` (int [B, Nk] or [B, H, Nk]): the keys' ids when the keys are not the
+        queries (needed when the problem has a ``kv_grid`` or k's length is not q's);
+        ``groups`` are then the queries' ids."""
         p = self.problem
+        four_d = all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k))
+        if four_d and (kv_groups is not None or p.is_cross or k.shape[2] != q.shape[2]):
+            return self._cross(q, k, v, groups, kv_groups, plan, scale, return_lse)
         check_qkv(q, k, v, p, tokens=q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else None)
         scale = check_scale(scale, p.head_dim)
         check_return_lse(return_lse)
@@ -150,3 +165,36 @@ class GroupedAttention:
             lse = lse_v.new_full((b, h, n), -math.inf).index_put((bi, hi, ni), lse_v[:, 0])
         out = out.contiguous()
         return (out, lse.contiguous()) if return_lse else out
+
+    def _cross(self, q, k, v, groups, kv_groups, plan, scale, return_lse):
+        """A call whose keys are not the queries: the op with ``kv_grid`` and the group ids as
+        its tables (the CPU executor on the exact mask)."""
+        p = self.problem
+        b, h, nq, _ = q.shape
+        nk = k.shape[2]
+        check_qkv(q, k, v, p, tokens=nq, kv_tokens=nk)
+        scale = check_scale(scale, p.head_dim)
+        check_return_lse(return_lse)
+        if plan is not None:
+            raise ValueError("plan= packs one set of tokens; with keys that are not the queries pass groups= (the "
+                             "queries' ids) and kv_groups= (the keys') instead")
+        if groups is None or kv_groups is None:
+            missing = "groups" if groups is None else "kv_groups"
+            raise ValueError(f"{self.pattern!r} with keys that are not the queries (Nq={nq}, Nk={nk}) needs groups= "
+                             f"(the queries' ids, int [B, Nq] or [B, H, Nq]) and kv_groups= (the keys', [B, Nk] or "
+                             f"[B, H, Nk]); {missing} is missing")
+        g = check_groups(groups, b, h, nq, keep_device=True)
+        kg = check_groups(kv_groups, b, h, nk, keep_device=True, name="kv_groups")
+        backend = op_backend(p, self.backend, q)
+        which = resolve_backend(backend, q.device)
+        if which in ("triton", "interpret"):
+            refuse_cross_on(which, repr(self))
+        if not torch.compiler.is_compiling():
+            call = Problem(grid=int(nq), kv_grid=int(nk), heads=p.heads, head_dim=p.head_dim, dtype=p.dtype,
+                           kv_heads=p.kv_heads)
+            check_cross(self.pattern, call)
+        inner = self._inner(per_head=False)
+        out, lse = torch.ops.sparseforge.attention(q.contiguous(), k.contiguous(), v.contiguous(),
+                                                   [g.to(q.device).contiguous(), kg.to(q.device).contiguous()], [],
+                                                   None, [nq], inner.kernel.key, float(scale), backend, [nk])
+        return (out, lse) if return_lse else out

@@ -13,6 +13,7 @@ from ..codegen.config import KernelConfig
 from .ops import resolve_backend
 
 __all__ = ["BACKENDS", "PADDING_ARGUMENTS", "TRITON_DTYPES", "TRITON_HEAD_DIMS", "check_backend", "check_call_grid",
+           "check_call_kv_grid",
            "check_call_modifiers", "check_call_scale", "check_compile_modifiers", "check_kernel_options", "check_qkv",
            "check_return_lse", "check_scale", "check_triton_problem", "check_voxel_qkv", "op_backend",
            "padding_input"]
@@ -110,6 +111,40 @@ def check_call_grid(problem: Problem, grid, q: torch.Tensor) -> tuple:
     if math.prod(grid) != tokens:
         raise ValueError(f"grid={grid} has {math.prod(grid)} tokens but q has shape {tuple(q.shape)} ({tokens} tokens)")
     return grid
+
+
+def check_call_kv_grid(problem: Problem, grid: tuple, kv_grid, k: torch.Tensor) -> tuple | None:
+    """The keys' grid of a call on k [B, KVH, Nk, D] whose queries are on ``grid``: ``kv_grid``
+    when given (its product must be Nk; 1 to 3 dimensions), else for a 1-D problem (Nk,) from
+    k's length (decode: it grows every call, nothing is compared, so nothing is specialised
+    under ``torch.compile``), else the problem's key grid when k has that many tokens. None:
+    the keys share the queries' grid (a problem without ``kv_grid`` whose k has q's length)."""
+    nk = k.shape[2]
+    if kv_grid is not None:
+        if isinstance(kv_grid, (int, torch.SymInt)):
+            kv_grid = (kv_grid,)
+        kv_grid = tuple(kv_grid) if isinstance(kv_grid, (tuple, list)) else kv_grid
+        if not isinstance(kv_grid, tuple) or not 1 <= len(kv_grid) <= 3 or not all(
+                isinstance(g, (int, torch.SymInt)) and not isinstance(g, bool) for g in kv_grid):
+            raise ValueError(f"kv_grid must be a tuple of 1 to 3 ints (the keys' grid), got {kv_grid!r}")
+        if math.prod(kv_grid) != nk:
+            raise ValueError(f"kv_grid={kv_grid} has {math.prod(kv_grid)} tokens but k has shape {tuple(k.shape)} "
+                             f"({nk} tokens)")
+        return kv_grid
+    key_grid = problem.key_grid
+    if len(key_grid) == 1 and len(grid) == 1:
+        if problem.is_cross:
+            return (nk,)
+        return None if nk == grid[0] else (nk,)
+    if problem.is_cross:
+        if nk == math.prod(key_grid):
+            return key_grid
+        raise ValueError(f"k has shape {tuple(k.shape)}: its {nk} tokens are not the compiled kv_grid={key_grid}; "
+                         f"pass kv_grid= (the keys' grid) for keys of another size")
+    if nk == math.prod(grid):
+        return None
+    raise ValueError(f"k has shape {tuple(k.shape)}: its {nk} tokens are not the {math.prod(grid)} of the query grid "
+                     f"{tuple(grid)}; pass kv_grid= (the keys' grid) for keys on a grid of their own")
 
 
 def check_voxel_qkv(q, k, v, problem: Problem, n_voxels: int) -> None:

@@ -1,14 +1,16 @@
 """The torch ops: one fixed set for every pattern, problem, shape, config and modifier.
 
-    sparseforge::attention(q, k, v, tables, params, padding?, grid, kernel, scale, backend) -> (out, lse)
+    sparseforge::attention(q, k, v, tables, params, padding?, grid, kernel, scale, backend, kv_grid?=None)
+        -> (out, lse)
     sparseforge::attention_backward(q, k, v, out, lse, dout?, dlse?, tables, params, padding?, grid, kernel,
-                                    scale, backend) -> (dq, dk, dv, dparams)
+                                    scale, backend, kv_grid?=None) -> (dq, dk, dv, dparams)
     sparseforge::linear_attention(q, k, v, plan, n_windows, feature_map, interpret) -> (out, kv, s)
     sparseforge::linear_attention_backward(q, k, v, out, kv, s, dout, plan, n_windows, feature_map,
                                            interpret) -> (dq, dk, dv)
 
 - q [B, H, N, D], k/v [B, KVH, N, D]; out [B, H, N, D], lse [B, H, N] float32 (float64 for
-  float64 inputs, which only the CPU executor takes: gradcheck needs it);
+  float64 inputs, which only the CPU executor takes: gradcheck needs it); with ``kv_grid``
+  k/v are [B, KVH, Nk, D] and q, out, lse have the query grid's Nq tokens;
 - ``tables``: the per-call index data of the path (``lower.paths``): none for static
   attention, ``[routes]`` for routed attention, a plan's tensors for segments;
 - ``params``: the score modifiers' tensors of the call in ``dsl.modifiers.modifier_tensors``
@@ -22,6 +24,14 @@
 - ``grid``: the token grid of this call (SymInt[]: under ``torch.compile(dynamic=True)`` it
   stays symbolic, so a new size is no new graph); for segments the packed length (the
   schedule does not depend on it: the tables come with the plan);
+- ``kv_grid``: None (the keys share ``grid``), or the keys' grid of this call (SymInt[]?:
+  cross attention, decode, pooled keys, strided queries; ``dsl.problem.placement`` places the
+  queries on it). Such a call runs the CPU executor on the exact mask's chunks
+  (``backends.cpu.mask_chunks``): no schedule is built for it, so a decode step whose Nk
+  grows every call builds nothing and registers nothing. ``tables`` is then empty for static
+  patterns and ``[groups, kv_groups]`` (int64 [B, 1 or H, Nq] and [.., Nk]) on the segments
+  path (``Grouped``); ``padding`` must be None. The Triton backends refuse it
+  (``CrossGridsNotImplementedError``);
 - ``kernel``: the key of a registered ``Kernel`` — pattern, heads, head dim, dtype, tile
   config, modifier spec: everything that shapes the generated code except the grid. The
   schedule (and its tables, and the Triton kernels specialised to its extents) for each grid is
@@ -55,14 +65,29 @@ from ..backends import cpu, linear_kernels
 from ..backends.linear import ScatteredLinearPlan
 from ..backends.triton import TritonKernels
 from ..codegen.config import KernelConfig
+from ..dsl.content import Grouped
 from ..dsl.modifiers import Modifiers, modifier_spec, modifier_template, modifiers_from_tensors
 from ..dsl.pattern import Pattern
 from ..dsl.problem import DTYPE_NAMES, Problem
-from ..dsl.semantics import box_indices
-from ..lower.paths import STATIC, Path, Shape
+from ..dsl.semantics import box_indices, check_cross_extras
+from ..lower.paths import SEGMENTS, STATIC, Path, Shape
 from ..lower.schedule import TileSchedule
 
-__all__ = ["BACKENDS", "Kernel", "OPS", "register", "registered_kernel", "resolve_backend"]
+__all__ = ["BACKENDS", "CrossGridsNotImplementedError", "Kernel", "OPS", "register", "registered_kernel",
+           "resolve_backend"]
+
+
+class CrossGridsNotImplementedError(NotImplementedError, ValueError):
+    """Keys on a grid of their own (``kv_grid``, Nq != Nk) on a backend that has no kernels for
+    them yet (the Triton backends)."""
+
+
+def refuse_cross_on(backend: str, what: str) -> None:
+    """``CrossGridsNotImplementedError`` for ``backend`` ("triton" or "interpret")."""
+    raise CrossGridsNotImplementedError(
+        f"{what}: queries and keys of different grids (kv_grid: cross attention, decode with Nq != Nk, pooled "
+        f"keys, strided queries) are not implemented on backend={backend!r} (the generated Triton kernels) yet; "
+        "run it on CPU tensors (backend='cpu' or None)")
 
 NAMESPACE = "sparseforge"
 #: Values of the ops' ``backend`` argument.
@@ -115,6 +140,9 @@ class Kernel:
         self.head_scale = head_scale
         self.spec: tuple = modifier_spec(self.template, head_scale)
         self.key = _key(path, seed, config, self.spec)
+        scattered = getattr(seed, "scattered", None)
+        #: a segments kernel's cross calls are ``Grouped`` (causal as its layout) on group ids
+        self._segments_causal = bool(getattr(scattered, "causal", False))
         self._grids: collections.OrderedDict[tuple[int, ...], _AtGrid] = collections.OrderedDict()
         self._grids[self._grid_key(seed.problem.grid)] = _AtGrid(seed)
         self._lock = threading.Lock()
@@ -242,8 +270,55 @@ class Kernel:
         into[samples[:, None, None], torch.arange(into.shape[1], device=into.device)[None, :, None],
              tokens[None, None, :]] = value.to(into.dtype)
 
-    def forward(self, q, k, v, tables, params, padding, grid, scale: float, backend: str):
+    # -- keys on a grid of their own ----------------------------------------------------
+    def cross_problem(self, grid, kv_grid) -> Problem | None:
+        """The problem of a call whose keys have a grid of their own (``kv_grid``), else None
+        (a ``kv_grid`` equal to ``grid`` is self attention, except on the segments path, where
+        it says the tables are group ids)."""
+        if kv_grid is None:
+            return None
+        grid, kv = tuple(int(x) for x in grid), tuple(int(x) for x in kv_grid)
+        if kv == grid and not self.path.grid_free:
+            return None
+        p = self.problem
+        return Problem(grid=grid, kv_grid=kv, heads=p.heads, head_dim=p.head_dim, dtype=p.dtype, kv_heads=p.kv_heads)
+
+    def _cross_blocks(self, problem: Problem, tables, q, k, padding, scores) -> list:
+        """The CPU executor's blocks of a call with keys on a grid of their own."""
+        nq, nk = problem.tokens, problem.kv_tokens
+        if q.shape[2] != nq or k.shape[2] != nk:
+            raise ValueError(f"q has {q.shape[2]} tokens and k {k.shape[2]}, but grid={problem.grid} and "
+                             f"kv_grid={problem.key_grid} have {nq} and {nk}")
+        if padding is not None:
+            raise ValueError("padding is not supported with kv_grid (keys on a grid of their own) yet; pass None")
+        if scores is not None and scores.biases:
+            check_cross_extras(problem, scores.biases)
+        shape = Shape(q.shape[0], q.shape[1], k.shape[1], nq)
+        if self.path is SEGMENTS:
+            if len(tables) != 2:
+                raise ValueError(f"a segments kernel with kv_grid takes tables=[groups, kv_groups] (the queries' and "
+                                 f"the keys' group ids), got {len(tables)} tensor(s)")
+            groups, kv_groups = tables
+            chunks = cpu.mask_chunks(Grouped(causal=self._segments_causal), problem, shape, q.device,
+                                     groups=groups, kv_groups=kv_groups)
+        elif self.path is STATIC:
+            if tables:
+                raise ValueError(f"a static kernel takes no tables, got {len(tables)}")
+            chunks = cpu.mask_chunks(self.pattern, problem, shape, q.device)
+        else:
+            raise ValueError(f"{self.pattern!r} ({self.path.name} path) is defined on one set of tokens; kv_grid "
+                             "is not supported for it")
+        return [cpu.Block(chunks)]
+
+    def forward(self, q, k, v, tables, params, padding, grid, scale: float, backend: str, kv_grid=None):
         which = resolve_backend(backend, q.device)
+        cross = self.cross_problem(grid, kv_grid)
+        if cross is not None:
+            if which != "cpu":
+                refuse_cross_on(which, f"kernel {self.key!r}")
+            scores = self._scores(params)
+            blocks = self._cross_blocks(cross, tables, q, k, padding, scores)
+            return cpu.attend(q, k, v, blocks, scale, scores=scores, positions=cross)
         schedule = self.at(grid).schedule
         if which == "cpu":
             blocks, real = self._blocks(schedule, tables, q, k, grid, padding)
@@ -267,8 +342,17 @@ class Kernel:
             head_scale=head_scale, key_valid=key_valid)
         return out, lse.float()
 
-    def backward(self, q, k, v, out, lse, dout, dlse, tables, params, padding, grid, scale: float, backend: str):
+    def backward(self, q, k, v, out, lse, dout, dlse, tables, params, padding, grid, scale: float, backend: str,
+                 kv_grid=None):
         which = resolve_backend(backend, q.device)
+        cross = self.cross_problem(grid, kv_grid)
+        if cross is not None:
+            if which != "cpu":
+                refuse_cross_on(which, f"kernel {self.key!r}")
+            scores = self._scores(params)
+            blocks = self._cross_blocks(cross, tables, q, k, padding, scores)
+            return cpu.attend_backward(q, k, v, out, lse, dout, blocks, scale, scores=scores, positions=cross,
+                                       dlse=dlse)
         schedule = self.at(grid).schedule
 
         def attend_backward(dout):
@@ -382,14 +466,16 @@ def _no_autocast(t: Tensor):
 # ------------------------------------------------------------------------------------
 @torch.library.custom_op(f"{NAMESPACE}::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, tables: list[Tensor], params: list[Tensor], padding: Optional[Tensor],
-              grid: list[int], kernel: str, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+              grid: list[int], kernel: str, scale: float, backend: str,
+              kv_grid: Optional[list[int]] = None) -> tuple[Tensor, Tensor]:
     with _no_autocast(q):
-        out, lse = registered_kernel(kernel).forward(q, k, v, tables, params, padding, grid, scale, backend)
+        out, lse = registered_kernel(kernel).forward(q, k, v, tables, params, padding, grid, scale, backend,
+                                                     kv_grid)
     return out.contiguous(), lse.contiguous()
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, tables, params, padding, grid, kernel, scale, backend):
+def _attention_fake(q, k, v, tables, params, padding, grid, kernel, scale, backend, kv_grid=None):
     b, h, n, _ = q.shape
     return q.new_empty((b, h, n, v.shape[-1])), q.new_empty((b, h, n), dtype=_lse_dtype(q.dtype))
 
@@ -397,38 +483,42 @@ def _attention_fake(q, k, v, tables, params, padding, grid, kernel, scale, backe
 @torch.library.custom_op(f"{NAMESPACE}::attention_backward", mutates_args=())
 def attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Optional[Tensor],
                        dlse: Optional[Tensor], tables: list[Tensor], params: list[Tensor], padding: Optional[Tensor],
-                       grid: list[int], kernel: str, scale: float,
-                       backend: str) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+                       grid: list[int], kernel: str, scale: float, backend: str,
+                       kv_grid: Optional[list[int]] = None) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     with _no_autocast(q):
         dq, dk, dv, dparams = registered_kernel(kernel).backward(q, k, v, out, lse, dout, dlse, tables, params,
-                                                                padding, grid, scale, backend)
+                                                                padding, grid, scale, backend, kv_grid)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), [g.contiguous() for g in dparams]
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(q, k, v, out, lse, dout, dlse, tables, params, padding, grid, kernel, scale, backend):
+def _attention_backward_fake(q, k, v, out, lse, dout, dlse, tables, params, padding, grid, kernel, scale, backend,
+                             kv_grid=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), [torch.empty_like(p) for p in params]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, tables, params, padding, grid, kernel, scale, backend = inputs
+    q, k, v, tables, params, padding, grid, kernel, scale, backend, *rest = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, padding, *tables, *params)
     ctx.grid, ctx.kernel, ctx.scale, ctx.backend = grid, kernel, scale, backend
+    ctx.kv_grid = rest[0] if rest else None
     ctx.n_tables, ctx.n_params = len(tables), len(params)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
     none_tables = [None] * ctx.n_tables
-    rest = (None, None, None, None, None)  # padding, grid, kernel, scale, backend
+    # padding, grid, kernel, scale, backend (and kv_grid where the call passed it: the gradients
+    # have the structure of the arguments as given, which needs_input_grad has)
+    rest = (None,) * (len(ctx.needs_input_grad) - 5)
     if dout is None and dlse is None:
         return (None, None, None, none_tables, [None] * ctx.n_params) + rest
     q, k, v, out, lse, padding, *saved = ctx.saved_tensors
     tables, params = saved[:ctx.n_tables], saved[ctx.n_tables:]
     dq, dk, dv, dparams = attention_backward(q, k, v, out, lse, None if dout is None else dout.contiguous(),
                                              None if dlse is None else dlse.contiguous(), tables, params, padding,
-                                             ctx.grid, ctx.kernel, ctx.scale, ctx.backend)
+                                             ctx.grid, ctx.kernel, ctx.scale, ctx.backend, ctx.kv_grid)
     return (dq, dk, dv, none_tables, list(dparams)) + rest
 
 
