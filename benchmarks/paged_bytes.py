@@ -1,5 +1,6 @@
 """K/V bytes one decode step reads from a paged KV cache: our page selection vs the allowed keys vs a
-dense paged decode (exact counts from ``sparseforge.dsl.paged``; no device needed):
+dense paged decode, and what the decode kernel's block walk loads (exact counts from
+``sparseforge.dsl.paged`` and ``TritonDecode.keys_read``; no device needed):
 
     python benchmarks/paged_bytes.py [--out benchmarks/results/paged_bytes.json]
 
@@ -19,6 +20,7 @@ import torch
 
 import sparseforge as sf
 from sparseforge.atomic import write_atomic
+from sparseforge.backends.decode import TritonDecode
 from sparseforge.bench import run_info
 from sparseforge.dsl import paged as P
 
@@ -42,7 +44,14 @@ def count(pattern, length: int, *, page_size: int = 16, kv_heads: int = 8, head_
     """One row: pages and bytes of a decode step of ``n_queries`` over a cache of ``length`` tokens."""
     cache = meta_cache(length, page_size=page_size, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
     c = P.bytes_read(pattern, cache, n_queries)
+    # the decode kernel's own walk: key blocks of its ranges (backends.decode.TritonDecode.keys_read)
+    decoder = TritonDecode(pattern, sf.Problem(grid=1, heads=4 * kv_heads, kv_heads=kv_heads, head_dim=head_dim,
+                                               dtype=dtype if dtype != torch.float8_e4m3fn else torch.float16),
+                           page_size=page_size)
+    kernel_keys = decoder.keys_read(n_queries, length)
+    kernel_bytes = 2 * kernel_keys * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
     return dict(pattern=repr(pattern), cache_tokens=length, pages_read=c.pages[0], allowed_keys=c.keys[0],
+                kernel_keys=kernel_keys, kernel_bytes=kernel_bytes,
                 dense_pages=c.dense_pages[0], selected_bytes=c.selected_bytes, allowed_bytes=c.allowed_bytes,
                 dense_bytes=c.dense_bytes, selected_over_allowed=round(c.selected_bytes / c.allowed_bytes, 4),
                 dense_over_selected=round(c.dense_bytes / c.selected_bytes, 1))
@@ -50,11 +59,12 @@ def count(pattern, length: int, *, page_size: int = 16, kv_heads: int = 8, head_
 
 def table(rows: list[dict]) -> str:
     """The rows as text: exact bytes (K and V) per decode step, and their ratios."""
-    head = f"{'cache':>22} {'pages read':>10} {'selected bytes':>15} {'allowed bytes':>15} " \
+    head = f"{'cache':>22} {'pages read':>10} {'selected bytes':>15} {'kernel bytes':>13} {'allowed bytes':>15} " \
            f"{'dense paged bytes':>17} {'sel/allowed':>11} {'dense/sel':>9}"
     lines = [head]
     for r in rows:
-        lines.append(f"{r['label']:>22} {r['pages_read']:>10,} {r['selected_bytes']:>15,} {r['allowed_bytes']:>15,} "
+        lines.append(f"{r['label']:>22} {r['pages_read']:>10,} {r['selected_bytes']:>15,} {r['kernel_bytes']:>13,} "
+                     f"{r['allowed_bytes']:>15,} "
                      f"{r['dense_bytes']:>17,} {r['selected_over_allowed']:>11.4f} {r['dense_over_selected']:>8.1f}x")
     return "\n".join(lines)
 

@@ -29,7 +29,7 @@ from .runtime.compiled import CompiledAttention, UnsupportedPatternError
 from .runtime.grouped import GroupedAttention
 from .runtime.inputs import check_backend, check_compile_modifiers, check_kernel_options
 from .runtime.linear_attention import ScatteredLinearAttention, check_linear_backend
-from .runtime.ops import CrossGridsNotImplementedError, refuse_cross_on
+from .runtime.ops import CrossGridsNotImplementedError, decodes, refuse_cross_on
 
 __all__ = ["ATTENTIONS", "compile", "load", "verify_config"]
 
@@ -138,7 +138,7 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
 def _check_cross_compile(pattern, problem: Problem, *, backend, modifiers, autotune, target) -> None:
     """What a problem with a ``kv_grid`` compiles: the CPU executor (no Triton backend, no
     tuning), patterns its two grids define (``check_cross``), Softcap/Sinks modifiers only."""
-    if backend in ("triton", "interpret"):
+    if backend in ("triton", "interpret") and not decodes(pattern, problem, path_of(pattern).name):
         refuse_cross_on(backend, f"compile({pattern!r}, {problem!r})")
     if autotune or target is not None:
         raise CrossGridsNotImplementedError(

@@ -84,6 +84,27 @@ def _interpretable_library_functions():
         _restore_language(snapshot)
 
 
+def source_path(name: str, kind: str, source: str) -> Path:
+    """Where generated module ``kind`` of kernels ``name`` is kept: the cache directory, by content."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    return envvars.cache_dir() / "kernels" / name / f"{kind}_{digest}.py"
+
+
+def load_generated(name: str, kind: str, source: str, interpret: bool, variant: str = ""):
+    """Generated module ``kind`` of kernels ``name``, written to the cache directory (atomically,
+    on first use) and imported for the GPU or the interpreter (``variant``: a module-name tag)."""
+    path = source_path(name, kind, source)
+    if not path.exists() or path.read_text() != source:
+        write_atomic(path, source)
+    mod_name = f"sparseforge_generated.{name}.{kind}{variant}{'_interp' if interpret else ''}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    mod = importlib.util.module_from_spec(spec)
+    with envvars.triton_interpreter(interpret):
+        spec.loader.exec_module(mod)
+    sys.modules[mod_name] = mod
+    return mod
+
+
 def fixed_point_scale(v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     """fp32 [1]: the power of two that turns every dS of one backward into a 64-bit integer
     whose sums over any set of pairs cannot overflow (the bias table gradient's fixed point).
@@ -152,23 +173,13 @@ class TritonKernels:
         return self.sources[kind]
 
     def source_path(self, kind: str) -> Path:
-        digest = hashlib.sha256(self.sources[kind].encode()).hexdigest()[:16]
-        return envvars.cache_dir() / "kernels" / self.name / f"{kind}_{digest}.py"
+        return source_path(self.name, kind, self.sources[kind])
 
     def module(self, kind: str):
         """The loaded module of ``kind``; written to the cache directory on first use."""
         if kind not in self._modules:
-            path = self.source_path(kind)
-            if not path.exists() or path.read_text() != self.sources[kind]:
-                write_atomic(path, self.sources[kind])
-            mod_name = (f"sparseforge_generated.{self.name}.{kind}{'_padded' if self.padding else ''}"
-                        f"{'_interp' if self.interpret else ''}")
-            spec = importlib.util.spec_from_file_location(mod_name, path)
-            mod = importlib.util.module_from_spec(spec)
-            with envvars.triton_interpreter(self.interpret):
-                spec.loader.exec_module(mod)
-            sys.modules[mod_name] = mod
-            self._modules[kind] = mod
+            self._modules[kind] = load_generated(self.name, kind, self.sources[kind], self.interpret,
+                                                 "_padded" if self.padding else "")
         return self._modules[kind]
 
     def kernel(self, name: str):

@@ -12,6 +12,7 @@ from ..dsl.problem import DTYPE_NAMES
 from ..lower.paths import path_of
 from ..version import __version__
 from ..dsl.modifiers import relative_position_flat_index, t5_bucket_steps
+from ..lower.decode import KP, NK, QP
 from ..lower.families import Symbols, predicate
 from .config import KERNELS
 from .printer import to_triton
@@ -190,13 +191,13 @@ def bias_table(entry: tuple, pattern, problem) -> dict:
         describe = (f"T5 bucket bias table[h, bucket(k - q)] ({entries} buckets, max_distance "
                     f"{params['max_distance']}{', bidirectional' if half else ', causal'})")
         return dict(entries=entries, clamp=False, describe=describe, index=index("qx0[:, None]", "kx0[None, :]"),
-                    index_t=index("qx0[None, :]", "kx0[:, None]"))
+                    index_t=index("qx0[None, :]", "kx0[:, None]"), index_rows=index("qx0[:, None]", "kx0[None, :]"))
     extents = entry[1][1][1:]  # ("table", shape, dtype): [H, e_1, ..., e_n]
     sym = Symbols.make(problem.ndim)
     per_window = relative_position_flat_index(pattern, problem, sym.qx, sym.kx)
 
-    def index(q_axis, k_axis):
-        names = {sym.head: "head"} | {sym.qx[d]: f"qx{d}{q_axis}" for d in range(problem.ndim)} | \
+    def index(q_axis, k_axis, head="head"):
+        names = {sym.head: head} | {sym.qx[d]: f"qx{d}{q_axis}" for d in range(problem.ndim)} | \
             {sym.kx[d]: f"kx{d}{k_axis}" for d in range(problem.ndim)}
         lines = [f"bias_idx = {to_triton(per_window[0][1], names)}"]
         for heads, flat in per_window[1:]:
@@ -206,7 +207,31 @@ def bias_table(entry: tuple, pattern, problem) -> dict:
     shape = "x".join(map(str, extents))
     describe = f"relative position bias table[h, {shape}] (offsets in the window's coordinates)"
     return dict(entries=math.prod(extents), clamp=True, describe=describe, index=index("[:, None]", "[None, :]"),
-                index_t=index("[None, :]", "[:, None]"))
+                index_t=index("[None, :]", "[:, None]"), index_rows=index("[:, None]", "[None, :]", "head[:, None]"))
+
+
+def render_decode(lowering, problem, name: str, *, page_size: int | None = None, modifiers: tuple = (),
+                  padding: bool = False) -> str:
+    """Source of the decode kernel module (``attention_decode.py.j2``) of ``lowering``
+    (``lower.decode.DecodeLowering``) for ``problem``'s heads, head dim and dtype (its grid:
+    any length, for the bias index); ``page_size``: read K/V from pages through a block table
+    (None: contiguous); ``modifiers``: their spec (``modifier_context``; sinks join at the merge);
+    ``padding``: the kernel takes a key padding mask (``KEY_VALID``)."""
+    sym = Symbols.make(1)
+    names = {QP: "qx0[:, None]", KP: "kx0[None, :]", sym.head: "head[:, None]"}
+    pred = _bool_tensor(to_triton(lowering.predicate, names), "q_valid[:, None] & k_valid[None, :]")
+    ranges = [(to_triton(lo, {QP: "qp", NK: "n_keys"}), to_triton(hi, {QP: "qp", NK: "n_keys"}))
+              for lo, hi in lowering.intervals]
+    context = dict(
+        version=_version(), pattern=repr(lowering.pattern), heads=problem.heads, kv_heads=problem.kv_heads,
+        kv_group=problem.heads // problem.kv_heads, head_dim=problem.head_dim, block_d=block_d(problem.head_dim),
+        dtype=DTYPE_NAMES[problem.dtype], paged=page_size is not None, page_size=page_size, kernel_name=name,
+        padding=padding,
+        predicate=pred, ranges=ranges, bounds=", ".join(f"first{j}, end{j}" for j in range(len(ranges))),
+        mods=modifier_context(modifiers, lowering.pattern, problem),
+        dot_args=', input_precision="ieee"' if problem.dtype in (torch.float32, torch.float64) else "",
+    )
+    return _tidy(_env.get_template("attention_decode.py.j2").render(**context))
 
 
 def _tidy(source: str) -> str:

@@ -49,10 +49,11 @@ from ..lower.segments import ScatteredPlan, pack, plan as make_plan, unpack
 from . import ops
 from ..backends.cpu import compute_dtype
 from ..dsl.modifiers import Modifiers, modifier_tensors
-from ..dsl.semantics import check_cross, check_cross_extras
+from ..dsl.semantics import check_cross, check_cross_extras, check_key_padding_mask
 from .inputs import check_backend, check_call_grid, check_call_kv_grid, check_call_modifiers, check_call_scale, \
     check_qkv, check_return_lse, check_voxel_qkv, op_backend, padding_input
 from .ops import refuse_cross_on, resolve_backend
+from .paged import paged_attention
 
 __all__ = ["CompiledAttention", "SOURCE_KINDS", "UnsupportedPatternError"]
 
@@ -126,6 +127,13 @@ class CompiledAttention:
             refuse_cross_on("interpret" if interpret else "triton", repr(self))
         return self.kernel.triton(self.schedule.problem.grid, interpret)
 
+    def paged(self, q: torch.Tensor, cache, *, scale=None, modifiers=None, return_lse: bool = False):
+        """Decode over a paged KV cache (``sf.PagedKV``: vLLM/FlashInfer's pages, block table and
+        cache lengths): q [B, H, Nq, D] at the last Nq positions of each sample's cache; out
+        [B, H, Nq, D] (and the LSE). A GPU reads only the pages holding allowed keys, with no host
+        synchronisation (``runtime.paged``)."""
+        return paged_attention(self, q, cache, scale=scale, modifiers=modifiers, return_lse=return_lse)
+
     def __repr__(self) -> str:
         return (f"CompiledAttention({self.pattern!r}, {self.problem!r}, backend={self.backend!r}, "
                 f"name={self.name!r})")
@@ -173,7 +181,10 @@ class CompiledAttention:
         if kv_grid is not None:
             self._check_cross_call(q, tuple(grid), tuple(kv_grid), backend, modifiers=modifiers,
                                    key_padding_mask=key_padding_mask, lengths=lengths, sizes=sizes)
-            return (q, k, v, [], params, None, list(grid), self.kernel.key, scale, backend, list(kv_grid))
+            if key_padding_mask is not None:  # over the keys: bool [B, Nk]
+                key_padding_mask = check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2], q.device)
+            return (q, k, v, [], params, key_padding_mask, list(grid), self.kernel.key, scale, backend,
+                    list(kv_grid))
         padding = padding_input(self.pattern, self.problem, tuple(grid), q, mods, key_padding_mask=key_padding_mask,
                                 lengths=lengths, padding_side=padding_side, sizes=sizes, routes=routes,
                                 routed=self.path.batched_head_groups)
@@ -183,20 +194,21 @@ class CompiledAttention:
     def _check_cross_call(self, q, grid: tuple, kv_grid: tuple, backend: str, *, modifiers=None, key_padding_mask=None,
                           lengths=None, sizes=None) -> None:
         """Refuse what a call with keys on ``kv_grid`` does not take: the Triton backends
-        (``CrossGridsNotImplementedError``), content routing, bias modifiers, padding; and, where
+        (``CrossGridsNotImplementedError``), content routing, bias modifiers, ``lengths``/``sizes``
+        (a ``key_padding_mask`` over the keys is taken); and, where
         the sizes are known (outside ``torch.compile`` tracing), a pattern the two grids do not
         define (``dsl.semantics.check_cross``)."""
         which = resolve_backend(backend, q.device)
-        if which in ("triton", "interpret"):
-            refuse_cross_on(which, repr(self))
         if self.path.batched_head_groups:
             raise ValueError(f"{self.pattern!r} routes regions of one grid: k must have q's {q.shape[2]} tokens "
                              f"(keys on a grid of their own, kv_grid={kv_grid}, are not defined for it)")
         if torch.compiler.is_compiling():
-            return
+            return   # the op refuses what the decode kernel does not run
         p = self.problem
         call = Problem(grid=tuple(int(g) for g in grid), kv_grid=tuple(int(g) for g in kv_grid), heads=p.heads,
                        head_dim=p.head_dim, dtype=p.dtype, kv_heads=p.kv_heads)
+        if which in ("triton", "interpret") and not self.kernel.decodes(call):
+            refuse_cross_on(which, repr(self))
         if call.is_cross or p.is_cross:
             check_cross_extras(call if call.is_cross else p, modifiers, key_padding_mask=key_padding_mask,
                                lengths=lengths, sizes=sizes)
@@ -229,7 +241,9 @@ class CompiledAttention:
                 1-D problem, k's length (decode and chunked prefill: the queries are the last
                 Nq positions of the Nk keys), else the compiled ``kv_grid``. Queries are placed
                 on it as ``dsl.problem.placement`` says; k/v are [B, kv_heads, Nk, D]. Runs on
-                the CPU executor (CPU tensors); no padding arguments, Softcap/Sinks only.
+                the CPU executor (CPU tensors); Softcap/Sinks only; ``key_padding_mask`` is then
+                bool [B, Nk] over the keys (decode over a left-padded cache: a 1-D query row is
+                padding where its key position is), no ``lengths``/``sizes``.
         routes: ``Routed`` only: int [B, (H,) R, topk], replaces the routing computed from q
                 and k (``dsl.content.check_routes`` checks it).
         ``Scattered``: q [N, H, D], k/v [N, kv_heads, D] in voxel order and either ``coords``

@@ -63,6 +63,7 @@ from torch import Tensor
 
 from ..backends import cpu, linear_kernels
 from ..backends.linear import ScatteredLinearPlan
+from ..backends.decode import TritonDecode
 from ..backends.triton import TritonKernels
 from ..codegen.config import KernelConfig
 from ..dsl.content import Grouped
@@ -71,6 +72,7 @@ from ..dsl.pattern import Pattern
 from ..dsl.problem import DTYPE_NAMES, Problem
 from ..dsl.semantics import box_indices, check_cross_extras
 from ..lower.paths import SEGMENTS, STATIC, Path, Shape
+from ..lower.decode import DecodeNotSupportedError, lower_decode
 from ..lower.schedule import TileSchedule
 
 __all__ = ["BACKENDS", "CrossGridsNotImplementedError", "Kernel", "OPS", "register", "registered_kernel",
@@ -85,9 +87,25 @@ class CrossGridsNotImplementedError(NotImplementedError, ValueError):
 def refuse_cross_on(backend: str, what: str) -> None:
     """``CrossGridsNotImplementedError`` for ``backend`` ("triton" or "interpret")."""
     raise CrossGridsNotImplementedError(
-        f"{what}: queries and keys of different grids (kv_grid: cross attention, decode with Nq != Nk, pooled "
-        f"keys, strided queries) are not implemented on backend={backend!r} (the generated Triton kernels) yet; "
-        "run it on CPU tensors (backend='cpu' or None)")
+        f"{what}: queries and keys of different grids (kv_grid: cross attention, pooled keys, strided queries) are "
+        f"not implemented on backend={backend!r} (the generated Triton kernels) yet, except the forward of a 1-D "
+        "decode or chunked prefill (queries the last Nq of Nk keys) of a pattern whose mask does not depend on the "
+        "sequence length (backends.decode); run it on CPU tensors (backend='cpu' or None)")
+
+
+def decodes(pattern: Pattern, problem: Problem, path_name: str, lowers: bool | None = None) -> bool:
+    """Whether the Triton decode kernel (``backends.decode``) runs the forward of ``problem``
+    (with a ``kv_grid``): two 1-D grids (queries the last Nq of Nk keys), a static pattern
+    whose mask does not depend on the sequence length (``lowers``: that answer, if known)."""
+    if path_name != STATIC.name or problem.ndim != 1 or len(problem.key_grid) != 1 or problem.tokens > problem.kv_tokens:
+        return False
+    if lowers is None:
+        try:
+            lower_decode(pattern, problem.heads, problem.kv_heads)
+        except DecodeNotSupportedError:
+            return False
+        return True
+    return lowers
 
 NAMESPACE = "sparseforge"
 #: Values of the ops' ``backend`` argument.
@@ -146,6 +164,8 @@ class Kernel:
         self._grids: collections.OrderedDict[tuple[int, ...], _AtGrid] = collections.OrderedDict()
         self._grids[self._grid_key(seed.problem.grid)] = _AtGrid(seed)
         self._lock = threading.Lock()
+        self._decoders: dict[tuple, TritonDecode] = {}  # (interpret, padding, page size): decode kernels
+        self._lowers_for_decode: bool | None = None  # the pattern has a decode lowering (lower.decode)
 
     def _grid_key(self, grid) -> tuple[int, ...]:
         return () if self.path.grid_free or grid is None else tuple(int(x) for x in grid)
@@ -289,8 +309,6 @@ class Kernel:
         if q.shape[2] != nq or k.shape[2] != nk:
             raise ValueError(f"q has {q.shape[2]} tokens and k {k.shape[2]}, but grid={problem.grid} and "
                              f"kv_grid={problem.key_grid} have {nq} and {nk}")
-        if padding is not None:
-            raise ValueError("padding is not supported with kv_grid (keys on a grid of their own) yet; pass None")
         if scores is not None and scores.biases:
             check_cross_extras(problem, scores.biases)
         shape = Shape(q.shape[0], q.shape[1], k.shape[1], nq)
@@ -308,14 +326,40 @@ class Kernel:
         else:
             raise ValueError(f"{self.pattern!r} ({self.path.name} path) is defined on one set of tokens; kv_grid "
                              "is not supported for it")
-        return [cpu.Block(chunks)]
+        return [cpu.cross_block(chunks, problem, padding)]  # padding: None or a key padding mask [B, Nk]
+
+    def decodes(self, problem: Problem) -> bool:
+        """Whether the Triton decode kernel runs the forward of ``problem`` (``decodes``; the
+        pattern's decode lowering is tried once per kernel)."""
+        if self._lowers_for_decode is None:
+            self._lowers_for_decode = decodes(self.pattern, self.problem.with_grid(2, 3), self.path.name)
+        return decodes(self.pattern, problem, self.path.name, self._lowers_for_decode)
+
+    def _decode(self, which: str, problem: Problem, q, k, v, tables, params, padding, scale: float):
+        """Forward of a call whose queries are the last Nq of Nk keys, on the Triton decode kernel."""
+        if tables or not self.decodes(problem):
+            refuse_cross_on(which, f"kernel {self.key!r} on {problem!r}")
+        mods, head_scale = self.unflatten(params)
+        n_keys = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
+        return self.decoder(which == "interpret", padding is not None).forward(
+            q, k, v, n_keys, scale, modifiers=mods or None, head_scale=head_scale, key_valid=padding)
+
+    def decoder(self, interpret: bool, padding: bool = False, page_size: int | None = None) -> TritonDecode:
+        """The decode kernel of this kernel's pattern, modifiers and heads (cached): for the
+        interpreter or a GPU, with a key padding mask or not, on a contiguous or paged cache."""
+        key = (interpret, padding, page_size)
+        with self._lock:
+            if key not in self._decoders:
+                self._decoders[key] = TritonDecode(self.pattern, self.problem, modifiers=self.spec, padding=padding,
+                                                   page_size=page_size, interpret=interpret)
+            return self._decoders[key]
 
     def forward(self, q, k, v, tables, params, padding, grid, scale: float, backend: str, kv_grid=None):
         which = resolve_backend(backend, q.device)
         cross = self.cross_problem(grid, kv_grid)
         if cross is not None:
             if which != "cpu":
-                refuse_cross_on(which, f"kernel {self.key!r}")
+                return self._decode(which, cross, q, k, v, tables, params, padding, scale)
             scores = self._scores(params)
             blocks = self._cross_blocks(cross, tables, q, k, padding, scores)
             return cpu.attend(q, k, v, blocks, scale, scores=scores, positions=cross)
@@ -348,7 +392,10 @@ class Kernel:
         cross = self.cross_problem(grid, kv_grid)
         if cross is not None:
             if which != "cpu":
-                refuse_cross_on(which, f"kernel {self.key!r}")
+                raise CrossGridsNotImplementedError(
+                    f"kernel {self.key!r}: the backward of a call with keys on a grid of their own (kv_grid={cross.key_grid}) "
+                    f"is not implemented on backend={which!r}: the decode kernel computes the forward (inference); "
+                    "train with Nq != Nk on CPU tensors (backend='cpu' or None)")
             scores = self._scores(params)
             blocks = self._cross_blocks(cross, tables, q, k, padding, scores)
             return cpu.attend_backward(q, k, v, out, lse, dout, blocks, scale, scores=scores, positions=cross,
