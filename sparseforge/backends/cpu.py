@@ -33,7 +33,10 @@ when there are sinks.
 Keys on a grid of their own (``Problem.kv_grid``: cross attention, decode, pooled keys,
 strided queries): ``mask_chunks`` yields chunks of query rows against the keys any of them
 may see, with the exact mask of ``dsl.semantics`` (queries placed on the key grid); q has Nq
-tokens, k/v Nk, and the forward and backward below run unchanged on them.
+tokens, k/v Nk, and the forward and backward below run unchanged on them. A key padding
+mask there is bool [B, Nk] over the keys (``cross_block``): padded keys are removed, and a
+query row is padding where its place among the keys is (two 1-D grids, decode over a
+left-padded cache; ``dsl.semantics.cross_query_padding``).
 
 It runs on whatever device the tensors are on (it is torch ops only), which is how the
 runtime computes the rarely needed LSE-gradient correction for the Triton backends too.
@@ -50,10 +53,11 @@ import torch
 from ..dsl.modifiers import Modifiers, bias_lookup, modifier_tensors
 from ..dsl.pattern import Pattern, as_4d
 from ..dsl.problem import Problem
-from ..dsl.semantics import allowed_dot, allowed_sum, make_context, masked_softmax_attention
+from ..dsl.semantics import allowed_dot, allowed_sum, cross_query_padding, make_context, masked_softmax_attention
 from ..lower.paths import Chunk, Shape
 
-__all__ = ["Block", "Scores", "attend", "attend_backward", "backward", "compute_dtype", "forward", "mask_chunks"]
+__all__ = ["Block", "Scores", "attend", "attend_backward", "backward", "compute_dtype", "cross_block", "forward",
+           "mask_chunks"]
 
 #: Mask entries (batch x heads x query rows x keys) evaluated per chunk of ``mask_chunks``.
 MASK_CHUNK_ELEMENTS = 1 << 22
@@ -150,6 +154,8 @@ class Block:
     tokens:   int64 [n], the call's flat token of each token of the view; None: all, in order;
     key_padding: bool [B, N] (the call's samples and tokens; True = real) or None: a pair whose
               query or key is padding is removed.
+    query_padding: bool [B, Nq] real query rows when the queries are not the keys' tokens (keys
+              on a grid of their own, ``cross_block``); None: ``key_padding`` says for both.
     """
 
     chunks: Iterable[Chunk]
@@ -157,17 +163,49 @@ class Block:
     samples: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
     key_padding: torch.Tensor | None = None
+    query_padding: torch.Tensor | None = None
+
+
+def cross_block(chunks: Iterable[Chunk], problem: Problem, key_padding: torch.Tensor | None = None) -> Block:
+    """The block of a call whose keys have a grid of their own (``problem.kv_grid``): ``chunks``
+    of ``mask_chunks`` and, optionally, ``key_padding`` bool [B, Nk] over the keys (True = real;
+    padded keys are removed, and query rows placed on a padded key are padding:
+    ``dsl.semantics.cross_query_padding``)."""
+    if key_padding is None:
+        return Block(chunks)
+    if not isinstance(key_padding, torch.Tensor) or key_padding.dtype != torch.bool or key_padding.dim() != 2 \
+            or key_padding.shape[1] != problem.kv_tokens:
+        what = f"{key_padding.dtype} {list(key_padding.shape)}" if isinstance(key_padding, torch.Tensor) else \
+            type(key_padding).__name__
+        raise ValueError(f"padding with kv_grid={problem.key_grid} must be a key padding mask, bool [B, Nk="
+                         f"{problem.kv_tokens}] (per-sample boxes are not supported there), got {what}")
+    real_q = cross_query_padding(problem, key_padding)
+    if real_q is None:
+        real_q = key_padding.new_ones(key_padding.shape[0], problem.tokens)
+    return Block(chunks, key_padding=key_padding, query_padding=real_q)
+
+
+def _call_real(chunks) -> torch.Tensor | None:
+    """The real query tokens [B, Nq] of a call run as one ``Block`` over the call's own rows
+    with a key padding mask (what ``attend``'s ``real`` would say), else None."""
+    if isinstance(chunks, (list, tuple)) and len(chunks) == 1 and isinstance(chunks[0], Block):
+        block = chunks[0]
+        if block.key_padding is not None and block.samples is None and block.tokens is None:
+            return block.key_padding if block.query_padding is None else block.query_padding
+    return None
 
 
 class _Where:
     """A chunk's rows in the call: call rows (for gathers and scatters) and, on demand, the query
     head, positions (in the block's grid) and the call's batch/token of either side."""
 
-    def __init__(self, block: Block, chunk: Chunk, n: int, heads: int, kv_heads: int, n_call: int):
+    def __init__(self, block: Block, chunk: Chunk, n: int, heads: int, kv_heads: int, n_call: int,
+                 kv_n: int | None = None):
         self.pad = chunk.q_rows < 0
         self._q = chunk.q_rows.clamp_min(0)
         self._k = chunk.k_rows
         self.n, self.heads, self.kv_heads, self.n_call = n, heads, kv_heads, n_call
+        self.kv_n = n if kv_n is None else kv_n  # the keys' tokens (Nk: keys on a grid of their own)
         self.block = block
         if block.samples is None and block.tokens is None:
             self.q_rows, self.k_rows = self._q, self._k
@@ -180,9 +218,10 @@ class _Where:
         b, h, t = self._split(rows, heads)
         return (b * heads + h) * self.n_call + t
 
-    def _split(self, rows, heads):
-        """(call batch, head, call token) of local rows."""
-        n = self.n
+    def _split(self, rows, heads, n=None):
+        """(call batch, head, call token) of local rows (``n`` tokens a row block: default the
+        queries')."""
+        n = self.n if n is None else n
         t, h, b = rows % n, (rows // n) % heads, rows // (heads * n)
         if self.block.samples is not None:
             b = self.block.samples[b]
@@ -200,25 +239,26 @@ class _Where:
 
     @functools.cached_property
     def k_pos(self):
-        return self._k % self.n
+        return self._k % self.kv_n
 
     def q_call(self):
         b, _, t = self._split(self._q, self.heads)
         return b, t
 
     def k_call(self):
-        b, _, t = self._split(self._k, self.kv_heads)
+        b, _, t = self._split(self._k, self.kv_heads, self.kv_n)
         return b, t
 
 
-def _placed(chunks, positions, n: int, h: int, kvh: int):
+def _placed(chunks, positions, n: int, h: int, kvh: int, kv_n: int | None = None):
     """Every chunk placed in its block: (the problem its positions live on, its ``_Where``, its
-    mask with padding applied, its real query rows)."""
+    mask with padding applied, its real query rows). ``kv_n``: the call's key tokens (default n)."""
     for block in _blocks(chunks):
         problem = block.problem or positions
         local_n = n if block.problem is None else block.problem.tokens
+        local_kv = (n if kv_n is None else kv_n) if block.problem is None else local_n
         for c in block.chunks:
-            where = _Where(block, c, local_n, h, kvh, n)
+            where = _Where(block, c, local_n, h, kvh, n, local_kv)
             mask, real_q = _padding_masks(block, where, c.mask)
             yield problem, where, mask, real_q
 
@@ -236,7 +276,8 @@ def _padding_masks(block: Block, where: _Where, mask):
     kp = block.key_padding
     qb, qt = where.q_call()
     kb, kt = where.k_call()
-    vq, vk = kp[qb, qt], kp[kb, kt]
+    vq = (kp if block.query_padding is None else block.query_padding)[qb, qt]
+    vk = kp[kb, kt]
     pairs = vq[..., :, None] & vk[..., None, :]
     return (pairs if mask is None else mask & pairs), vq
 
@@ -305,6 +346,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks, scale: flo
     kvh = k.shape[1]
     rows = b * h * n
     sinks = None if scores is None else scores.sinks
+    if real is None:
+        real = _call_real(chunks)
     with torch.no_grad():
         qf, kf, vf = q.reshape(-1, d).to(ct), k.reshape(-1, d).to(ct), v.reshape(-1, v.shape[-1]).to(ct)
         out = torch.zeros(rows + 1, v.shape[-1], dtype=ct, device=q.device)  # + 1 scratch row
@@ -313,7 +356,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks, scale: flo
         everything = torch.ones((), dtype=torch.bool, device=q.device)
         contain = not _all_finite(qf, kf, vf)
         cap = None if scores is None else scores.softcap
-        for problem, where, mask, real_q in _placed(chunks, positions, n, h, kvh):
+        for problem, where, mask, real_q in _placed(chunks, positions, n, h, kvh, k.shape[2]):
             bias = None if scores is None else _bias(scores, problem, where, ct, None)
             o, l = masked_softmax_attention(qf[where.q_rows], kf[where.k_rows], vf[where.k_rows],
                                             everything if mask is None else mask,
@@ -374,7 +417,7 @@ def attend_backward(q, k, v, out, lse, dout, chunks, scale: float, *, scores: Sc
         contain = not (_all_finite(qf, kf, vf, dof, delta) and bool((lse_c > -math.inf).all()))
         grads = _Grads(scores, dev)
         cap = None if scores is None else scores.softcap
-        for problem, where, mask, _ in _placed(chunks, positions, n, h, kvh):
+        for problem, where, mask, _ in _placed(chunks, positions, n, h, kvh, k.shape[2]):
             qi, ki = where.q_rows, where.k_rows
             qg, dog = qf[qi], dof[qi]                       # [..., m, D]
             kg, vg = kf[ki], vf[ki]                         # [..., nk, D]

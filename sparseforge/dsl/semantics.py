@@ -427,7 +427,10 @@ def reference_attention(q, k, v, pattern: Pattern, problem: Problem, *, scale=No
     Nk, D], out [B, H, Nq, D], the mask ``dense_mask``'s [H, Nq, Nk] (queries placed on the
     key grid, ``dsl.problem.placement``); ``Grouped`` takes ``groups`` (the queries') and
     ``kv_groups`` (the keys'). Of the modifiers only ``Softcap`` and ``Sinks`` apply there
-    (bias terms are measured between positions of one grid), and no padding argument.
+    (bias terms are measured between positions of one grid), and of the padding arguments only
+    ``key_padding_mask``, bool [B, Nk] over the keys (``cross_query_padding`` says which query
+    rows are padding: with two 1-D grids the query at key position ``i + Nk - Nq`` is padding
+    where that key is; on other grids no query row is).
 
     k/v may have ``problem.kv_heads`` heads (GQA). ``scale`` defaults to D**-0.5; a float or a
     [H] tensor (one scale per query head). With ``return_lse`` also returns the natural-log
@@ -467,20 +470,26 @@ def reference_attention(q, k, v, pattern: Pattern, problem: Problem, *, scale=No
     scale = check_scale(scale, problem, device=q.device)
     if scale is None:
         scale = problem.head_dim ** -0.5
+    valid_q = None
     if problem.is_cross:
         check_cross_extras(problem, modifiers, key_padding_mask=key_padding_mask, lengths=lengths, sizes=sizes)
         mods = check_modifiers(modifiers, pattern, problem.on_key_grid(), device=q.device)
+        samples, valid = None, None
+        if key_padding_mask is not None:
+            valid = check_key_padding_mask(key_padding_mask, q.shape[0], ctx.keys, q.device)
+            valid_q = cross_query_padding(problem, valid)
     else:
         mods = check_modifiers(modifiers, pattern, problem, device=q.device)
-    samples, valid = check_padding(pattern, problem, q.shape[0], ctx.tokens, q.device, routes=routes,
-                                   key_padding_mask=key_padding_mask, lengths=lengths,
-                                   padding_side=padding_side, sizes=sizes)
+        samples, valid = check_padding(pattern, problem, q.shape[0], ctx.tokens, q.device, routes=routes,
+                                       key_padding_mask=key_padding_mask, lengths=lengths,
+                                       padding_side=padding_side, sizes=sizes)
+        valid_q = valid
     group = problem.heads // problem.kv_heads
     q64 = q.double()
     k64 = k.double().repeat_interleave(group, dim=1)
     v64 = v.double().repeat_interleave(group, dim=1)
     if samples is None:
-        out, lse = _attend(q64, k64, v64, pattern, ctx, scale, mods, valid)
+        out, lse = _attend(q64, k64, v64, pattern, ctx, scale, mods, valid, valid_q)
     else:
         out, lse = _attend_samples(q64, k64, v64, pattern, problem, scale, mods, samples, groups)
     if voxel_layout:
@@ -491,7 +500,8 @@ def reference_attention(q, k, v, pattern: Pattern, problem: Problem, *, scale=No
 def check_cross_extras(problem: Problem, modifiers=(), *, key_padding_mask=None, lengths=None, sizes=None) -> None:
     """What a problem with a ``kv_grid`` does not take yet: bias modifiers (``RelativePositionBias``,
     ``T5Bias``, ``ALiBi`` measure positions of one grid; ``Softcap`` and ``Sinks`` apply) and
-    padding arguments. A ValueError naming the argument."""
+    the per-sample padding arguments ``lengths``/``sizes`` (``key_padding_mask`` over the keys
+    applies). A ValueError naming the argument."""
     from .modifiers import BiasModifier
 
     mods = (modifiers,) if not isinstance(modifiers, (tuple, list)) else tuple(modifiers or ())
@@ -500,15 +510,29 @@ def check_cross_extras(problem: Problem, modifiers=(), *, key_padding_mask=None,
             raise ValueError(f"modifiers[{i}] ({type(m).__name__}) is a bias measured between positions of one grid; "
                              f"{problem!r} has keys on a grid of their own (kv_grid={problem.kv_grid}), where bias "
                              "terms are not defined yet (Softcap and Sinks apply)")
-    for name, value in (("key_padding_mask", key_padding_mask), ("lengths", lengths), ("sizes", sizes)):
+    for name, value in (("lengths", lengths), ("sizes", sizes)):
         if value is not None:
             raise ValueError(f"{name} is not supported with kv_grid (keys on a grid of their own, {problem!r}) yet; "
-                             "give queries and keys of the call's own lengths instead")
+                             "give key_padding_mask= (bool [B, Nk] over the keys) or queries and keys of the "
+                             "call's own lengths instead")
 
 
-def _attend(q64, k64, v64, pattern: Pattern, ctx: MaskContext, scale, mods: Modifiers, valid=None):
+def cross_query_padding(problem: Problem, key_padding_mask: torch.Tensor) -> torch.Tensor | None:
+    """The real query rows, bool [B, Nq], of a problem with a ``kv_grid`` whose keys carry
+    ``key_padding_mask`` (bool [B, Nk], True = real): two 1-D grids are one sequence whose last
+    Nq positions are the queries (``placement``), so query i is real where key ``i + Nk - Nq``
+    is (a left-padded prompt's pad tokens in a chunked prefill); on any other pair of grids the
+    queries are no keys' tokens and all are real (None)."""
+    place = placement(problem)
+    if place.kind != "sequence":
+        return None
+    return key_padding_mask[:, place.offset:]
+
+
+def _attend(q64, k64, v64, pattern: Pattern, ctx: MaskContext, scale, mods: Modifiers, valid=None, valid_q=None):
     """(out, lse) of float64 q64 [B, H, Nq, D], k64/v64 [B, H, Nk, D] (k/v heads already
-    expanded) in row chunks; ``valid``: bool [B, N] or None (every token real)."""
+    expanded) in row chunks; ``valid``: bool [B, Nk] real keys or None (every token real);
+    ``valid_q``: bool [B, Nq] real query rows or None (every row real)."""
     problem = ctx.problem
     if isinstance(scale, torch.Tensor):
         scale = scale.double().view(1, -1, 1, 1)
@@ -517,7 +541,9 @@ def _attend(q64, k64, v64, pattern: Pattern, ctx: MaskContext, scale, mods: Modi
     for rows in _row_chunks(ctx):
         m = mask_rows(pattern, ctx, rows).to(q64.device)
         if valid is not None:
-            m = m & valid[:, None, None, :] & valid[:, None, rows.to(valid.device), None]
+            m = m & valid[:, None, None, :]
+        if valid_q is not None:
+            m = m & valid_q[:, None, rows.to(valid_q.device), None]
         bias = None
         for mod in mods.biases:
             b = mod.bias(pattern, problem, rows, keys).to(q64.device)[None]
@@ -525,8 +551,8 @@ def _attend(q64, k64, v64, pattern: Pattern, ctx: MaskContext, scale, mods: Modi
         sink = None
         if mods.sinks is not None:
             sink = mods.sinks.logits.double().to(q64.device)[None, :, None].expand(1, problem.heads, len(rows))
-            if valid is not None:
-                sink = torch.where(valid[:, None, rows.to(valid.device)], sink, -math.inf)
+            if valid_q is not None:
+                sink = torch.where(valid_q[:, None, rows.to(valid_q.device)], sink, -math.inf)
         o, l = masked_softmax_attention(q64[:, :, rows], k64, v64, m, scale, bias=bias, sink=sink,
                                         softcap=None if mods.softcap is None else mods.softcap.cap)
         outs.append(o)
