@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from .autotune import tune
 from .codegen.config import KernelConfig
+from .dsl.args import positive_int
 from .dsl.content import Grouped, Routed, Scattered
 from .dsl.pattern import Pattern
 from .dsl.problem import Problem
@@ -46,7 +47,7 @@ def verify_config(pattern: Pattern, problem: Problem, config: KernelConfig, devi
 def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q_tile=None, k_tile=None,
             config: KernelConfig | None = None, autotune: bool = False, target=None, attention: str = "softmax",
             feature_map: str | None = None, neighbor_pooling: bool | None = None, modifiers=(),
-            head_scale: bool = False) -> "CompiledAttention | ScatteredLinearAttention | GroupedAttention":
+            head_scale: bool = False, batch: int = 1) -> "CompiledAttention | ScatteredLinearAttention | GroupedAttention":
     """Lower ``pattern`` on ``problem`` to a tile schedule and wrap it as calls of the
     ``sparseforge::attention`` ops.
 
@@ -57,7 +58,8 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
     config:   a full ``KernelConfig`` (tiles, loop bounds, launches) instead of q_tile/k_tile.
     autotune: take the config from the tuning database, tuning first if it has none
               (``sparseforge.autotune.tune``: timed on a GPU of the target, predicted by the
-              cost model otherwise); ``target`` ("sm_80", "sm_90", ...) as in ``tune``.
+              cost model otherwise); ``target`` ("sm_80", "sm_90", ...) and ``batch`` (the batch
+              size to tune for: its bucket keys the database) as in ``tune``.
     attention: "softmax" (default) or "linear": ScatterFormer's scattered linear attention,
               ``Scattered`` patterns only, returning a ``ScatteredLinearAttention`` (Triton
               kernels on CUDA, torch ops on CPU); ``feature_map`` ("relu" default, or
@@ -120,13 +122,15 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
         raise ValueError("autotune=True chooses the tiles and launches; do not also give config, q_tile or k_tile")
     if target is not None and not autotune:
         raise ValueError("target is the autotuner's target; it needs autotune=True")
+    if batch != 1 and not autotune:
+        raise ValueError(f"batch={batch!r} is the batch size the autotuner tunes for; it needs autotune=True")
     if scattered and autotune:
         raise UnsupportedPatternError(f"autotune=True is not supported for {pattern!r}: its tile tables depend on "
                                       "the voxel coordinates, known only at call time; give q_tile/k_tile or a "
                                       "config")
     tuning = None
     if autotune:
-        tuning = tune(pattern, problem, target=target, verify=verify_config)
+        tuning = tune(pattern, problem, batch=positive_int("batch", batch), target=target, verify=verify_config)
         config = tuning.config
     elif config is None:
         config = KernelConfig(q_tile=q_tile, k_tile=k_tile)

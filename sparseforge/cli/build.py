@@ -164,11 +164,14 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
 @click.option("--target", default=None, metavar="sm_XX",
               help="GPU target of the ahead-of-time artifacts and of tuning: sm_80, sm_90, sm_100 "
                    "[default: this machine's GPU, else sm_90].")
+@click.option("--batch", type=PositiveInt(), default=None,
+              help="The batch size --autotune tunes for (its power-of-two bucket keys the tuning database) "
+                   "[default: 1].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Build directory to write [default: <cache dir>/builds/<op name>].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def compile_cmd(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads, kv_grid_text, q_tile_text, k_tile_text,
-                autotune, target, out_dir, as_json) -> None:
+                autotune, target, batch, out_dir, as_json) -> None:
     """Compile PATTERN for a problem into a build directory: kernel sources, the chosen
     config, ahead-of-time PTX/cubin for the target and a manifest with the sha256 of every
     file. Works without a GPU (cross-compiles for --target). --kv-grid (keys on a grid of
@@ -205,6 +208,8 @@ def compile_cmd(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads, kv_gr
     k_tile = tile_from_text(k_tile_text, "'--k-tile'", problem.ndim)
     if autotune and (q_tile or k_tile):
         raise InputError("'--autotune'", "chooses the tiles itself; drop --q-tile/--k-tile or --autotune")
+    if batch is not None and not autotune:
+        raise InputError("'--batch'", "is the batch size --autotune tunes for; add --autotune or drop --batch")
     with user_errors("'--target'"):
         cap = resolve_target(target) if target is None else parse_target(target)
     require_cache_dir()  # kernel sources, the tuning database and the default build go there
@@ -216,7 +221,7 @@ def compile_cmd(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads, kv_gr
         with user_errors(f"'PATTERN' on {problem!r}"):
             if autotune:
                 say("autotuning", 0, None)
-                tuning = tune(pat, problem, target=f"sm_{cap}", progress=say)
+                tuning = tune(pat, problem, batch=batch or 1, target=f"sm_{cap}", progress=say)
                 config = tuning.config
             else:
                 config = KernelConfig(q_tile=q_tile, k_tile=k_tile)
@@ -235,7 +240,7 @@ def compile_cmd(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads, kv_gr
                   tile_efficiency=attn.schedule.tile_efficiency, resources=resources,
                   tuning=None if tuning is None else dict(basis=tuning.basis, measured=tuning.measured,
                                                            metric=tuning.metric, cached=tuning.cached,
-                                                           device=tuning.device_name),
+                                                           device=tuning.device_name, batch=tuning.batch),
                   seconds=time.perf_counter() - t0)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -247,7 +252,7 @@ def compile_cmd(pattern, grid_text, seq, heads, head_dim, dtype, kv_heads, kv_gr
     if tuning is not None:
         unit = "ms" if tuning.measured else "µs (predicted)"
         rows.append(("autotune", f"{tuning.basis}{'; from the tuning database' if tuning.cached else ''}: "
-                                 f"{tuning.metric:.4g} {unit} on {tuning.device_name}"))
+                                 f"{tuning.metric:.4g} {unit} on {tuning.device_name}, batch bucket {tuning.batch}"))
     for name, r in resources.items():
         rows.append((f"{name} sm_{cap}", f"{r['registers']} registers, {r['spills']} B spills, "
                                          f"{r['shared_bytes']} B shared, {r['tensor_core']}"))

@@ -271,6 +271,8 @@ def test_compile_autotune_uses_the_database(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSEFORGE_CACHE_DIR", str(tmp_path))
     first = tune(PATTERN, PROBLEM, target="sm_90", tiles=TILES[:1], dkdv_tiles=DKDV_TILES[:1], closed_form=(True,),
                  launches=ONE_LAUNCH)
+    batched = tune(PATTERN, PROBLEM, batch=32, target="sm_90", tiles=TILES[:1], dkdv_tiles=DKDV_TILES[:1],
+                   closed_form=(True,), launches=ONE_LAUNCH)
     monkeypatch.setattr(TritonKernels, "aot", lambda *a, **k: pytest.fail("recompiled a tuned problem"))
     attn = sf.compile(PATTERN, PROBLEM, autotune=True, target="sm_90")
     assert attn.tuning.cached and attn.config == first.config
@@ -278,11 +280,14 @@ def test_compile_autotune_uses_the_database(monkeypatch, tmp_path):
     q, k, v = (torch.randn(1, 2, 64, 16, dtype=torch.float64) for _ in range(3))
     ref = sf.reference_attention(q, k, v, PATTERN, PROBLEM)
     assert ((attn(q, k, v) - ref).norm() / ref.norm()).item() < 1e-10
+    attn = sf.compile(PATTERN, PROBLEM, autotune=True, target="sm_90", batch=20)   # bucket 32: that entry
+    assert attn.tuning.cached and attn.tuning.batch == 32 and attn.config == batched.config
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(autotune=True, q_tile=(4, 4)), "autotune=True chooses"),
     (dict(target="sm_90"), "target is the autotuner's target"),
+    (dict(batch=8), "batch=8 is the batch size the autotuner tunes for"),
     (dict(config=KernelConfig(), k_tile=(4, 4)), "either config or q_tile/k_tile"),
 ])
 def test_compile_rejects_conflicting_options(kwargs, match):

@@ -58,6 +58,11 @@ def test_compile_autotune_says_predicted(sf, cache, tmp_path, monkeypatch):
     again = sf(*args)
     assert again.exit_code == 0, again.output
     assert "predicted by the cost model" in again.stdout and "from the tuning database" in again.stdout
+    assert info["tuning"]["batch"] == 1
+    batched = sf(*args[:-2], "--out", str(tmp_path / "b"), "--batch", "6", "--json")
+    assert batched.exit_code == 0, batched.output
+    tuned = json.loads(batched.stdout)["tuning"]
+    assert tuned["batch"] == 8 and tuned["cached"] is False   # its own bucket: tuned, not the batch-1 entry
 
 
 def test_check_passes_on_cpu(sf, built):
@@ -113,6 +118,7 @@ def test_cache_list_and_clear(sf, built, cache, tmp_path):
     (["compile", "Neighborhood(3)", "--grid", "8x8", "--q-tile", "4x4x4", "--out", "x"], ["'--q-tile'", "2 positive"]),
     (["compile", "Neighborhood(3)", "--grid", "8x8", "--target", "sm_75"], ["'--target'", "not supported"]),
     (["compile", "Neighborhood(3)", "--grid", "8x8", "--autotune", "--q-tile", "4x4"], ["'--autotune'"]),
+    (["compile", "Neighborhood(3)", "--grid", "8x8", "--batch", "4"], ["'--batch'", "--autotune"]),
     (["compile", "Neighborhood(3)", "--grid", "8x8", "--head-dim", "24"], ["head_dim=24"]),
     (["compile", "Neighborhood(3)"], ["'--grid'", "missing"]),
     (["check", "/nonexistent/build"], ["'DIR'", "does not exist"]),
