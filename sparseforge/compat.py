@@ -85,3 +85,33 @@ def installed_versions() -> tuple[str, str | None]:
 
 
 check_versions(*installed_versions())
+
+
+_TORCHVISION_OPS = None  # the stand-in schemas, kept alive (``import_torchvision``)
+
+
+def import_torchvision():
+    """Import torchvision (timm needs it; transformers imports it when present), also where its
+    wheel does not match the installed torch: a CUDA torchvision beside a CPU torch fails to load
+    its C++ ops and then to register fake kernels for them ("operator torchvision::nms does not
+    exist"). There, the two op schemas it registers fake kernels for are declared (no kernels:
+    only detection's NMS calls them, no attention model does) and the import is retried. For
+    tests and examples; ImportError if torchvision is not installed."""
+    global _TORCHVISION_OPS
+    import sys
+
+    import torch
+
+    try:
+        import torchvision
+        return torchvision
+    except RuntimeError as e:
+        if "torchvision::nms" not in str(e):
+            raise
+    for name in [n for n in sys.modules if n.split(".")[0] in ("torchvision", "timm", "transformers")]:
+        del sys.modules[name]
+    _TORCHVISION_OPS = torch.library.Library("torchvision", "DEF")
+    _TORCHVISION_OPS.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _TORCHVISION_OPS.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import torchvision
+    return torchvision

@@ -1,0 +1,1 @@
+"""Conversions of existing models (timm, transformers) to sparseforge attention."""
