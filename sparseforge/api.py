@@ -140,8 +140,9 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
 
 
 def _check_cross_compile(pattern, problem: Problem, *, backend, modifiers, autotune, target) -> None:
-    """What a problem with a ``kv_grid`` compiles: the CPU executor (no Triton backend, no
-    tuning), patterns its two grids define (``check_cross``), Softcap/Sinks modifiers only."""
+    """What a problem with a ``kv_grid`` compiles: the CPU executor, or on the Triton backends a
+    1-D decode the decode kernel runs (``runtime.ops.decodes``); no tuning; patterns its two grids
+    define (``check_cross``), modifiers the grids define."""
     if backend in ("triton", "interpret") and not decodes(pattern, problem, path_of(pattern).name):
         refuse_cross_on(backend, f"compile({pattern!r}, {problem!r})")
     if autotune or target is not None:

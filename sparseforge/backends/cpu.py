@@ -51,6 +51,7 @@ from collections.abc import Iterable
 import torch
 
 from ..dsl.modifiers import Modifiers, bias_lookup, modifier_tensors
+from ..dsl.problem import placement
 from ..dsl.pattern import Pattern, as_4d
 from ..dsl.problem import Problem
 from ..dsl.semantics import allowed_dot, allowed_sum, cross_query_padding, make_context, masked_softmax_attention
@@ -288,6 +289,9 @@ def _bias(scores: Scores, problem: Problem, where: _Where, ct, lookups: list | N
     if not scores.biases:
         return None
     head, qi, ki = where.q_head[..., :, None], where.q_pos[..., :, None], where.k_pos[..., None, :]
+    if problem.is_cross:  # bias terms measure on the key grid, each query at its place there
+        qi = placement(problem).positions(qi, problem.grid, problem.kv_grid)
+        problem = problem.on_key_grid()
     total = None
     for mod in scores.biases:
         index, coef = bias_lookup(mod, scores.pattern, problem, head, qi, ki)

@@ -416,6 +416,8 @@ def check_modifiers(modifiers, pattern: Pattern, problem: Problem, *, device=Non
         raise TypeError(f"modifiers must be a tuple of sparseforge modifiers (RelativePositionBias, T5Bias, ALiBi, "
                         f"Softcap, Sinks), got {modifiers!r} ({type(modifiers).__name__})")
     biases, softcap, sinks = [], None, None
+    if problem.kv_grid is not None:
+        problem = problem.on_key_grid()   # bias terms measure on the key grid (queries placed there)
     for i, m in enumerate(modifiers):
         if not isinstance(m, Modifier):
             raise TypeError(f"modifiers[{i}] must be a sparseforge modifier (RelativePositionBias, T5Bias, ALiBi, "

@@ -498,18 +498,19 @@ def reference_attention(q, k, v, pattern: Pattern, problem: Problem, *, scale=No
 
 
 def check_cross_extras(problem: Problem, modifiers=(), *, key_padding_mask=None, lengths=None, sizes=None) -> None:
-    """What a problem with a ``kv_grid`` does not take yet: bias modifiers (``RelativePositionBias``,
-    ``T5Bias``, ``ALiBi`` measure positions of one grid; ``Softcap`` and ``Sinks`` apply) and
+    """What a problem with a ``kv_grid`` does not take: bias modifiers where the grids give the
+    queries no place on the key grid (bias terms measure there, each query at its place:
+    ``RelativePositionBias``, ``T5Bias``, ``ALiBi``; ``Softcap`` and ``Sinks`` always apply), and
     the per-sample padding arguments ``lengths``/``sizes`` (``key_padding_mask`` over the keys
     applies). A ValueError naming the argument."""
     from .modifiers import BiasModifier
 
     mods = (modifiers,) if not isinstance(modifiers, (tuple, list)) else tuple(modifiers or ())
     for i, m in enumerate(mods):
-        if isinstance(m, BiasModifier):
-            raise ValueError(f"modifiers[{i}] ({type(m).__name__}) is a bias measured between positions of one grid; "
-                             f"{problem!r} has keys on a grid of their own (kv_grid={problem.kv_grid}), where bias "
-                             "terms are not defined yet (Softcap and Sinks apply)")
+        if isinstance(m, BiasModifier) and placement(problem).kind is None:
+            raise ValueError(f"modifiers[{i}] ({type(m).__name__}) is a bias measured between positions on the key "
+                             f"grid; {problem!r} gives the queries no place there ({placement(problem).reason}), so "
+                             "it is undefined (Softcap and Sinks apply)")
     for name, value in (("lengths", lengths), ("sizes", sizes)):
         if value is not None:
             raise ValueError(f"{name} is not supported with kv_grid (keys on a grid of their own, {problem!r}) yet; "
@@ -545,8 +546,8 @@ def _attend(q64, k64, v64, pattern: Pattern, ctx: MaskContext, scale, mods: Modi
         if valid_q is not None:
             m = m & valid_q[:, None, rows.to(valid_q.device), None]
         bias = None
-        for mod in mods.biases:
-            b = mod.bias(pattern, problem, rows, keys).to(q64.device)[None]
+        for mod in mods.biases:  # measured on the key grid, each query at its place there
+            b = mod.bias(pattern, problem.on_key_grid(), ctx.query_positions(rows), keys).to(q64.device)[None]
             bias = b if bias is None else bias + b
         sink = None
         if mods.sinks is not None:

@@ -241,7 +241,8 @@ class CompiledAttention:
                 1-D problem, k's length (decode and chunked prefill: the queries are the last
                 Nq positions of the Nk keys), else the compiled ``kv_grid``. Queries are placed
                 on it as ``dsl.problem.placement`` says; k/v are [B, kv_heads, Nk, D]. Runs on
-                the CPU executor (CPU tensors); Softcap/Sinks only; ``key_padding_mask`` is then
+                the CPU executor, and a 1-D decode's forward on the decode kernel (GPU,
+                interpreter); bias terms measure on the key grid; ``key_padding_mask`` is then
                 bool [B, Nk] over the keys (decode over a left-padded cache: a 1-D query row is
                 padding where its key position is), no ``lengths``/``sizes``.
         routes: ``Routed`` only: int [B, (H,) R, topk], replaces the routing computed from q

@@ -316,8 +316,9 @@ def test_reference_refusals_and_shapes():
     q, k = torch.randn(1, 2, 2, 4), torch.randn(1, 2, 6, 4)
     with pytest.raises(ValueError, match=r"k has shape \(1, 2, 2, 4\), expected \(1, 2, 6, 4\) \[B, kv_heads, Nk, D\]"):
         sf.reference_attention(q, q, q, sf.Causal(), problem)
-    with pytest.raises(ValueError, match=r"modifiers\[0\] \(ALiBi\).*kv_grid"):
-        sf.reference_attention(q, k, k, sf.Causal(), problem, modifiers=(sf.ALiBi(torch.ones(2)),))
+    with pytest.raises(ValueError, match=r"modifiers\[0\] \(ALiBi\).*no place there"):
+        sf.reference_attention(k, q, q, sf.Full(), sf.Problem(grid=6, kv_grid=2, heads=2, head_dim=4),
+                               modifiers=(sf.ALiBi(torch.ones(2)),))
     with pytest.raises(ValueError, match="lengths is not supported with kv_grid"):
         sf.reference_attention(q, k, k, sf.Causal(), problem, lengths=[6])
     # Softcap and Sinks read no position: they apply

@@ -238,8 +238,8 @@ def test_bad_calls_name_the_argument():
         self_attn(q8.float(), k4.float(), v4.float())
     with pytest.raises(ValueError, match="lengths is not supported with kv_grid"):
         self_attn(*inputs(sf.Problem(grid=8, heads=2, head_dim=8, dtype=torch.float32), 2, 8), lengths=[8, 8])
-    with pytest.raises(ValueError, match=r"modifiers\[0\] \(ALiBi\)"):
-        sf.compile(sf.Causal(), sf.Problem(grid=2, kv_grid=8, heads=2, head_dim=8), modifiers=(sf.ALiBi(torch.ones(2)),))
+    with pytest.raises(ValueError, match=r"modifiers\[0\] \(ALiBi\).*no place there.*Nq=8 \(grid\) > Nk=4"):
+        sf.compile(sf.Full(), sf.Problem(grid=8, kv_grid=4, heads=2, head_dim=8), modifiers=(sf.ALiBi(torch.ones(2)),))
     with pytest.raises(ValueError, match="Routed.*one set of tokens"):
         sf.compile(sf.Routed((2, 2), 1), sf.Problem(grid=(4, 4), kv_grid=(8, 8), heads=2, head_dim=8))
 
@@ -264,3 +264,35 @@ def test_cli_compile_kv_grid(args, words, tmp_path, monkeypatch):
     for w in words:
         assert w in result.stderr, (w, result.stderr)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["t5", "alibi"])
+@pytest.mark.parametrize("backend", ["cpu", "interpret"])
+def test_position_biases_in_decode_are_the_bottom_rows(kind, backend):
+    """T5 buckets (a T5/Whisper-style decoder) and ALiBi measure on the key grid, each query at
+    its place: a decode step is exactly the last Nq rows of self attention over the Nk keys, on
+    the CPU executor and on the decode kernel; the CPU executor's gradients too."""
+    heads, pattern = 4, sf.Causal() & sf.SlidingWindow(30)
+    gen = torch.Generator().manual_seed(3)
+    mods = ((sf.T5Bias(torch.randn(heads, 8, generator=gen), max_distance=12, bidirectional=False),) if kind == "t5"
+            else (sf.ALiBi(sf.ALiBi.geometric_slopes(heads)), sf.Softcap(2.0)))
+    attn = sf.compile(pattern, sf.Problem(grid=1, kv_grid=64, heads=heads, kv_heads=2, head_dim=16,
+                                          dtype=torch.float32), backend=backend, modifiers=mods)
+    for nq, nk in [(1, 64), (4, 90)]:
+        q = torch.randn(2, heads, nq, 16, generator=gen, requires_grad=backend == "cpu")
+        k, v = (torch.randn(2, 2, nk, 16, generator=gen) for _ in range(2))
+        out, lse = attn(q, k, v, modifiers=mods, return_lse=True)
+        full = sf.Problem(grid=nk, heads=heads, kv_heads=2, head_dim=16, dtype=torch.float64)
+        q_full = torch.zeros(2, heads, nk, 16, dtype=torch.float64)
+        q_full[:, :, nk - nq:] = q.detach().double()
+        q_full.requires_grad_()
+        ref, ref_lse = sf.reference_attention(q_full, k.double(), v.double(), pattern, full, modifiers=mods,
+                                              return_lse=True)
+        tol = check.attention_tolerances(torch.float32, torch.float32, 31, 1, 16)
+        assert check.row_error(out, ref[:, :, nk - nq:]) <= tol["out"]
+        assert check.lse_error(lse, ref_lse[:, :, nk - nq:]) <= tol["lse"]
+        if backend == "cpu":
+            dout = torch.randn(out.shape, generator=gen)
+            out.backward(dout)
+            ref[:, :, nk - nq:].backward(dout.double())
+            assert check.row_error(q.grad, q_full.grad[:, :, nk - nq:]) <= tol["dq"]
