@@ -27,7 +27,7 @@ from .lower.paths import path_of
 from .runtime.build import load
 from .runtime.check import check_numerics
 from .runtime.compiled import CompiledAttention, UnsupportedPatternError
-from .runtime.grouped import GroupedAttention
+from .runtime.grouped import GroupedAttention, GroupedStaticAttention, split_grouped
 from .runtime.inputs import check_backend, check_compile_modifiers, check_kernel_options
 from .runtime.linear_attention import ScatteredLinearAttention, check_linear_backend
 from .runtime.ops import CrossGridsNotImplementedError, decodes, refuse_cross_on
@@ -106,6 +106,12 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
     if isinstance(pattern, Grouped):
         return _compile_grouped(pattern, problem, backend=backend, q_tile=q_tile, k_tile=k_tile, config=config,
                                 autotune=autotune, target=target)
+    if split_grouped(pattern) is not None:   # Grouped & static: the static kernels, group ids as call data
+        if autotune or target is not None:
+            raise UnsupportedPatternError(f"autotune=True is not supported for {pattern!r} yet; give q_tile/k_tile")
+        check_kernel_options(problem, backend, config, q_tile, k_tile)
+        return GroupedStaticAttention(pattern, problem, backend=backend, q_tile=q_tile, k_tile=k_tile, config=config,
+                                      modifiers=mods, head_scale=head_scale)
     scattered = isinstance(pattern, Scattered)
     if not pattern.is_static and not isinstance(pattern, Routed) and not scattered:
         raise UnsupportedPatternError(

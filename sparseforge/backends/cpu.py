@@ -157,6 +157,9 @@ class Block:
               query or key is padding is removed.
     query_padding: bool [B, Nq] real query rows when the queries are not the keys' tokens (keys
               on a grid of their own, ``cross_block``); None: ``key_padding`` says for both.
+    groups:   int [B, N] group ids of the call's tokens (``Grouped & pattern``) or None: a pair
+              whose tokens' ids differ is removed; a negative id is in no group (an empty row),
+              ``PADDED`` marks padding (a removed row).
     """
 
     chunks: Iterable[Chunk]
@@ -165,6 +168,7 @@ class Block:
     tokens: torch.Tensor | None = None
     key_padding: torch.Tensor | None = None
     query_padding: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
 
 
 def cross_block(chunks: Iterable[Chunk], problem: Problem, key_padding: torch.Tensor | None = None) -> Block:
@@ -186,12 +190,20 @@ def cross_block(chunks: Iterable[Chunk], problem: Problem, key_padding: torch.Te
     return Block(chunks, key_padding=key_padding, query_padding=real_q)
 
 
+#: The group id of a padded token (``Block.groups``): other negative ids are real tokens in no group.
+PADDED = -2 ** 31
+
+
 def _call_real(chunks) -> torch.Tensor | None:
     """The real query tokens [B, Nq] of a call run as one ``Block`` over the call's own rows
     with a key padding mask (what ``attend``'s ``real`` would say), else None."""
     if isinstance(chunks, (list, tuple)) and len(chunks) == 1 and isinstance(chunks[0], Block):
         block = chunks[0]
-        if block.key_padding is not None and block.samples is None and block.tokens is None:
+        if block.samples is not None or block.tokens is not None:
+            return None
+        if block.groups is not None:
+            return block.groups != PADDED
+        if block.key_padding is not None:
             return block.key_padding if block.query_padding is None else block.query_padding
     return None
 
@@ -272,6 +284,12 @@ def _blocks(chunks) -> Iterable[Block]:
 
 def _padding_masks(block: Block, where: _Where, mask):
     """(mask with padded pairs removed, bool [..., m] real query rows or None)."""
+    if block.groups is not None:   # pairs within one group; a negative id: no group (padding)
+        qb, qt = where.q_call()
+        kb, kt = where.k_call()
+        gq, gk = block.groups[qb, qt], block.groups[kb, kt]
+        pairs = (gq[..., :, None] == gk[..., None, :]) & (gq >= 0)[..., :, None]
+        return (pairs if mask is None else mask & pairs), gq != PADDED
     if block.key_padding is None:
         return mask, None
     kp = block.key_padding

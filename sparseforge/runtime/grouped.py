@@ -31,15 +31,18 @@ import math
 import torch
 
 from ..codegen.config import KernelConfig
+from ..backends.cpu import PADDED
 from ..dsl.content import Grouped, check_groups
+from ..dsl.pattern import Intersection, Pattern
 from ..dsl.problem import Problem
-from ..lower.paths import SEGMENTS
+from ..dsl.sequence import Causal, Full
+from ..lower.paths import SEGMENTS, STATIC
 from .compiled import CompiledAttention
 from ..dsl.semantics import check_cross
-from .inputs import check_qkv, check_return_lse, check_scale, op_backend
+from .inputs import check_qkv, check_return_lse, check_scale, op_backend, padding_input
 from .ops import refuse_cross_on, resolve_backend
 
-__all__ = ["GroupedAttention", "GroupedPlan"]
+__all__ = ["GroupedAttention", "GroupedPlan", "GroupedStaticAttention", "split_grouped"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -120,9 +123,13 @@ class GroupedAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, groups: torch.Tensor | None = None,
                  plan: GroupedPlan | None = None, scale: float | None = None, return_lse: bool = False,
-                 kv_groups: torch.Tensor | None = None):
+                 kv_groups: torch.Tensor | None = None, key_padding_mask=None, lengths=None,
+                 padding_side: str = "right"):
         """out [B, H, N, D] (and the natural-log LSE [B, H, N], -inf on empty rows) of q, k, v
         and exactly one of ``groups`` (int [B, N] or [B, H, N]) or ``plan`` (``self.plan(groups)``).
+        Padding (``key_padding_mask`` bool [B, N], or ``lengths`` [B] with ``padding_side``)
+        takes the padded tokens out of every group (with ``groups=``; fold it into the ids
+        before ``plan()``).
 
         ``kv_groups`` (int [B, Nk] or [B, H, Nk]): the keys' ids when the keys are not the
         queries (needed when the problem has a ``kv_grid`` or k's length is not q's);
@@ -138,6 +145,15 @@ class GroupedAttention:
             raise ValueError(f"{self.pattern!r} needs the group ids: pass exactly one of groups= (int [B, N] or "
                              "[B, H, N]) or plan= (attn.plan(groups))")
         b, h, n, d = q.shape
+        if key_padding_mask is not None or lengths is not None:
+            if plan is not None:
+                raise ValueError("padding with plan=: the plan's packing is fixed; give groups= with the padding, "
+                                 "or set the padded tokens' ids to -1 before attn.plan(groups)")
+            padding = padding_input(Full(), p, (n,), q, None, key_padding_mask=key_padding_mask, lengths=lengths,
+                                    padding_side=padding_side)
+            real = padding if padding.dtype == torch.bool else _box_tokens(padding, n)
+            ids = check_groups(groups, b, h, n, keep_device=True).to(q.device)   # [B, 1 | H, N]
+            groups = torch.where(real[:, None, :], ids, -1)
         if plan is None:
             check_groups(groups, b, h, n, keep_device=True)  # the error names q's batch
             plan = self.plan(groups.to(q.device))
@@ -198,3 +214,82 @@ class GroupedAttention:
                                                    [g.to(q.device).contiguous(), kg.to(q.device).contiguous()], [],
                                                    None, [nq], inner.kernel.key, float(scale), backend, [nk])
         return (out, lse) if return_lse else out
+
+
+def split_grouped(pattern) -> tuple[Grouped, Pattern] | None:
+    """``(grouped, static)`` when ``pattern`` is ``Grouped(...) & static parts`` (one Grouped,
+    every other part static): the static pattern runs with the group ids as call data (a
+    pair is allowed iff the static pattern allows it and both tokens share a group; a
+    causal Grouped adds ``Causal()``). None for any other pattern."""
+    if not isinstance(pattern, Intersection):
+        return None
+    grouped = [p for p in pattern.parts if isinstance(p, Grouped)]
+    rest = [p for p in pattern.parts if not isinstance(p, Grouped)]
+    if len(grouped) != 1 or not rest or not all(p.is_static for p in rest):
+        return None
+    static = rest + ([Causal()] if grouped[0].causal else [])
+    return grouped[0], static[0] if len(static) == 1 else Intersection(static)
+
+
+class GroupedStaticAttention:
+    """``Grouped() & pattern`` with a static ``pattern`` (documents packed in one sequence, each
+    under a sliding window; windows inside segments of an image): the static pattern's kernels
+    with the group ids as call data, so only its own tiles are visited.
+
+        attn = compile(Grouped() & SlidingWindow(256), Problem(grid=N, heads=H, head_dim=D))
+        out = attn(q, k, v, groups=ids)                  # ids int [B, N]; negative: no group
+        out = attn(q, k, v, groups=ids, key_padding_mask=real)   # or lengths=: padding too
+
+    Runs on the CPU executor (the Triton kernels refuse group ids by name, for now)."""
+
+    def __init__(self, pattern: Pattern, problem: Problem, *, backend=None, q_tile=None, k_tile=None, config=None,
+                 modifiers=None, head_scale: bool = False):
+        split = split_grouped(pattern)
+        if split is None:
+            raise ValueError(f"{pattern!r} is not Grouped(...) & static patterns")
+        self.declared = pattern
+        self.grouped, static = split
+        if problem.is_cross:
+            raise ValueError(f"{pattern!r} with kv_grid: group ids with a static pattern take one set of tokens")
+        config = KernelConfig(q_tile=q_tile, k_tile=k_tile) if config is None else config
+        self.inner = CompiledAttention(STATIC.build(static, problem, config), backend, config, modifiers=modifiers,
+                                       head_scale=head_scale)
+        self.problem, self.backend = problem, backend
+
+    @property
+    def pattern(self) -> Pattern:
+        return self.declared
+
+    def __repr__(self) -> str:
+        return f"GroupedStaticAttention({self.declared!r}, {self.problem!r}, backend={self.backend!r})"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, groups: torch.Tensor, scale=None,
+                 return_lse: bool = False, modifiers=None, key_padding_mask=None, lengths=None,
+                 padding_side: str = "right", grid=None):
+        """out [B, H, N, D] (and the LSE) of q, k, v with ``groups`` int [B, N] (one grouping
+        for every head; negative: no group, an empty row: zeros, LSE -inf or the sink); padding
+        (``key_padding_mask`` bool [B, N] or ``lengths`` [B], 1-D) removes tokens (zeros, LSE -inf)."""
+        check_return_lse(return_lse)
+        b, _, n, _ = q.shape
+        ids = check_groups(groups, b, self.problem.heads, n, keep_device=True)
+        if ids.shape[1] != 1:
+            raise NotImplementedError(f"groups of shape {tuple(groups.shape)}: per-head group ids with a static pattern "
+                                      f"({self.declared!r}) are not supported; give one grouping [B, N] for every head")
+        ids = ids[:, 0].to(device=q.device).clamp_min(-1).to(torch.int32)   # negative: no group (-1)
+        args = list(self.inner.op_inputs(q.contiguous(), k.contiguous(), v.contiguous(), scale=scale,
+                                         modifiers=modifiers, grid=grid, key_padding_mask=key_padding_mask,
+                                         lengths=lengths, padding_side=padding_side))
+        padding = args[5]
+        if padding is not None:   # the real tokens: a key padding mask, or one box per sample (lengths)
+            real = padding if padding.dtype == torch.bool else _box_tokens(padding, n)
+            ids = torch.where(real, ids, PADDED)
+        args[5] = ids.contiguous()
+        out, lse = self.inner.op(*args)
+        return (out, lse) if return_lse else out
+
+
+def _box_tokens(boxes: torch.Tensor, n: int) -> torch.Tensor:
+    """bool [B, N]: the tokens inside each sample's 1-D box (int64 [B, 2, 1]: start, extent)."""
+    t = torch.arange(n, device=boxes.device)
+    start, extent = boxes[:, 0, 0, None], boxes[:, 1, 0, None]
+    return (t >= start) & (t < start + extent)

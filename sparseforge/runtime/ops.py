@@ -227,6 +227,9 @@ class Kernel:
         if padding.dtype == torch.bool:
             return [cpu.Block(self.path.chunks(schedule, tables, _shape(q, k), q.device),
                               key_padding=padding)], padding
+        if padding.dtype == torch.int32:  # group ids (Grouped & this pattern; cpu.PADDED: padding)
+            return [cpu.Block(self.path.chunks(schedule, tables, _shape(q, k), q.device), groups=padding)], \
+                padding != cpu.PADDED
         return self._sample_blocks(tables, q, k, grid, padding)
 
     def _sample_blocks(self, tables, q, k, grid, boxes):
@@ -369,6 +372,7 @@ class Kernel:
             return cpu.attend(q, k, v, blocks, scale, scores=self._scores(params), positions=self._call_problem(grid),
                               real=real)
         mods, head_scale = self.unflatten(params)
+        _refuse_groups_on(which, padding, self.key)
         if padding is not None and padding.dtype != torch.bool:  # per-sample grids
             out = torch.zeros_like(q)
             lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
@@ -410,6 +414,7 @@ class Kernel:
         if which == "cpu":
             return attend_backward(dout)
         mods, head_scale = self.unflatten(params)
+        _refuse_groups_on(which, padding, self.key)
         key_valid = padding if padding is not None and padding.dtype == torch.bool else None
         if dout is None:
             dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -442,6 +447,14 @@ class Kernel:
     def __repr__(self) -> str:
         mods = f", modifiers={self.spec}" if self.spec else ""
         return f"Kernel({self.key!r}, {self.pattern!r}, path={self.path.name}{mods})"
+
+
+def _refuse_groups_on(backend: str, padding, key: str) -> None:
+    """Group ids as call data (``Grouped & pattern``) run on the CPU executor only, so far."""
+    if padding is not None and padding.dtype == torch.int32:
+        raise NotImplementedError(f"kernel {key!r}: group ids with a static pattern (Grouped & pattern) are not in "
+                                  f"the generated Triton kernels (backend={backend!r}) yet; run it on CPU tensors "
+                                  "(backend='cpu' or None)")
 
 
 def _shape(q: Tensor, k: Tensor) -> Shape:

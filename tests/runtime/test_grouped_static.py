@@ -1,0 +1,99 @@
+"""``Grouped() & static pattern`` (documents packed in one sequence under a sliding window,
+windows inside image segments): the static pattern's schedule with the group ids as call data,
+on the CPU executor against the float64 reference — forward, LSE and every gradient, with
+padding (key_padding_mask, lengths) folded into the ids, modifiers, GQA; the Triton kernels
+refuse group ids by name."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparseforge as sf
+from sparseforge.runtime import check
+from sparseforge.runtime.grouped import GroupedStaticAttention, split_grouped
+
+F32 = torch.float32
+CASES = [
+    ("documents_window", sf.Grouped() & sf.SlidingWindow(4), (37,)),
+    ("causal_documents_window", sf.Grouped(causal=True) & sf.SlidingWindow(6), (40,)),
+    ("segments_neighborhood", sf.Grouped() & sf.Neighborhood(3), (7, 9)),
+]
+
+
+def run(pattern, grid, *, padding=None, mods=(), seed=0, heads=4, kv_heads=2):
+    gen = torch.Generator().manual_seed(seed)
+    problem = sf.Problem(grid=grid, heads=heads, kv_heads=kv_heads, head_dim=16, dtype=F32)
+    attn = sf.compile(pattern, problem, backend="cpu", modifiers=mods)
+    assert isinstance(attn, GroupedStaticAttention)
+    n = problem.tokens
+    ids = torch.randint(-1, 3, (2, n), generator=gen)
+    q = torch.randn(2, heads, n, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, n, 16, generator=gen, requires_grad=True) for _ in range(2))
+    padding = padding or {}
+    out, lse = attn(q, k, v, groups=ids, return_lse=True, modifiers=mods or None, **padding)
+    dout = torch.randn(out.shape, generator=gen)
+    out.backward(dout)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = sf.reference_attention(*leaves, pattern, problem, groups=ids, return_lse=True, modifiers=mods,
+                                          **padding)
+    ref.backward(dout.double())
+    keys, queries = check.reductions(pattern, problem, groups=ids)
+    tol = check.attention_tolerances(F32, F32, keys, queries, 16)
+    for name, got, want in (("out", out, ref), ("dq", q.grad, leaves[0].grad), ("dk", k.grad, leaves[1].grad),
+                            ("dv", v.grad, leaves[2].grad)):
+        err = check.row_error(got, want)
+        assert err <= tol[name], f"{name}: {err:.2e} > {tol[name]:.2e}"
+    assert check.lse_error(lse, ref_lse) <= tol["lse"]
+    assert (out[(ids < 0)[:, None, :, None].expand_as(out)] == 0).all()   # no group: zeros
+    return attn
+
+
+@pytest.mark.parametrize("name,pattern,grid", CASES, ids=[c[0] for c in CASES])
+def test_matches_reference(name, pattern, grid):
+    run(pattern, grid)
+
+
+@pytest.mark.parametrize("padding", [dict(lengths=[30, 37], padding_side="left"), "mask"], ids=["lengths", "mask"])
+def test_padding_folds_into_the_ids(padding):
+    pattern, grid = CASES[0][1], CASES[0][2]
+    if padding == "mask":
+        padding = dict(key_padding_mask=torch.rand(2, 37, generator=torch.Generator().manual_seed(4)) > 0.3)
+    run(pattern, grid, padding=padding)
+
+
+def test_with_modifiers():
+    run(CASES[1][1], CASES[1][2], mods=(sf.Softcap(3.0), sf.Sinks(torch.randn(4))))
+
+
+def test_split_and_refusals():
+    assert split_grouped(sf.Grouped() & sf.SlidingWindow(4)) == (sf.Grouped(), sf.SlidingWindow(4))
+    grouped, static = split_grouped(sf.Grouped(causal=True) & sf.SlidingWindow(4))
+    assert static == sf.SlidingWindow(4) & sf.Causal()
+    assert split_grouped(sf.Grouped() & sf.Routed((2,), 1)) is None and split_grouped(sf.SlidingWindow(2)) is None
+    problem = sf.Problem(grid=16, heads=2, head_dim=16, dtype=F32)
+    attn = sf.compile(sf.Grouped() & sf.SlidingWindow(4), problem, backend="interpret")
+    q = torch.randn(1, 2, 16, 16)
+    with pytest.raises(NotImplementedError, match=r"group ids with a static pattern.*backend='interpret'"):
+        attn(q, q, q, groups=torch.zeros(1, 16, dtype=torch.long))
+    with pytest.raises(NotImplementedError, match="per-head group ids"):
+        attn(q, q, q, groups=torch.zeros(1, 2, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"groups must have shape \[B=1, N=16\]"):
+        attn(q, q, q, groups=torch.zeros(1, 15, dtype=torch.long))
+
+
+@pytest.mark.parametrize("padding", [dict(lengths=[20, 37], padding_side="right"), "mask"], ids=["lengths", "mask"])
+@pytest.mark.parametrize("per_head", [False, True], ids=["ids", "per_head_ids"])
+def test_padding_with_grouped_alone(padding, per_head):
+    """Grouped on its own (the segment kernels) takes padding too: padded tokens leave every group."""
+    gen = torch.Generator().manual_seed(6)
+    problem = sf.Problem(grid=37, heads=2, head_dim=16, dtype=F32)
+    if padding == "mask":
+        padding = dict(key_padding_mask=torch.rand(2, 37, generator=gen) > 0.3)
+    ids = torch.randint(-1, 3, (2, 2, 37) if per_head else (2, 37), generator=gen)
+    attn = sf.compile(sf.Grouped(), problem, backend="cpu")
+    q, k, v = (torch.randn(2, 2, 37, 16, generator=gen) for _ in range(3))
+    out, lse = attn(q, k, v, groups=ids, return_lse=True, **padding)
+    ref, ref_lse = sf.reference_attention(q.double(), k.double(), v.double(), sf.Grouped(), problem, groups=ids,
+                                          return_lse=True, **padding)
+    tol = check.attention_tolerances(F32, F32, 37, 37, 16)
+    assert check.row_error(out, ref) <= tol["out"] and check.lse_error(lse, ref_lse) <= tol["lse"]
