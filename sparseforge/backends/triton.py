@@ -136,9 +136,13 @@ class TritonKernels:
     """
 
     def __init__(self, schedule: TileSchedule, interpret: bool = False, config: KernelConfig | None = None,
-                 modifiers: tuple = (), padding: bool = False):
+                 modifiers: tuple = (), padding: bool | str = False):
         self.schedule = schedule
-        self.padding = padding  # a variant that takes a key padding mask (``KEY_VALID``) with every call
+        if padding not in (False, True, "mask", "groups"):
+            raise ValueError(f"padding must be False, True (a key padding mask), 'mask' or 'groups', got {padding!r}")
+        #: a variant whose calls pass a key padding mask ("mask": ``KEY_VALID``) or group ids
+        #: ("groups": ``ROW_GROUP``, ``Grouped & pattern``); False: neither
+        self.padding = "mask" if padding is True else padding
         self.modifiers = modifiers  # ``dsl.modifiers.modifier_spec``: what the kernels compute beyond scale * q.k
         self.interpret = interpret
         self.config = (KernelConfig() if config is None else config).resolved(schedule.problem, schedule.pattern)
@@ -149,7 +153,7 @@ class TritonKernels:
         if padding and self.path.grid_free:
             raise ValueError("a key padding mask needs a token grid; segment (voxel) attention has none")
         self.table_grad_kernel = self._table_grad_kernel() if self.mods["table"] else None
-        self.sources = {kind: render(self.schedule_of(kind), kind, self.config, self.name, modifiers, padding,
+        self.sources = {kind: render(self.schedule_of(kind), kind, self.config, self.name, modifiers, self.padding,
                                      table_grad=kind == self.table_grad_kernel) for kind in KINDS}
         self._modules: dict[str, object] = {}
 
@@ -179,7 +183,7 @@ class TritonKernels:
         """The loaded module of ``kind``; written to the cache directory on first use."""
         if kind not in self._modules:
             self._modules[kind] = load_generated(self.name, kind, self.sources[kind], self.interpret,
-                                                 "_padded" if self.padding else "")
+                                                 f"_{self.padding}" if self.padding else "")
         return self._modules[kind]
 
     def kernel(self, name: str):
@@ -311,7 +315,13 @@ class TritonKernels:
         return dq, dk, dv, self._modifier_grads(modifiers, head_scale, lse, delta, rows, dq)
 
     def _padding_input(self, key_valid, q) -> dict:
-        if (key_valid is not None) != self.padding:
+        if self.padding == "groups":
+            b, _, n, _ = q.shape
+            if key_valid is None or key_valid.dtype != torch.int32 or tuple(key_valid.shape) != (b, n):
+                raise ValueError(f"the group-ids variant takes int32 ids [B={b}, N={n}] as key_valid, got "
+                                 f"{None if key_valid is None else (key_valid.dtype, list(key_valid.shape))}")
+            return dict(ROW_GROUP=key_valid.to(q.device).contiguous())
+        if (key_valid is not None) != bool(self.padding):
             raise ValueError(f"key_valid {'is required by' if self.padding else 'needs'} the kernels' padding variant "
                              f"(TritonKernels(padding=True)); got {'none' if key_valid is None else 'a mask'}")
         if key_valid is None:
@@ -403,7 +413,9 @@ class TritonKernels:
                         if on})
         if name == self.table_grad_kernel:
             sig.update(DBIAS="*i64", BIAS_SCALE="*fp32")
-        if self.padding:
+        if self.padding == "groups":
+            sig["ROW_GROUP"] = "*i32"
+        elif self.padding:
             sig["KEY_VALID"] = "*i8"
         sig.update({t: "*i32" for t in tables})
         if self.path.grid_free:

@@ -195,9 +195,10 @@ class Kernel:
         with self._lock:
             self._grids.setdefault(self._grid_key(schedule.problem.grid), _AtGrid(schedule))
 
-    def triton(self, grid, interpret: bool, padding: bool = False) -> TritonKernels:
+    def triton(self, grid, interpret: bool, padding: bool | str = False) -> TritonKernels:
         """The generated Triton kernels for ``grid`` (rendered and loaded on first use); with
-        ``padding``, the variant that takes a key padding mask."""
+        ``padding`` (True or "mask"; "groups"), the variant that takes a key padding mask (group ids)."""
+        padding = "mask" if padding is True else padding
         entry = self.at(grid)
         with self._lock:
             if (interpret, padding) not in entry.triton:
@@ -372,8 +373,7 @@ class Kernel:
             return cpu.attend(q, k, v, blocks, scale, scores=self._scores(params), positions=self._call_problem(grid),
                               real=real)
         mods, head_scale = self.unflatten(params)
-        _refuse_groups_on(which, padding, self.key)
-        if padding is not None and padding.dtype != torch.bool:  # per-sample grids
+        if padding is not None and padding.dtype == torch.int64:  # per-sample grids
             out = torch.zeros_like(q)
             lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
 
@@ -384,8 +384,8 @@ class Kernel:
                 self._scatter(out, rows, o)
                 self._scatter(lse, rows, l)
             return out, lse
-        key_valid = padding
-        out, lse = self.triton(grid, which == "interpret", key_valid is not None).forward(
+        key_valid = padding   # a key padding mask, group ids (int32) or None
+        out, lse = self.triton(grid, which == "interpret", _padding_kind(padding)).forward(
             q, k, v, scale, self.path.kernel_tables(schedule, tables, q.device), modifiers=mods or None,
             head_scale=head_scale, key_valid=key_valid)
         return out, lse.float()
@@ -414,8 +414,7 @@ class Kernel:
         if which == "cpu":
             return attend_backward(dout)
         mods, head_scale = self.unflatten(params)
-        _refuse_groups_on(which, padding, self.key)
-        key_valid = padding if padding is not None and padding.dtype == torch.bool else None
+        key_valid = padding if padding is not None and padding.dtype != torch.int64 else None
         if dout is None:
             dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
             grads = tuple(torch.zeros_like(p) for p in params)
@@ -433,7 +432,7 @@ class Kernel:
                 sums = [s + x.double() for s, x in zip(sums, g)]  # boxes in a fixed order
             grads = tuple(s.to(p.dtype) for s, p in zip(sums, params))
         else:
-            dq, dk, dv, grads = self.triton(grid, which == "interpret", key_valid is not None).backward(
+            dq, dk, dv, grads = self.triton(grid, which == "interpret", _padding_kind(key_valid)).backward(
                 q, k, v, out, lse.float(), dout, scale, self.path.kernel_tables(schedule, tables, q.device),
                 modifiers=mods or None, head_scale=head_scale, key_valid=key_valid)
         if dlse is not None:
@@ -449,12 +448,12 @@ class Kernel:
         return f"Kernel({self.key!r}, {self.pattern!r}, path={self.path.name}{mods})"
 
 
-def _refuse_groups_on(backend: str, padding, key: str) -> None:
-    """Group ids as call data (``Grouped & pattern``) run on the CPU executor only, so far."""
-    if padding is not None and padding.dtype == torch.int32:
-        raise NotImplementedError(f"kernel {key!r}: group ids with a static pattern (Grouped & pattern) are not in "
-                                  f"the generated Triton kernels (backend={backend!r}) yet; run it on CPU tensors "
-                                  "(backend='cpu' or None)")
+def _padding_kind(padding) -> bool | str:
+    """The Triton kernels' variant for the ops' ``padding``: False, "mask" (bool [B, N]) or
+    "groups" (int32 group ids [B, N], ``Grouped & pattern``)."""
+    if padding is None:
+        return False
+    return "groups" if padding.dtype == torch.int32 else "mask"
 
 
 def _shape(q: Tensor, k: Tensor) -> Shape:

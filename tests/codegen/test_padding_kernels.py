@@ -57,8 +57,10 @@ def test_key_padding_mask_in_kernels(pattern, grid, heads, kv_heads, with_modifi
     (sf.Neighborhood(7, dilation=2), sf.Problem(grid=(56, 56), heads=8, head_dim=64, dtype=torch.bfloat16)),
     (sf.Causal() & sf.SlidingWindow(1024), sf.Problem(grid=8192, heads=8, head_dim=128, dtype=torch.bfloat16)),
 ], ids=["na2d", "causal_window"])
-def test_sm90_padding_kernels_stay_wgmma_only(pattern, problem):
-    """The padding variant (a mask load per key tile, FULL tiles masked too) compiles for sm_90
+@pytest.mark.parametrize("variant", ["mask", "groups"])
+def test_sm90_padding_kernels_stay_wgmma_only(pattern, problem, variant):
+    """The padding variant (a mask load per key tile, FULL tiles masked too) and the group-ids
+    variant (``Grouped & pattern``: an id load per row, a compare per pair) compile for sm_90
     on wgmma only and spill-free, and with the pinned Triton (3.9) unserialized: the older
     ptxas of Triton 3.6 serializes its 2-stage dK/dV (C7515)."""
     from sparseforge.backends.triton import TritonKernels
@@ -68,7 +70,7 @@ def test_sm90_padding_kernels_stay_wgmma_only(pattern, problem):
 
     config = default_config(problem, pattern, capability=90)
     schedule = build_schedule(pattern, problem, q_tile=config.q_tile, k_tile=config.k_tile)
-    kernels = TritonKernels(schedule, config=config, padding=True)
+    kernels = TritonKernels(schedule, config=config, padding=variant)
     for name in TritonKernels.KERNELS:
         report = kernels.aot(name, "sm_90")
         assert report.tensor_core == "wgmma" and report.spills == 0, (name, report.as_dict())

@@ -1,8 +1,8 @@
 """``Grouped() & static pattern`` (documents packed in one sequence under a sliding window,
 windows inside image segments): the static pattern's schedule with the group ids as call data,
 on the CPU executor against the float64 reference — forward, LSE and every gradient, with
-padding (key_padding_mask, lengths) folded into the ids, modifiers, GQA; the Triton kernels
-refuse group ids by name."""
+padding (key_padding_mask, lengths) folded into the ids, modifiers, GQA; and the Triton
+kernels' group-ids variant on the interpreter."""
 from __future__ import annotations
 
 import pytest
@@ -71,29 +71,44 @@ def test_split_and_refusals():
     assert static == sf.SlidingWindow(4) & sf.Causal()
     assert split_grouped(sf.Grouped() & sf.Routed((2,), 1)) is None and split_grouped(sf.SlidingWindow(2)) is None
     problem = sf.Problem(grid=16, heads=2, head_dim=16, dtype=F32)
-    attn = sf.compile(sf.Grouped() & sf.SlidingWindow(4), problem, backend="interpret")
+    attn = sf.compile(sf.Grouped() & sf.SlidingWindow(4), problem, backend="cpu")
     q = torch.randn(1, 2, 16, 16)
-    with pytest.raises(NotImplementedError, match=r"group ids with a static pattern.*backend='interpret'"):
-        attn(q, q, q, groups=torch.zeros(1, 16, dtype=torch.long))
     with pytest.raises(NotImplementedError, match="per-head group ids"):
         attn(q, q, q, groups=torch.zeros(1, 2, 16, dtype=torch.long))
     with pytest.raises(ValueError, match=r"groups must have shape \[B=1, N=16\]"):
         attn(q, q, q, groups=torch.zeros(1, 15, dtype=torch.long))
 
 
-@pytest.mark.parametrize("padding", [dict(lengths=[20, 37], padding_side="right"), "mask"], ids=["lengths", "mask"])
-@pytest.mark.parametrize("per_head", [False, True], ids=["ids", "per_head_ids"])
-def test_padding_with_grouped_alone(padding, per_head):
-    """Grouped on its own (the segment kernels) takes padding too: padded tokens leave every group."""
-    gen = torch.Generator().manual_seed(6)
-    problem = sf.Problem(grid=37, heads=2, head_dim=16, dtype=F32)
-    if padding == "mask":
-        padding = dict(key_padding_mask=torch.rand(2, 37, generator=gen) > 0.3)
-    ids = torch.randint(-1, 3, (2, 2, 37) if per_head else (2, 37), generator=gen)
-    attn = sf.compile(sf.Grouped(), problem, backend="cpu")
-    q, k, v = (torch.randn(2, 2, 37, 16, generator=gen) for _ in range(3))
-    out, lse = attn(q, k, v, groups=ids, return_lse=True, **padding)
-    ref, ref_lse = sf.reference_attention(q.double(), k.double(), v.double(), sf.Grouped(), problem, groups=ids,
-                                          return_lse=True, **padding)
-    tol = check.attention_tolerances(F32, F32, 37, 37, 16)
-    assert check.row_error(out, ref) <= tol["out"] and check.lse_error(lse, ref_lse) <= tol["lse"]
+@pytest.mark.parametrize("name,pattern,grid", CASES, ids=[c[0] for c in CASES])
+def test_triton_kernels_take_group_ids(name, pattern, grid):
+    """The interpreter runs the static kernels' group-ids variant: FULL and PARTIAL tiles,
+    forward and every gradient, with padding and sinks; NaN in padded tokens never read."""
+    gen = torch.Generator().manual_seed(8)
+    heads = 2
+    problem = sf.Problem(grid=grid, heads=heads, kv_heads=1, head_dim=16, dtype=F32)
+    mods = (sf.Sinks(torch.randn(heads, generator=gen)),)
+    attn = sf.compile(pattern, problem, backend="interpret", modifiers=mods, q_tile=(4,) * len(grid),
+                      k_tile=(4,) * len(grid))
+    n = problem.tokens
+    ids = torch.randint(-1, 3, (2, n), generator=gen)
+    real = torch.rand(2, n, generator=gen) > 0.2
+    q = torch.randn(2, heads, n, 16, generator=gen)
+    k, v = (torch.randn(2, 1, n, 16, generator=gen) for _ in range(2))
+    for t in (q, k, v):
+        t[~real[:, None, :, None].expand_as(t)] = float("nan")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = attn(*leaves, groups=ids, key_padding_mask=real, modifiers=mods, return_lse=True)
+    dout = torch.randn(out.shape, generator=gen)
+    out.backward(dout)
+    clean = [torch.where(real[:, None, :, None], t, 0.0).double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = sf.reference_attention(*clean, pattern, problem, groups=ids, key_padding_mask=real, modifiers=mods,
+                                          return_lse=True)
+    ref.backward(dout.double())
+    keys, queries = check.reductions(pattern, problem, groups=ids)
+    tol = check.attention_tolerances(F32, F32, keys, queries, 16)
+    for name_, got, want in (("out", out, ref), ("dq", leaves[0].grad, clean[0].grad),
+                             ("dk", leaves[1].grad, clean[1].grad), ("dv", leaves[2].grad, clean[2].grad)):
+        assert torch.isfinite(got).all(), name_
+        err = check.row_error(got, want)
+        assert err <= tol[name_], f"{name_}: {err:.2e} > {tol[name_]:.2e}"
+    assert check.lse_error(lse, ref_lse) <= tol["lse"]
