@@ -35,6 +35,9 @@ KNOWN: dict[tuple[int, int], dict[tuple[str, str, str], int]] = {
         # dK/dV kernel got tiles of its own (the 3.7 and 3.8 rows below predate it)
         ('Neighborhood(7, dilation=2)-g56x56_h8_d128_bf16', 'bwd_dkdv', 'sm_90'): 32,
         ('Scattered((8, 8))-gvar_h8_d128_fp16', 'bwd_dq', 'sm_80'): 8,
+        # measured by hand 2026-12-01 (test_modifier_kernels, test_padding_kernels)
+        ('t5-d64', 'bwd_dq', 'sm_90'): 8,
+        ('groups-causal_window', 'bwd_dkdv', 'sm_90'): 24,
     },
     (3, 7): {  # Triton 3.7.1 (torch 2.12.1, 2.13)
         ('Full()-g256_h2_d64_fp16', 'bwd_dkdv', 'sm_90'): 28,

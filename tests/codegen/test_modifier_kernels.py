@@ -187,14 +187,19 @@ def aot_kernels(kind, head_dim):
 @pytest.mark.parametrize("kind,head_dim", AOT_CASES, ids=[f"{k}-d{d}" for k, d in AOT_CASES])
 def test_sm90_kernels_with_modifiers_stay_wgmma_only(kind, head_dim):
     """1-D causal window, bf16, default tiles: every kernel with the modifiers compiles for
-    sm_90 on wgmma only, without spills or serialization; prints the SASS instructions per
-    FULL/PARTIAL loop iteration (the cost of the modifier)."""
+    sm_90 on wgmma only, without spills, and with the pinned Triton unserialized; prints the
+    SASS instructions per FULL/PARTIAL loop iteration (the cost of the modifier)."""
+    from ._spills import allowed_spills, triton_minor
+
     kernels = aot_kernels(kind, head_dim)
     for name in TritonKernels.KERNELS:
         report = kernels.aot(name, "sm_90")
         loops = [lp.instructions for lp in report.sass().loops if lp.has_mma]
         print(kind, name, "registers", report.registers, "SASS instructions per loop iteration", loops)
-        assert report.tensor_core == "wgmma" and report.spills == 0 and not report.serialized, report.as_dict()
+        assert report.tensor_core == "wgmma", report.as_dict()
+        assert report.spills <= allowed_spills(f"{kind}-d{head_dim}", name, "sm_90"), report.as_dict()  # 3.9: 0
+        # the pinned Triton (3.9): unserialized; Triton 3.6's older ptxas serializes T5's dQ (C7515)
+        assert triton_minor() < (3, 9) or not report.serialized, report.as_dict()
 
 
 @pytest.mark.parametrize("kernel", ["bwd_dq", "bwd_dkdv"])

@@ -64,7 +64,7 @@ def test_sm90_padding_kernels_stay_wgmma_only(pattern, problem, variant):
     on wgmma only and spill-free, and with the pinned Triton (3.9) unserialized: the older
     ptxas of Triton 3.6 serializes its 2-stage dK/dV (C7515)."""
     from sparseforge.backends.triton import TritonKernels
-    from ._spills import triton_minor
+    from ._spills import allowed_spills, triton_minor
     from sparseforge.codegen.config import default_config
     from sparseforge.lower import build_schedule
 
@@ -73,7 +73,9 @@ def test_sm90_padding_kernels_stay_wgmma_only(pattern, problem, variant):
     kernels = TritonKernels(schedule, config=config, padding=variant)
     for name in TritonKernels.KERNELS:
         report = kernels.aot(name, "sm_90")
-        assert report.tensor_core == "wgmma" and report.spills == 0, (name, report.as_dict())
+        assert report.tensor_core == "wgmma", (name, report.as_dict())
+        ids = f"{variant}-{'na2d' if problem.ndim == 2 else 'causal_window'}"
+        assert report.spills <= allowed_spills(ids, name, "sm_90"), (name, report.as_dict())   # 3.9: none
         assert triton_minor() < (3, 9) or not report.serialized, (name, report.as_dict())
 
 
