@@ -26,7 +26,8 @@ a causal layer with ``sliding_window=w`` (Mistral, Qwen2/3, Gemma2/3 local layer
 ``Full()`` and ``SlidingWindow(w - 1, w - 1)`` for bidirectional layers (ModernBERT global and
 local layers: ``|q - k| <= w - 1``). Before a call runs, the pattern is checked against
 transformers' mask function on every (query, key) pair of the call that a real query can see
-(once per forward and mask type, ``check_masks=True``); any difference — packed sequences,
+(once per forward and mask type, ``check_masks=True``; a call of more than ``CHECK_PAIRS`` pairs,
+a long prefill, on its first and last query rows only, to bound the check's memory); any difference — packed sequences,
 chunked attention, image-token overlays, a pattern this module does not derive — raises a
 ``NotImplementedError`` that names the mask, never a different result. A 4-D tensor mask passed
 by the caller is accepted when it is exactly that pattern with a key padding mask (boolean, or
@@ -58,7 +59,7 @@ from .. import api
 from ..dsl.modifiers import Sinks, Softcap
 from ..dsl.pattern import Pattern
 from ..dsl.problem import Problem
-from ..dsl.semantics import dense_mask
+from ..dsl.semantics import dense_mask, make_context, mask_rows
 from ..dsl.sequence import Causal, Full
 from ..dsl.local import SlidingWindow
 
@@ -188,12 +189,30 @@ def layer_pattern(causal: bool, sliding_window: int | None) -> Pattern:
     return Causal() if causal else Full()
 
 
-def _sf_mask(pattern: Pattern, heads: int, kv_heads: int, head_dim: int, dtype, nq: int, nk: int) -> torch.Tensor:
-    """bool [H, nq, nk]: ``pattern`` with the queries the last nq of the nk keys."""
+#: The most (query, key) pairs a mask check compares: beyond it, the first and last query rows
+#: (where windows, sinks and padding meet the borders) are checked, not every row.
+CHECK_PAIRS = 1 << 24
+
+
+def _check_rows(nq: int, nk: int) -> torch.Tensor | None:
+    """The query rows a mask check compares: None (all) when nq x nk fits ``CHECK_PAIRS``, else
+    the first and the last ``CHECK_PAIRS // (2 nk)`` rows."""
+    if nq * nk <= CHECK_PAIRS:
+        return None
+    r = max(1, min(nq // 2, CHECK_PAIRS // (2 * nk)))
+    return torch.cat([torch.arange(r), torch.arange(nq - r, nq)])
+
+
+def _sf_mask(pattern: Pattern, heads: int, kv_heads: int, head_dim: int, dtype, nq: int, nk: int,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [H, len(rows), nk]: ``pattern`` with the queries the last nq of the nk keys, at query
+    rows ``rows`` (None: all)."""
     if nq == nk:
         problem = Problem(grid=nk, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
     else:
         problem = Problem(grid=nq, kv_grid=nk, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
+    if rows is not None:
+        return mask_rows(pattern, make_context(pattern, problem), rows)[0]
     m = dense_mask(pattern, problem)
     return m if m.dim() == 3 else m.reshape(-1, nq, nk)
 
@@ -209,19 +228,21 @@ def _first_difference(ours, theirs, rows_real, padding) -> str:
 
 
 def _check_against(pattern: Pattern, theirs: torch.Tensor, padding, what: str, *, heads, kv_heads, head_dim,
-                   dtype, nq: int, nk: int) -> None:
-    """Raise unless ``theirs`` (bool [B, 1|H, nq, nk], the model's mask without padding) equals
-    ``pattern`` (queries the last nq of the first ``nk`` keys) on every real query row and real
-    key; keys past ``nk`` (a static cache's empty slots) must be masked."""
+                   dtype, nq: int, nk: int, rows: torch.Tensor | None = None) -> None:
+    """Raise unless ``theirs`` (bool [B, 1|H, len(rows), nk], the model's mask without padding at
+    query rows ``rows``, None: all nq) equals ``pattern`` (queries the last nq of the first
+    ``nk`` keys) on every real query row and real key; keys past ``nk`` (a static cache's empty
+    slots) must be masked."""
     b = theirs.shape[0]
     full_nk = theirs.shape[-1]
-    ours = torch.zeros(heads, nq, full_nk, dtype=torch.bool)
-    ours[..., :nk] = _sf_mask(pattern, heads, kv_heads, head_dim, dtype, nq, nk)
+    n_rows = nq if rows is None else len(rows)
+    ours = torch.zeros(heads, n_rows, full_nk, dtype=torch.bool)
+    ours[..., :nk] = _sf_mask(pattern, heads, kv_heads, head_dim, dtype, nq, nk, rows)
     ours = ours.to(theirs.device)[None]
     if padding is None:
-        rows_real = torch.ones(b, nq, dtype=torch.bool, device=theirs.device)
+        rows_real = torch.ones(b, n_rows, dtype=torch.bool, device=theirs.device)
     else:
-        rows_real = padding[:, nk - nq:nk]
+        rows_real = padding[:, nk - nq:nk] if rows is None else padding[:, nk - nq + rows.to(padding.device)]
     eq_rows = ((ours == theirs) | ~padding[:, None, None, :]) if padding is not None else (ours == theirs)
     ok = eq_rows.all(-1) | ~rows_real[:, None, :]
     if not bool(ok.all()):
@@ -241,12 +262,20 @@ def _check_mask_info(info: MaskInfo, pattern: Pattern, *, heads, kv_heads, head_
     from transformers.masking_utils import sdpa_mask
 
     device = info.padding.device if info.padding is not None else "cpu"
-    theirs = sdpa_mask(batch_size=info.batch_size, q_length=info.q_length, kv_length=info.kv_length,
-                       q_offset=info.q_offset, kv_offset=info.kv_offset, mask_function=info.mask_function,
-                       attention_mask=None, allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
-                       use_vmap=info.use_vmap, device=device)
-    _check_against(pattern, theirs.to(torch.bool), info.padding, info.describe(), heads=heads, kv_heads=kv_heads,
-                   head_dim=head_dim, dtype=dtype, nq=nq, nk=nk)
+    rows = _check_rows(info.q_length, info.kv_length)
+
+    def theirs_at(first: int, count: int):
+        return sdpa_mask(batch_size=info.batch_size, q_length=count, kv_length=info.kv_length,
+                         q_offset=info.q_offset + first, kv_offset=info.kv_offset, mask_function=info.mask_function,
+                         attention_mask=None, allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
+                         use_vmap=info.use_vmap, device=device).to(torch.bool)
+    if rows is None:
+        theirs = theirs_at(0, info.q_length)
+    else:   # the first and the last rows (a long prefill: a bounded check)
+        half = len(rows) // 2
+        theirs = torch.cat([theirs_at(0, half), theirs_at(info.q_length - half, half)], dim=2)
+    _check_against(pattern, theirs, info.padding, info.describe(), heads=heads, kv_heads=kv_heads,
+                   head_dim=head_dim, dtype=dtype, nq=nq, nk=nk, rows=rows)
     info.checked.add(key)
 
 

@@ -376,6 +376,23 @@ def test_refusals(hf):
         sf_hf.register(patterns={1: "causal"}, name="sf_bad")
 
 
+def test_bounded_check_still_catches_packed_sequences(hf, monkeypatch):
+    """With the check bounded to the first and last query rows (a long prefill), a correct
+    mask passes and packed sequences (a restart in the middle rows' positions) are still
+    refused: the last rows see across the restart."""
+    from sparseforge.integrations import transformers as sf_hf
+
+    monkeypatch.setattr(sf_hf, "CHECK_PAIRS", 16)   # 8 x 8 pairs: rows 0 and 7 only
+    cfg = _configs(hf)["llama"]()
+    torch.manual_seed(0)
+    model = hf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sparseforge").eval()
+    ids, am = _batch("llama", b=2, n=8)
+    model(input_ids=ids, attention_mask=am)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]] * 2)
+    with pytest.raises(NotImplementedError, match="packed sequences"):
+        model(input_ids=ids, position_ids=pos, use_cache=False)
+
+
 def test_example_hf_generate(hf):
     """examples/hf_generate.py at tiny sizes: same tokens as eager; the shards variant runs its
     decode steps consistently with full recomputation."""
