@@ -17,7 +17,8 @@ import sparseforge
 ROOT = pathlib.Path(sparseforge.__file__).parent
 
 #: The pipeline, in order: a package may import only from its own stage or the ones before it.
-STAGES = ["version", "compat", "envvars", "atomic", "dsl", "lower", "codegen", "backends", "autotune", "runtime", "api", "nn",
+STAGES = ["version", "compat", "envvars", "atomic", "dsl", "lower", "codegen", "backends", "autotune", "runtime",
+          "distributed", "api", "nn",
           "viz", "bench", "cli", "integrations", "__init__", "__main__"]
 
 

@@ -1,0 +1,175 @@
+"""Spawned gloo process groups for the context-parallel tests (CPU only).
+
+``spawn(world, job, payload, timeout)`` starts ``world`` fresh interpreters
+(``torch.multiprocessing``'s spawn context), each running ``job(rank, world, payload)`` inside a
+gloo process group on 127.0.0.1, and returns what each rank's job returned (a JSON-able value)
+or ``{"crashed": exitcode}`` for a rank that wrote nothing. The processes are joined with a
+timeout and terminated (by their own handles) if they outlive it. Jobs live in this module so
+the children can import them by name.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import socket
+import tempfile
+import time
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, job_name: str, payload, out_dir: str, pg_timeout: float) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    result = None
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=pg_timeout))
+        result = globals()[job_name](rank, world, payload)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        result = {"exception": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}
+    path = pathlib.Path(out_dir) / f"rank{rank}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.rename(path)
+    # Leave without gloo's teardown, which can wait on a dead peer.
+    os._exit(0)
+
+
+def spawn(world: int, job: str, payload, *, timeout: float = 120.0, pg_timeout: float = 30.0) -> list:
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as out_dir:
+        procs = [ctx.Process(target=_entry, args=(r, world, port, job, payload, out_dir, pg_timeout), daemon=True)
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+        results = []
+        for r, p in enumerate(procs):
+            path = pathlib.Path(out_dir) / f"rank{r}.json"
+            results.append(json.loads(path.read_text()) if path.exists() else {"crashed": p.exitcode})
+        return results
+
+
+# ------------------------------------------------------------------------------------
+# Jobs
+# ------------------------------------------------------------------------------------
+DTYPES = {"fp32": "float32", "fp64": "float64"}
+
+
+def _case_objects(case: dict):
+    import torch
+
+    import sparseforge as sf
+
+    pattern = sf.parse_pattern(case["pattern"])
+    dtype = getattr(torch, DTYPES[case["dtype"]])
+    problem = sf.Problem(grid=tuple(case["grid"]), heads=case["heads"], kv_heads=case.get("kv_heads", case["heads"]),
+                         head_dim=case["head_dim"], dtype=dtype)
+    return pattern, problem, dtype
+
+
+def full_inputs(case: dict):
+    """The full q, k, v and output gradient of a case (same on every rank: seeded)."""
+    import torch
+
+    pattern, problem, dtype = _case_objects(case)
+    g = torch.Generator().manual_seed(case.get("seed", 0))
+    b, n, d = case.get("batch", 1), problem.tokens, problem.head_dim
+
+    def rand(h):
+        return torch.randn(b, h, n, d, generator=g, dtype=torch.float64).to(dtype)
+
+    return pattern, problem, dtype, rand(problem.heads), rand(problem.kv_heads), rand(problem.kv_heads), \
+        rand(problem.heads)
+
+
+def attention_cases(rank: int, world: int, cases: list) -> list:
+    """For every case: this rank's output and gradient errors against the single-process
+    float64 reference, the tolerances, and the bytes sent as counted by the plan and as
+    handed to isend."""
+    import torch
+
+    import sparseforge as sf
+    from sparseforge import distributed as sfd
+    from sparseforge.runtime import check
+
+    out = []
+    for case in cases:
+        pattern, problem, dtype, q, k, v, go = full_inputs(case)
+        # single process: the float64 reference and its gradients
+        q64, k64, v64 = (t.detach().double().clone().requires_grad_() for t in (q, k, v))
+        ref, ref_lse = sf.reference_attention(q64, k64, v64, pattern, problem, return_lse=True)
+        ref.backward(go.double())
+        keys, queries = check.reductions(pattern, problem)
+        tol = check.attention_tolerances(dtype, dtype, keys, queries, problem.head_dim)
+        # this rank's shard
+        attn = sfd.ContextParallelAttention(pattern, problem, layout=case.get("layout", "contiguous"))
+        plan = attn.plan
+        ql, kl, vl = (attn.shard(t).clone().requires_grad_() for t in (q, k, v))
+        o, lse = attn(ql, kl, vl, return_lse=True)
+        o.backward(attn.shard(go))
+        errors = {
+            "out": check.row_error(o, attn.shard(ref)),
+            "lse": check.lse_error(lse, attn.shard(ref_lse)),
+            "dq": check.row_error(ql.grad, attn.shard(q64.grad)),
+            "dk": check.row_error(kl.grad, attn.shard(k64.grad)),
+            "dv": check.row_error(vl.grad, attn.shard(v64.grad)),
+        }
+        if case.get("executor"):
+            # the single-process CPU executor (sf.compile(..., backend="cpu")) in the case's dtype
+            qe, ke, ve = (t.detach().clone().requires_grad_() for t in (q, k, v))
+            oe = sf.compile(pattern, problem, backend="cpu")(qe, ke, ve)
+            oe.backward(go)
+            errors.update({f"executor_{name}": check.row_error(got, attn.shard(want)) for name, got, want in
+                           (("out", o, oe), ("dq", ql.grad, qe.grad), ("dk", kl.grad, ke.grad), ("dv", vl.grad, ve.grad))})
+        row_kw = dict(batch=q.shape[0], kv_heads=problem.kv_heads, head_dim=problem.head_dim, dtype=dtype)
+        out.append(dict(
+            errors=errors, tol=tol, stats=attn.stats.as_dict(),
+            plan_sent=plan.bytes_sent(rank, **row_kw), plan_received=plan.bytes_received(rank, **row_kw),
+            plan_messages=plan.messages(rank), tokens=len(plan.tokens[rank])))
+        torch.distributed.barrier()
+    return out
+
+
+def dies_mid_step(rank: int, world: int, payload: dict) -> dict:
+    """Every rank runs one step; then rank ``payload['victim']`` exits before the second step
+    (or, with ``payload['hang']``, sleeps that many seconds without taking part) and the
+    others must raise ``PeerError``: at once for a closed connection, after
+    ``payload['timeout']`` seconds for a silent peer."""
+    from sparseforge import distributed as sfd
+
+    case = payload["case"]
+    pattern, problem, dtype, q, k, v, go = full_inputs(case)
+    attn = sfd.ContextParallelAttention(pattern, problem, timeout=payload.get("timeout"))
+    ql, kl, vl = (attn.shard(t).clone().requires_grad_() for t in (q, k, v))
+    attn(ql, kl, vl).backward(attn.shard(go))  # step 1: everyone alive
+    if rank == payload["victim"]:
+        if payload.get("hang"):
+            time.sleep(payload["hang"])
+            return {"slept": payload["hang"]}
+        os._exit(3)
+    t0 = time.monotonic()
+    try:
+        attn(ql, kl, vl).backward(attn.shard(go))  # step 2: the victim is gone
+    except sfd.PeerError as e:
+        return {"raised": "PeerError", "message": str(e), "seconds": time.monotonic() - t0}
+    return {"raised": None, "seconds": time.monotonic() - t0}

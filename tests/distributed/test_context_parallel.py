@@ -1,0 +1,175 @@
+"""Context parallelism (``sparseforge.distributed``) in spawned gloo process groups on the CPU.
+
+Every rank holds its shard of q, k, v; its output and the gradients of its shard must equal
+the single-process float64 reference within ``runtime.check``'s tolerances (and the
+single-process CPU executor where a case asks), and the bytes it handed to ``isend`` must
+equal what the exchange plan counts. One spawn per world size runs all its cases (process
+start-up dominates the cost); a rank that dies mid-step must make the survivors raise
+``PeerError`` within the timeout instead of hanging.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparseforge as sf
+from sparseforge import distributed as sfd
+
+from ._spawn import spawn
+
+# name -> case (patterns by repr; grids that the ranks do not divide evenly on purpose)
+CASES = {
+    "window_1d": dict(pattern="SlidingWindow(5, right=3)", grid=[37], heads=2, head_dim=8, dtype="fp32",
+                      executor=True),
+    "causal_sinks": dict(pattern="Causal() & (SlidingWindow(6) | Sink(3))", grid=[41], heads=4, kv_heads=2,
+                         head_dim=8, dtype="fp32"),
+    "causal_sinks_zigzag": dict(pattern="Causal() & (SlidingWindow(6) | Sink(3))", grid=[43], heads=2, head_dim=8,
+                                dtype="fp32", layout="zigzag"),
+    "na2d_dilated": dict(pattern="Neighborhood((3, 5), dilation=(2, 1))", grid=[13, 10], heads=2, head_dim=8,
+                         dtype="fp32", batch=2),
+    "na3d_dilated": dict(pattern="Neighborhood((3, 3, 5), dilation=(1, 2, 1))", grid=[9, 6, 10], heads=2,
+                         head_dim=8, dtype="fp32", executor=True),
+    "na3d_dilated_fp64": dict(pattern="Neighborhood((3, 3, 5), dilation=(1, 2, 1))", grid=[8, 6, 10], heads=2,
+                              head_dim=8, dtype="fp64"),
+    "full": dict(pattern="Full()", grid=[30], heads=2, head_dim=8, dtype="fp32"),
+    "global_tokens": dict(pattern="SlidingWindow(2, right=2) | GlobalTokens((0, 29))", grid=[33], heads=2,
+                          head_dim=8, dtype="fp32"),
+}
+WORLDS = (2, 4)
+
+
+@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"{w}ranks")
+def results(request):
+    world = request.param
+    names = list(CASES)
+    per_rank = spawn(world, "attention_cases", [CASES[n] for n in names], timeout=150)
+    for r, res in enumerate(per_rank):
+        assert isinstance(res, list), f"rank {r} of {world} failed: {res}"
+    return world, {name: [per_rank[r][i] for r in range(world)] for i, name in enumerate(names)}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_outputs_and_gradients_equal_single_process(results, name):
+    world, by_case = results
+    for rank, res in enumerate(by_case[name]):
+        for key, err in res["errors"].items():
+            base = key.removeprefix("executor_")
+            tol = res["tol"][base] * (2 if key.startswith("executor_") else 1)  # both sides within tol of float64
+            assert err <= tol, f"{name}, rank {rank} of {world}: {key} row error {err:.3g} > {tol:.3g}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bytes_sent_equal_the_plan(results, name):
+    world, by_case = results
+    for rank, res in enumerate(by_case[name]):
+        st = res["stats"]
+        assert st["forward_bytes_sent"] == res["plan_sent"], (name, rank)
+        assert st["forward_bytes_received"] == res["plan_received"], (name, rank)
+        # the backward returns dK/dV of every received row to its owner
+        assert st["backward_bytes_sent"] == res["plan_received"], (name, rank)
+        assert st["backward_bytes_received"] == res["plan_sent"], (name, rank)
+        assert sum(r["tokens"] for r in by_case[name]) == sf.Problem(grid=tuple(CASES[name]["grid"])).tokens
+
+
+def test_a_dead_rank_makes_the_others_raise_not_hang():
+    case = dict(pattern="SlidingWindow(4, right=4)", grid=[30], heads=2, head_dim=8, dtype="fp32")
+    res = spawn(3, "dies_mid_step", dict(case=case, victim=1, timeout=10.0), timeout=90)
+    assert "crashed" in res[1] or res[1].get("exception") is None
+    for rank in (0, 2):
+        assert res[rank].get("raised") == "PeerError", f"rank {rank}: {res[rank]}"
+        assert "rank 1" in res[rank]["message"] and f"rank {rank}" in res[rank]["message"], res[rank]["message"]
+        assert res[rank]["seconds"] < 30, res[rank]
+
+
+def test_a_silent_rank_times_out_with_the_group_timeout():
+    """Rank 1 is alive but never joins the second step: the others give up after the process
+    group's timeout (3 s here; ContextParallelAttention(timeout=None) takes the group's)."""
+    case = dict(pattern="SlidingWindow(4, right=4)", grid=[30], heads=2, head_dim=8, dtype="fp32")
+    res = spawn(3, "dies_mid_step", dict(case=case, victim=1, hang=6), timeout=90, pg_timeout=3.0)
+    for rank in (0, 2):
+        assert res[rank].get("raised") == "PeerError", f"rank {rank}: {res[rank]}"
+        assert "within 3 s" in res[rank]["message"], res[rank]["message"]
+        assert 2.5 < res[rank]["seconds"] < 20, res[rank]
+
+
+# ------------------------------------------------------------------------------------
+# The plan alone (no process group)
+# ------------------------------------------------------------------------------------
+PLAN_CASES = [
+    (sf.SlidingWindow(5), sf.Problem(grid=64, heads=2)),
+    (sf.Causal() & (sf.SlidingWindow(6) | sf.Sink(3)), sf.Problem(grid=61, heads=2)),
+    (sf.Neighborhood((3, 5), dilation=(2, 1)), sf.Problem(grid=(12, 10), heads=2)),
+    (sf.Neighborhood((3, 3, 5), dilation=(1, 2, 1)), sf.Problem(grid=(8, 6, 10), heads=2)),
+    (sf.Full(), sf.Problem(grid=40, heads=2)),
+    (sf.PerHead([sf.Neighborhood(3), sf.Halo(4, 1)]), sf.Problem(grid=(12, 8), heads=2)),
+    (sf.PerHead([sf.Blocks(4), sf.Grid(4)]), sf.Problem(grid=(16, 8), heads=2)),
+    (sf.SlidingWindow(4, 4) | sf.GlobalTokens([0, 37]), sf.Problem(grid=50, heads=2)),
+]
+
+
+@pytest.mark.parametrize("pattern,problem", PLAN_CASES, ids=[repr(p) for p, _ in PLAN_CASES])
+@pytest.mark.parametrize("layout", sfd.LAYOUTS)
+def test_plan_is_token_exact(pattern, problem, layout):
+    """recv equals the dense mask's answer, with and without the pruning of count_work=False,
+    and work counts the allowed pairs of each rank's queries exactly."""
+    mask = sf.dense_mask(pattern, problem)
+    for world in (2, 3, 4):
+        for count_work in (True, False):
+            plan = sfd.plan_exchange(pattern, problem, world, layout=layout, count_work=count_work)
+            want = sfd.brute_force_recv(pattern, problem, plan)
+            for r in range(world):
+                for p in range(world):
+                    assert torch.equal(plan.recv[r][p], want[r][p]), (world, count_work, r, p)
+            if count_work:
+                assert list(plan.work) == [int(mask[:, plan.tokens[r]].sum()) for r in range(world)]
+            assert torch.equal(torch.cat(plan.tokens).sort().values, torch.arange(problem.tokens))
+
+
+def test_literal_halo_1d():
+    """16 tokens, SlidingWindow(2, right=1), 2 ranks: rank 1 needs tokens 6 and 7, rank 0 token 8."""
+    plan = sfd.plan_exchange(sf.SlidingWindow(2, right=1), sf.Problem(grid=16, heads=1, head_dim=4,
+                                                                      dtype=torch.float32), 2)
+    assert plan.recv[1][0].tolist() == [6, 7] and plan.recv[0][1].tolist() == [8]
+    assert plan.bytes_sent(0) == 2 * 1 * 1 * 2 * 4 * 4  # 2 rows x B x kv_heads x (K, V) x D x fp32
+
+
+def test_shard_and_unshard_round_trip():
+    plan = sfd.plan_exchange(sf.Neighborhood(3), sf.Problem(grid=(9, 4), heads=1), 4, layout="zigzag")
+    x = torch.randn(1, 1, 36, 2)
+    assert torch.equal(plan.unshard([plan.shard(x, r) for r in range(4)]), x)
+    # 9 rows in 8 runs of (2, 1, 1, 1, 1, 1, 1, 1) rows; rank r holds runs r and 7 - r
+    assert [len(t) for t in plan.tokens] == [12, 8, 8, 8]
+    assert plan.tokens[1].tolist() == list(range(8, 12)) + list(range(28, 32))
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="world_size"):
+        sfd.plan_exchange(sf.Full(), sf.Problem(grid=8), 0)
+    with pytest.raises(ValueError, match="layout"):
+        sfd.plan_exchange(sf.Full(), sf.Problem(grid=8), 2, layout="ring")
+    with pytest.raises(ValueError, match="extent"):
+        sfd.plan_exchange(sf.Full(), sf.Problem(grid=(3, 8)), 4)
+
+
+# ------------------------------------------------------------------------------------
+# benchmarks/context_parallel_bytes.py, on a small case checked by hand
+# ------------------------------------------------------------------------------------
+def test_bytes_benchmark_counts_by_hand():
+    import importlib.util
+    import pathlib
+
+    script = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "context_parallel_bytes.py"
+    spec = importlib.util.spec_from_file_location("context_parallel_bytes_bench", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    setup = dict(bench.SETUP, world_size=4)
+    # 4,096 tokens, causal window 256, 4 ranks of 1,024: each rank but the first receives 256 rows
+    case = bench.count("small", sf.Causal() & sf.SlidingWindow(256), (4096,), 8, setup)
+    row = 1 * 8 * 2 * 128 * 2  # batch x kv_heads x (K, V) x head_dim x bf16
+    assert case["token_row_bytes"] == row
+    assert [r["ours_forward"] for r in case["ranks"]] == [256 * row] * 3 + [0]
+    assert [r["ours_backward"] for r in case["ranks"]] == [0] + [256 * row] * 3
+    assert all(r["allgather_forward"] == 3 * 1024 * row for r in case["ranks"])
+    assert all(r["ring_backward"] == (3 * 1024 + 4 * 1024) * row for r in case["ranks"])
+    # all-gather: 4 ranks x 3,072 rows each way; ours: 3 x 256 each way -> 16x
+    assert "all-gather / ours = 16.0x" in bench.table(case)
