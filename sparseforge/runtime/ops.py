@@ -95,9 +95,14 @@ def refuse_cross_on(backend: str, what: str) -> None:
 
 def decodes(pattern: Pattern, problem: Problem, path_name: str, lowers: bool | None = None) -> bool:
     """Whether the Triton decode kernel (``backends.decode``) runs the forward of ``problem``
-    (with a ``kv_grid``): two 1-D grids (queries the last Nq of Nk keys), a static pattern
-    whose mask does not depend on the sequence length (``lowers``: that answer, if known)."""
-    if path_name != STATIC.name or problem.ndim != 1 or len(problem.key_grid) != 1 or problem.tokens > problem.kv_tokens:
+    (with a ``kv_grid``): a static pattern whose mask does not depend on the sequence length
+    (``lowers``: that answer, if known), on two 1-D grids (queries the last Nq of Nk keys) or,
+    for a pattern that reads no query position (Full, Sink: cross attention, pooled keys), on
+    any two grids, their tokens flattened."""
+    if path_name != STATIC.name:
+        return False
+    position_free = not pattern.needs_placement()
+    if not position_free and (problem.ndim != 1 or len(problem.key_grid) != 1 or problem.tokens > problem.kv_tokens):
         return False
     if lowers is None:
         try:

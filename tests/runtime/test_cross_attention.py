@@ -203,13 +203,14 @@ def test_opcheck_with_kv_grid():
 # Refusals
 # ------------------------------------------------------------------------------------
 def test_triton_backends_refuse_kv_grid():
-    """What the decode kernel does not run (N-D grids, a mask that depends on the length, the
-    backward) is refused by name on the Triton backends (tests/runtime/test_decode.py: what it runs)."""
+    """What the decode kernel does not run (N-D grids for patterns that read query positions, a
+    mask that depends on the length, the backward) is refused by name on the Triton backends
+    (tests/runtime/test_decode.py: what it runs)."""
     pooled = sf.Problem(grid=(4, 4), kv_grid=(2, 2), heads=2, head_dim=16, dtype=torch.float32)
     problem = sf.Problem(grid=4, kv_grid=16, heads=2, head_dim=16, dtype=torch.float32)
     for backend in ("interpret", "triton"):
         with pytest.raises(NotImplementedError, match=rf"kv_grid.*backend='{backend}'"):
-            sf.compile(sf.Full(), pooled, backend=backend)
+            sf.compile(sf.Neighborhood(3), pooled, backend=backend)
         with pytest.raises(NotImplementedError, match=rf"kv_grid.*backend='{backend}'"):
             sf.compile(sf.Neighborhood(3), problem, backend=backend)
     attn = sf.compile(sf.Neighborhood(3), sf.Problem(grid=16, heads=2, head_dim=16, dtype=torch.float32),

@@ -93,3 +93,21 @@ def test_paged_errors_name_the_argument():
     cpu = sf.compile(PATTERNS[0], problem(64), backend="cpu")
     with pytest.raises(ValueError, match=r"cache_lengths\[1\] = 20 is fewer than the 32 queries"):
         cpu.paged(torch.randn(2, 4, 32, 16), cache)
+
+
+@pytest.mark.parametrize("pattern,grid,kv_grid", [
+    (sf.Full(), (8, 8), (4, 4)),          # Twins GSA / PVT: every query over pooled keys
+    (sf.Full(), (6,), (4,)),              # cross attention, Nq > Nk
+    (sf.Sink(3), (5, 4), (7,)),           # position-free: any two grids, tokens flattened
+], ids=["pooled_keys", "cross_nq_gt_nk", "sink_any_grids"])
+def test_position_free_cross_attention_on_the_decode_kernel(pattern, grid, kv_grid):
+    """A pattern that reads no query position runs its forward on the decode kernel for any
+    pair of grids (forward only, as decode)."""
+    heads, kv_heads = 4, 2
+    problem = sf.Problem(grid=grid, kv_grid=kv_grid, heads=heads, kv_heads=kv_heads, head_dim=16, dtype=F32)
+    attn = sf.compile(pattern, problem, backend="interpret")
+    q, k, v = qkv(2, problem.tokens, problem.kv_tokens, 4, heads, kv_heads)
+    out, lse = attn(q, k, v, return_lse=True)
+    ref, ref_lse = sf.reference_attention(q.double(), k.double(), v.double(), pattern, problem, return_lse=True)
+    assert_close(out, lse, ref, ref_lse, problem.kv_tokens)
+    assert len(attn.kernel._decoders) == 1
