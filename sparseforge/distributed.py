@@ -34,6 +34,10 @@ them to its own gradient (peers in rank order, deterministic). Bytes per message
 rows x B x kv_heads x 2D x element size, in both directions (``ExchangePlan.bytes_sent``);
 ``ContextParallelAttention.stats`` counts what was actually handed to ``isend``.
 
+Local compute: this rank's query rows in chunks whose mask holds at most ``CHUNK_ELEMENTS``
+entries per head, each the exact masked float attention over the gathered keys (memory bounded
+however many keys a rank gathers; the time is that of a dense attention over them).
+
 Failures: every wait has a timeout (``timeout=``, default the process group's own, see
 ``torch.distributed.init_process_group(timeout=)``). A peer that died or stalled makes the
 waiting rank raise ``PeerError`` naming itself, the peer, the phase and the timeout, instead
@@ -66,7 +70,7 @@ import torch
 
 from .dsl.pattern import Pattern, as_4d
 from .dsl.problem import Problem
-from .dsl.semantics import make_context, masked_softmax_attention
+from .dsl.semantics import CHUNK_ELEMENTS, make_context, masked_softmax_attention
 from .lower.schedule import build_schedule
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -443,12 +447,18 @@ class ContextParallelAttention(torch.nn.Module):
         """This rank's rows of a full tensor (``plan.shard(x, rank)``)."""
         return self.plan.shard(x, self.rank, dim)
 
-    def local_mask(self) -> torch.Tensor:
-        """Bool [1, H|1, N_r, M_r]: may this rank's query i see gathered key j (global positions)."""
-        if self._mask is None:
-            ctx = make_context(self.pattern, self.problem)
-            self._mask = as_4d(self.pattern.mask(ctx, self.plan.tokens[self.rank], self.plan.keys(self.rank)))
-        return self._mask
+    def local_mask(self, rows: slice = slice(None)) -> torch.Tensor:
+        """Bool [1, H|1, len(rows), M_r]: may this rank's query i (of ``rows``) see gathered key j
+        (global positions)."""
+        ctx = make_context(self.pattern, self.problem)
+        return as_4d(self.pattern.mask(ctx, self.plan.tokens[self.rank][rows], self.plan.keys(self.rank)))
+
+    def _row_chunks(self) -> list[slice]:
+        """This rank's query rows in chunks whose mask holds at most ``CHUNK_ELEMENTS`` per head
+        (the local compute's memory stays bounded however many keys the rank gathered)."""
+        n_r, m_r = len(self.plan.tokens[self.rank]), len(self.plan.keys(self.rank))
+        step = max(1, CHUNK_ELEMENTS // max(m_r, 1))
+        return [slice(i, min(i + step, n_r)) for i in range(0, n_r, step)] or [slice(0, 0)]
 
     def forward(self, q, k, v, scale=None, return_lse: bool = False):
         p, n_r = self.problem, len(self.plan.tokens[self.rank])
@@ -471,8 +481,13 @@ class ContextParallelAttention(torch.nn.Module):
             scale = p.head_dim ** -0.5
         elif isinstance(scale, torch.Tensor):
             scale = scale.to(q.dtype).reshape(1, -1, 1, 1)
-        mask = self.local_mask().to(q.device)
-        out, lse = masked_softmax_attention(q, kg, vg, mask, scale)
+        chunks = self._row_chunks()
+        if len(chunks) == 1 and self._mask is None:   # one chunk: its mask is kept (the plan is fixed)
+            self._mask = self.local_mask()
+        parts = [masked_softmax_attention(q[:, :, rows], kg, vg,
+                                          (self._mask if len(chunks) == 1 else self.local_mask(rows)).to(q.device),
+                                          scale) for rows in chunks]
+        out, lse = torch.cat([o for o, _ in parts], dim=2), torch.cat([l for _, l in parts], dim=2)
         return (out, lse) if return_lse else out
 
 

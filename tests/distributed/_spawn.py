@@ -113,7 +113,9 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
     from sparseforge.runtime import check
 
     out = []
+    default_chunk = sfd.CHUNK_ELEMENTS
     for case in cases:
+        sfd.CHUNK_ELEMENTS = case.get("chunk_elements", default_chunk)  # small: local compute in row chunks
         pattern, problem, dtype, q, k, v, go = full_inputs(case)
         # single process: the float64 reference and its gradients
         q64, k64, v64 = (t.detach().double().clone().requires_grad_() for t in (q, k, v))

@@ -32,6 +32,9 @@ CASES = {
     "na3d_dilated_fp64": dict(pattern="Neighborhood((3, 3, 5), dilation=(1, 2, 1))", grid=[8, 6, 10], heads=2,
                               head_dim=8, dtype="fp64"),
     "full": dict(pattern="Full()", grid=[30], heads=2, head_dim=8, dtype="fp32"),
+    # the local compute in chunks of query rows (a mask of at most 64 elements per chunk)
+    "window_1d_row_chunks": dict(pattern="Causal() & SlidingWindow(6)", grid=[37], heads=2, head_dim=8,
+                                 dtype="fp32", chunk_elements=64),
     "global_tokens": dict(pattern="SlidingWindow(2, right=2) | GlobalTokens((0, 29))", grid=[33], heads=2,
                           head_dim=8, dtype="fp32"),
 }
