@@ -32,10 +32,13 @@ EOF
 # 1. correctness first: every @pytest.mark.gpu test (real Triton kernels vs the float64 reference)
 #    (tests/codegen/test_gpu_kernels.py: every kind of schedule, fp16/bf16, with and without
 #    score modifiers, the dK/dV kernel on its own tiles; a failure does not stop the round)
-timeout 240 python3 -m pytest tests -m gpu -q --maxfail=10 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+timeout 220 python3 -m pytest tests -m gpu -q --maxfail=10 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 # 2. the suite at full size (forward and forward+backward, peers side by side)
-timeout 240 python3 -m sparseforge bench --suite --only "$ONLY" --out "$OUT/suite_gpu.json" \
+timeout 200 python3 -m sparseforge bench --suite --only "$ONLY" --out "$OUT/suite_gpu.json" \
     --plot "$OUT/suite_gpu.png" 2>&1 | tee "$OUT/suite.log"
-# 3. routed (BiFormer) peak memory, ours vs the gather implementation
+# 3. one decode step (Sink + 4096 window; 8k, 128k, 1M caches): the decode kernel, contiguous and
+#    paged, against SDPA over the allowed keys and over the whole cache
+timeout 60 python3 benchmarks/decode.py --caches 8192,131072,1048576 --out "$OUT/decode_gpu.json" 2>&1 | tee "$OUT/decode.log"
+# 4. routed (BiFormer) peak memory, ours vs the gather implementation
 timeout 90 python3 benchmarks/memory.py --device cuda --grids 64,128 --p7 --out "$OUT/routed_memory_gpu.json" \
     2>&1 | tee "$OUT/memory.log"

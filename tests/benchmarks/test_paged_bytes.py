@@ -68,3 +68,4 @@ def test_the_table_by_hand(bench, tmp_path, capsys):
     assert doc["meta"]["versions"] == run_info.versions() and doc["meta"]["date"]
     assert doc["results"] == main_rows and doc["extras"] == extras
     assert "4,294,967,296" in capsys.readouterr().out             # the 1M dense paged decode, printed exactly
+
