@@ -85,10 +85,9 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
         _check_cross_compile(pattern, problem, backend=backend, modifiers=modifiers, autotune=autotune,
                              target=target)
     mods = check_compile_modifiers(modifiers, head_scale, pattern, problem)
-    if (mods is not None or head_scale) and (attention == "linear" or isinstance(pattern, Grouped)):
-        what = "attention='linear'" if attention == "linear" else repr(pattern)
-        raise ValueError(f"modifiers/head_scale are not supported for {what} (give modifiers=() and "
-                         "head_scale=False); softmax attention on static, Routed and Scattered patterns takes them")
+    if (mods is not None or head_scale) and attention == "linear":
+        raise ValueError("modifiers/head_scale are not supported for attention='linear' (give modifiers=() and "
+                         "head_scale=False); softmax attention takes them")
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {list(ATTENTIONS)}, got {attention!r}")
     if attention == "linear" or feature_map is not None or neighbor_pooling is not None:
@@ -105,7 +104,7 @@ def compile(pattern: Pattern, problem: Problem, *, backend: str | None = None, q
                                neighbor_pooling=neighbor_pooling)
     if isinstance(pattern, Grouped):
         return _compile_grouped(pattern, problem, backend=backend, q_tile=q_tile, k_tile=k_tile, config=config,
-                                autotune=autotune, target=target)
+                                autotune=autotune, target=target, modifiers=mods, head_scale=head_scale)
     if split_grouped(pattern) is not None:   # Grouped & static: the static kernels, group ids as call data
         if autotune or target is not None:
             raise UnsupportedPatternError(f"autotune=True is not supported for {pattern!r} yet; give q_tile/k_tile")
@@ -165,7 +164,8 @@ def _check_voxel_problem(pattern, problem: Problem) -> None:
                          f"got grid={problem.grid}")
 
 
-def _compile_grouped(pattern, problem: Problem, *, backend, q_tile, k_tile, config, autotune, target):
+def _compile_grouped(pattern, problem: Problem, *, backend, q_tile, k_tile, config, autotune, target, modifiers=None,
+                     head_scale=False):
     """``compile(Grouped(...), problem)``: checks, then a ``GroupedAttention``."""
     if problem.grid is None:
         raise ValueError(f"{pattern!r} needs the number of tokens: give Problem(grid=N), got {problem!r}")
@@ -173,7 +173,8 @@ def _compile_grouped(pattern, problem: Problem, *, backend, q_tile, k_tile, conf
         raise UnsupportedPatternError(f"autotune=True is not supported for {pattern!r}: its tile tables depend on "
                                       "the group ids, known only at call time; give q_tile/k_tile or a config")
     check_kernel_options(problem, backend, config, q_tile, k_tile)
-    return GroupedAttention(pattern, problem, backend=backend, q_tile=q_tile, k_tile=k_tile, config=config)
+    return GroupedAttention(pattern, problem, backend=backend, q_tile=q_tile, k_tile=k_tile, config=config,
+                            modifiers=modifiers, head_scale=head_scale)
 
 
 def _compile_linear(pattern, problem: Problem, *, backend, q_tile, k_tile, config, autotune, target, feature_map,

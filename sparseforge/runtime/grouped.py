@@ -33,6 +33,7 @@ import torch
 from ..codegen.config import KernelConfig
 from ..backends.cpu import PADDED
 from ..dsl.content import Grouped, check_groups
+from ..dsl.modifiers import Sinks
 from ..dsl.pattern import Intersection, Pattern
 from ..dsl.problem import Problem
 from ..dsl.sequence import Causal, Full
@@ -79,12 +80,19 @@ class GroupedAttention:
     Differentiable with respect to q, k and v (and the LSE). Made by ``compile``.
     """
 
-    def __init__(self, pattern: Grouped, problem: Problem, *, backend=None, q_tile=None, k_tile=None, config=None):
+    def __init__(self, pattern: Grouped, problem: Problem, *, backend=None, q_tile=None, k_tile=None, config=None,
+                 modifiers=None, head_scale: bool = False):
         if not isinstance(pattern, Grouped):
             raise TypeError(f"pattern must be a sparseforge Grouped, got {pattern!r}")
+        if modifiers is not None and modifiers.biases:
+            raise ValueError(f"modifiers {[type(m).__name__ for m in modifiers.biases]} measure token positions, which "
+                             f"{pattern!r} packs by group; write Grouped() & Full() (the static kernels with the ids as "
+                             "call data keep the positions) to combine them")
         self.pattern = pattern
         self.problem = problem
         self.backend = backend
+        #: softcap, sinks and a per-head scale (position-free: they apply in the packed order)
+        self.modifiers, self.head_scale = modifiers, head_scale
         self._tiles = dict(q_tile=q_tile, k_tile=k_tile, config=config)
         self._inner_ops: dict[bool, object] = {}
         self._inner(per_head=False)  # compile now: bad tiles/backends fail at compile time
@@ -102,7 +110,12 @@ class GroupedAttention:
             if config is None:
                 config = KernelConfig(q_tile=self._tiles["q_tile"], k_tile=self._tiles["k_tile"])
             schedule = SEGMENTS.build(self.pattern, inner, config)
-            self._inner_ops[per_head] = CompiledAttention(schedule, self.backend, config)
+            if per_head and (self.modifiers or self.head_scale):
+                raise NotImplementedError(f"{self.pattern!r} with per-head group ids [B, H, N] runs one head per packed "
+                                          "token, where per-head sinks and scales do not apply yet; give one grouping "
+                                          "[B, N] for every head")
+            self._inner_ops[per_head] = CompiledAttention(schedule, self.backend, config, modifiers=self.modifiers,
+                                                          head_scale=self.head_scale)
         return self._inner_ops[per_head]
 
     def plan(self, groups: torch.Tensor) -> GroupedPlan:
@@ -124,7 +137,7 @@ class GroupedAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, groups: torch.Tensor | None = None,
                  plan: GroupedPlan | None = None, scale: float | None = None, return_lse: bool = False,
                  kv_groups: torch.Tensor | None = None, key_padding_mask=None, lengths=None,
-                 padding_side: str = "right"):
+                 padding_side: str = "right", modifiers=None):
         """out [B, H, N, D] (and the natural-log LSE [B, H, N], -inf on empty rows) of q, k, v
         and exactly one of ``groups`` (int [B, N] or [B, H, N]) or ``plan`` (``self.plan(groups)``).
         Padding (``key_padding_mask`` bool [B, N], or ``lengths`` [B] with ``padding_side``)
@@ -139,12 +152,14 @@ class GroupedAttention:
         if four_d and (kv_groups is not None or p.is_cross or k.shape[2] != q.shape[2]):
             return self._cross(q, k, v, groups, kv_groups, plan, scale, return_lse)
         check_qkv(q, k, v, p, tokens=q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else None)
-        scale = check_scale(scale, p.head_dim)
+        if not self.head_scale:  # else a [H] tensor, checked by the segment op's call
+            scale = float(check_scale(scale, p.head_dim))
         check_return_lse(return_lse)
         if (groups is None) == (plan is None):
             raise ValueError(f"{self.pattern!r} needs the group ids: pass exactly one of groups= (int [B, N] or "
                              "[B, H, N]) or plan= (attn.plan(groups))")
         b, h, n, d = q.shape
+        real = None   # bool [B, N] real tokens (padding given), else every token is
         if key_padding_mask is not None or lengths is not None:
             if plan is not None:
                 raise ValueError("padding with plan=: the plan's packing is fixed; give groups= with the padding, "
@@ -168,19 +183,30 @@ class GroupedAttention:
         if not plan.per_head:
             bi, ni = plan.index
             qv, kv, vv = (t.permute(0, 2, 1, 3)[bi, ni] for t in (q, k, v))  # [M, heads, D]
-            out_v, lse_v = inner(qv, kv, vv, plan=plan.inner, scale=float(scale), return_lse=True)
+            out_v, lse_v = inner(qv, kv, vv, plan=plan.inner, scale=scale, modifiers=modifiers, return_lse=True)
             out = q.new_zeros(b, n, h, d).index_put((bi, ni), out_v).permute(0, 2, 1, 3)
-            lse = lse_v.new_full((b, n, h), -math.inf).index_put((bi, ni), lse_v).permute(0, 2, 1)
+            lse = self._empty_lse(lse_v, modifiers, real, b, n, h).index_put((bi, ni), lse_v).permute(0, 2, 1)
         else:
             rep = h // p.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             bi, hi, ni = plan.index
             qv, kv, vv = (t[bi, hi, ni][:, None] for t in (q, k, v))      # [M, 1, D]
-            out_v, lse_v = inner(qv, kv, vv, plan=plan.inner, scale=float(scale), return_lse=True)
+            out_v, lse_v = inner(qv, kv, vv, plan=plan.inner, scale=scale, modifiers=modifiers, return_lse=True)
             out = q.new_zeros(b, h, n, d).index_put((bi, hi, ni), out_v[:, 0])
             lse = lse_v.new_full((b, h, n), -math.inf).index_put((bi, hi, ni), lse_v[:, 0])
         out = out.contiguous()
         return (out, lse.contiguous()) if return_lse else out
+
+    @staticmethod
+    def _empty_lse(like: torch.Tensor, modifiers, real, b: int, n: int, h: int) -> torch.Tensor:
+        """[B, N, H] LSE of the rows no group holds: -inf, or with sinks the head's sink logit
+        for a real token in no group (an empty row; padding stays -inf)."""
+        sinks = next((m for m in (modifiers or ()) if isinstance(m, Sinks)), None)
+        lse = like.new_full((b, n, h), -math.inf)
+        if sinks is None:
+            return lse
+        sink = sinks.logits.to(like)[None, None, :].expand(b, n, h)
+        return sink if real is None else torch.where(real[:, :, None], sink, lse)
 
     def _cross(self, q, k, v, groups, kv_groups, plan, scale, return_lse):
         """A call whose keys are not the queries: the op with ``kv_grid`` and the group ids as

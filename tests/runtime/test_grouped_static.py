@@ -112,3 +112,36 @@ def test_triton_kernels_take_group_ids(name, pattern, grid):
         err = check.row_error(got, want)
         assert err <= tol[name_], f"{name_}: {err:.2e} > {tol[name_]:.2e}"
     assert check.lse_error(lse, ref_lse) <= tol["lse"]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "interpret"])
+def test_grouped_alone_takes_position_free_modifiers(backend):
+    """Softcap, sinks and a per-head scale on the segment kernels (Grouped alone): forward, LSE
+    and the gradients of q, k, v and every modifier tensor against float64."""
+    gen = torch.Generator().manual_seed(9)
+    heads, n = 2, 30
+    problem = sf.Problem(grid=n, heads=heads, head_dim=16, dtype=F32)
+    sinks = torch.randn(heads, generator=gen)
+    mods = (sf.Softcap(2.0), sf.Sinks(sinks))
+    attn = sf.compile(sf.Grouped(causal=True), problem, backend=backend, modifiers=mods, head_scale=True)
+    ids = torch.randint(-1, 3, (2, n), generator=gen)
+    q, k, v = (torch.randn(2, heads, n, 16, generator=gen, requires_grad=True) for _ in range(3))
+    scale = (0.2 + 0.2 * torch.rand(heads, generator=gen)).requires_grad_()
+    sink_leaf = sinks.clone().requires_grad_()
+    call_mods = (sf.Softcap(2.0), sf.Sinks(sink_leaf))
+    out, lse = attn(q, k, v, groups=ids, modifiers=call_mods, scale=scale, return_lse=True)
+    dout = torch.randn(out.shape, generator=gen)
+    out.backward(dout)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, scale, sinks)]
+    ref, ref_lse = sf.reference_attention(*leaves[:3], sf.Grouped(causal=True), problem, groups=ids, scale=leaves[3],
+                                          modifiers=(sf.Softcap(2.0), sf.Sinks(leaves[4])), return_lse=True)
+    ref.backward(dout.double())
+    keys, queries = check.reductions(sf.Grouped(causal=True), problem, groups=ids)
+    tol = check.attention_tolerances(F32, F32, keys, queries, 16)
+    for name, got, want in (("out", out, ref), ("dq", q.grad, leaves[0].grad), ("dk", k.grad, leaves[1].grad),
+                            ("dv", v.grad, leaves[2].grad)):
+        assert check.row_error(got, want) <= tol[name], name
+    assert check.lse_error(lse, ref_lse) <= tol["lse"]
+    for got, want in ((scale.grad, leaves[3].grad), (sink_leaf.grad, leaves[4].grad)):
+        t = check.tolerance(F32, 2 * n * keys) * want.abs().max().item()
+        assert (got.double() - want).abs().max().item() <= t and want.abs().max().item() > 10 * t

@@ -316,8 +316,8 @@ def test_call_must_match_the_compiled_spec():
     (lambda: compile(sf.Blocks(4), P((8, 8)), modifiers=(sf.ALiBi(torch.ones(2)),)), ValueError,
      r"ALiBi is a 1-D relative position bias"),
     (lambda: compile(sf.Blocks(4), P((8, 8)), head_scale=1), TypeError, r"head_scale must be a bool"),
-    (lambda: compile(sf.Grouped(), P(8), modifiers=(sf.Softcap(2.0),)), ValueError,
-     r"modifiers/head_scale are not supported for Grouped"),
+    (lambda: compile(sf.Grouped(), P(8), modifiers=(sf.ALiBi(torch.ones(2)),)), ValueError,
+     r"\['ALiBi'\] measure token positions.*Grouped\(\) & Full\(\)"),
     (lambda: compile(sf.Blocks(4), P((8, 8)), modifiers="x"), TypeError,
      r"modifiers must be a tuple"),
 ])
