@@ -25,8 +25,9 @@ the fixed ``sparseforge::attention`` ops (``runtime.ops``).
     out = voxels(q, k, v, plan=plan)
 
 Keys on a grid of their own (``Problem.kv_grid``; 1-D: k's length differs from q's) run the
-CPU executor on the exact mask (``runtime.ops``, ``kv_grid`` argument); the Triton backends
-refuse them (``CrossGridsNotImplementedError``).
+CPU executor on the exact mask (``runtime.ops``, ``kv_grid`` argument); on the Triton backends
+a 1-D decode's forward runs the decode kernel (``attn.paged(q, cache)`` reads a paged cache),
+and the rest is refused (``CrossGridsNotImplementedError``).
 
 Each call passes the path's per-call tables (``lower.paths``: none, the routes, or a plan's
 tensors), the modifiers' tensors and per-head scale (``dsl.modifiers.modifier_tensors``), the

@@ -17,10 +17,11 @@
   order (each bias term's tensor, then the sinks' logits, then the per-head scale [H], which
   replaces ``scale``); their structure (kinds, shapes, dtypes, softcap) is the registered
   kernel's ``modifier_spec``. ``dparams`` are their gradients, in the same order (deterministic);
-- ``padding``: None, a key padding mask (bool [B, N], True = real token) or per-sample boxes
+- ``padding``: None, a key padding mask (bool [B, N], True = real token), per-sample boxes
   (int64 [B, 2, ndim]: each sample's first token and extent per grid dimension; its tokens
-  form a grid of that extent, on which it is attended alone: ``lengths``/``sizes``). Data, never
-  part of a key; the CPU executor only (the Triton kernels take none yet);
+  form a grid of that extent, on which it is attended alone: ``lengths``/``sizes``), or group
+  ids (int32 [B, N], ``Grouped & pattern``; ``backends.cpu.PADDED`` marks padding). Data,
+  never part of a key; the CPU executor and the Triton kernels (a variant per kind) take all three;
 - ``grid``: the token grid of this call (SymInt[]: under ``torch.compile(dynamic=True)`` it
   stays symbolic, so a new size is no new graph); for segments the packed length (the
   schedule does not depend on it: the tables come with the plan);
@@ -30,8 +31,9 @@
   (``backends.cpu.mask_chunks``): no schedule is built for it, so a decode step whose Nk
   grows every call builds nothing and registers nothing. ``tables`` is then empty for static
   patterns and ``[groups, kv_groups]`` (int64 [B, 1 or H, Nq] and [.., Nk]) on the segments
-  path (``Grouped``); ``padding`` must be None. The Triton backends refuse it
-  (``CrossGridsNotImplementedError``);
+  path (``Grouped``); ``padding`` None or a key padding mask over the keys. On the Triton
+  backends the forward of a 1-D decode (and of a position-free pattern on any grids) runs the
+  decode kernel (``backends.decode``); the rest is refused (``CrossGridsNotImplementedError``);
 - ``kernel``: the key of a registered ``Kernel`` — pattern, heads, head dim, dtype, tile
   config, modifier spec: everything that shapes the generated code except the grid. The
   schedule (and its tables, and the Triton kernels specialised to its extents) for each grid is
