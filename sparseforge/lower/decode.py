@@ -15,6 +15,7 @@ run time, per sample, so a growing cache compiles nothing new. What they need of
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 
 import sympy as sp
@@ -70,9 +71,10 @@ def _ranges(pattern: Pattern) -> list[tuple[sp.Expr, sp.Expr]]:
     return [(sp.Integer(0), NK - 1)]  # Full, and families without a closed form: the whole cache
 
 
+@functools.lru_cache(maxsize=256)
 def lower_decode(pattern: Pattern, heads: int, kv_heads: int) -> DecodeLowering:
-    """The decode lowering of 1-D ``pattern`` for ``heads`` query heads; DecodeNotSupportedError
-    when its mask depends on the sequence length."""
+    """The decode lowering of 1-D ``pattern`` for ``heads`` query heads (cached: every decode
+    step asks); DecodeNotSupportedError when its mask depends on the sequence length."""
     sym = Symbols.make(1)
     names = {sym.qx[0]: QP, sym.qn: QP, sym.kx[0]: KP, sym.kn: KP}
     printed = []

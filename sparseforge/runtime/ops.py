@@ -95,24 +95,22 @@ def refuse_cross_on(backend: str, what: str) -> None:
         "sequence length (backends.decode); run it on CPU tensors (backend='cpu' or None)")
 
 
-def decodes(pattern: Pattern, problem: Problem, path_name: str, lowers: bool | None = None) -> bool:
+def decodes(pattern: Pattern, problem: Problem, path_name: str) -> bool:
     """Whether the Triton decode kernel (``backends.decode``) runs the forward of ``problem``
     (with a ``kv_grid``): a static pattern whose mask does not depend on the sequence length
-    (``lowers``: that answer, if known), on two 1-D grids (queries the last Nq of Nk keys) or,
-    for a pattern that reads no query position (Full, Sink: cross attention, pooled keys), on
-    any two grids, their tokens flattened."""
+    (``lower_decode``, cached per pattern and heads), on two 1-D grids (queries the last Nq of
+    Nk keys) or, for a pattern that reads no query position (Full, Sink: cross attention,
+    pooled keys), on any two grids, their tokens flattened."""
     if path_name != STATIC.name:
         return False
     position_free = not pattern.needs_placement()
     if not position_free and (problem.ndim != 1 or len(problem.key_grid) != 1 or problem.tokens > problem.kv_tokens):
         return False
-    if lowers is None:
-        try:
-            lower_decode(pattern, problem.heads, problem.kv_heads)
-        except DecodeNotSupportedError:
-            return False
-        return True
-    return lowers
+    try:
+        lower_decode(pattern, problem.heads, problem.kv_heads)
+    except DecodeNotSupportedError:
+        return False
+    return True
 
 NAMESPACE = "sparseforge"
 #: Values of the ops' ``backend`` argument.
@@ -172,7 +170,6 @@ class Kernel:
         self._grids[self._grid_key(seed.problem.grid)] = _AtGrid(seed)
         self._lock = threading.Lock()
         self._decoders: dict[tuple, TritonDecode] = {}  # (interpret, padding, page size): decode kernels
-        self._lowers_for_decode: bool | None = None  # the pattern has a decode lowering (lower.decode)
 
     def _grid_key(self, grid) -> tuple[int, ...]:
         return () if self.path.grid_free or grid is None else tuple(int(x) for x in grid)
@@ -340,11 +337,8 @@ class Kernel:
         return [cpu.cross_block(chunks, problem, padding)]  # padding: None or a key padding mask [B, Nk]
 
     def decodes(self, problem: Problem) -> bool:
-        """Whether the Triton decode kernel runs the forward of ``problem`` (``decodes``; the
-        pattern's decode lowering is tried once per kernel)."""
-        if self._lowers_for_decode is None:
-            self._lowers_for_decode = decodes(self.pattern, self.problem.with_grid(2, 3), self.path.name)
-        return decodes(self.pattern, problem, self.path.name, self._lowers_for_decode)
+        """Whether the Triton decode kernel runs the forward of ``problem`` (``decodes``)."""
+        return decodes(self.pattern, problem, self.path.name)
 
     def _decode(self, which: str, problem: Problem, q, k, v, tables, params, padding, scale: float):
         """Forward of a call whose queries are the last Nq of Nk keys, on the Triton decode kernel."""
