@@ -17,18 +17,20 @@ import math
 import sympy as sp
 import torch
 
-from ..codegen.render import modifier_context, render_decode
+from ..codegen.render import block_d, modifier_context, render_decode
 from ..dsl.modifiers import Modifiers
 from ..dsl.pattern import Pattern
 from ..dsl.problem import DTYPE_NAMES, Problem
 from ..lower.decode import NK, QP, lower_decode
 from ..lower.naming import readable_name
 from .aot import aot_compile
-from .triton import interpreted_launch, load_generated
+from .triton import MODIFIER_ARGUMENTS, interpreted_launch, load_generated, modifier_inputs
 
 #: programs a decode launch aims for (a GPU's SMs, twice over): the split count fills them
 TARGET_PROGRAMS = 264
 BLOCK_N = 64
+#: The modifier tensors the decode kernel takes (the sinks join at the merge, on the host).
+DECODE_MODIFIERS = tuple((arg, key) for arg, key in MODIFIER_ARGUMENTS if arg != "SINKS")
 
 
 class TritonDecode:
@@ -43,6 +45,7 @@ class TritonDecode:
         self.pattern, self.problem, self.page_size, self.interpret = pattern, problem, page_size, interpret
         self.lowering = lower_decode(pattern, problem.heads, problem.kv_heads)
         self.modifiers, self.padding = modifiers, padding
+        self.mods = modifier_context(modifiers, pattern, problem)
         heads = Problem(heads=problem.heads, head_dim=problem.head_dim, dtype=problem.dtype, kv_heads=problem.kv_heads)
         key = hashlib.sha256(repr((pattern, modifiers, page_size, padding)).encode()).hexdigest()
         self.name = f"sf_decode_{readable_name(pattern, heads, key)}"
@@ -85,8 +88,8 @@ class TritonDecode:
         splits = n_splits or self.splits(b, q_tiles, max_keys)
         o_part = torch.empty(splits, b, h, nq, d, device=q.device, dtype=torch.float32)
         lse_part = torch.empty(splits, b, h, nq, device=q.device, dtype=torch.float32)
-        extra = _modifier_tensors(modifiers, head_scale, q.device)
-        args = [q, k, v, o_part, lse_part, *extra]
+        extra = modifier_inputs(self.mods, modifiers, head_scale, q.device)
+        args = [q, k, v, o_part, lse_part, *(extra[arg] for arg, _ in DECODE_MODIFIERS if arg in extra)]
         if self.padding != (key_valid is not None):
             raise ValueError(f"key_valid is {'required' if self.padding else 'not taken'} by this decode kernel")
         if paged:
@@ -100,7 +103,7 @@ class TritonDecode:
         if k.stride(3) != 1 or v.stride() != k.stride() or q.stride(3) != 1:
             raise ValueError("q, k and v must have unit stride along head_dim, and v the strides of k")
         args += [n_keys, nq, splits, q.stride(0), q.stride(1), q.stride(2), *strides, scale * math.log2(math.e)]
-        meta = dict(BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=max(16, 1 << (d - 1).bit_length()))
+        meta = dict(BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d(d))
         grid = (splits, q_tiles, b * self.problem.kv_heads)
         if self.interpret:
             with interpreted_launch():
@@ -136,9 +139,7 @@ class TritonDecode:
         """Triton type string of every runtime argument of the decode kernel."""
         dt = "*" + DTYPE_NAMES[self.problem.dtype]
         sig = dict(Q=dt, K=dt, V=dt, O_PART="*fp32", LSE_PART="*fp32")
-        mods = modifier_context(self.modifiers, self.pattern, self.problem)
-        sig.update({arg: "*fp32" for arg, on in (("HEAD_SCALE", mods["head_scale"]), ("BIAS_TABLE", mods["table"]),
-                                                  ("SLOPES", mods["alibi"])) if on})
+        sig.update({arg: "*fp32" for arg, key in DECODE_MODIFIERS if self.mods[key]})
         if self.page_size is not None:
             sig.update(BLOCK_TABLE="*i32", stride_table="i32")
         if self.padding:
@@ -152,8 +153,7 @@ class TritonDecode:
         """Compile the kernel for ``n_queries`` queries per call for ``target`` on the CPU; its
         ResourceReport."""
         block_q, block_m = self.blocks(n_queries)
-        d = self.problem.head_dim
-        constexprs = dict(BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=max(16, 1 << (d - 1).bit_length()))
+        constexprs = dict(BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d(self.problem.head_dim))
         return aot_compile(self.kernel, self.signature(), constexprs, target=target, **self.LAUNCH)
 
 
@@ -169,18 +169,3 @@ def merge_splits(o_part, lse_part, sinks, dtype):
     out = (weight[..., None] * o_part).sum(dim=0)
     return out.to(dtype), lse
 
-
-def _modifier_tensors(modifiers: Modifiers | None, head_scale, device) -> list:
-    """The kernel's modifier arguments, in the template's order: head scale, bias table, slopes."""
-    def f32(t):
-        return t.detach().to(device=device, dtype=torch.float32).contiguous()
-    out = []
-    if head_scale is not None:
-        out.append(f32(head_scale))
-    biases = {type(m).__name__: m for m in (modifiers.biases if modifiers else ())}
-    table = biases.get("RelativePositionBias") or biases.get("T5Bias")
-    if table is not None:
-        out.append(f32(table.table).reshape(-1))
-    if "ALiBi" in biases:
-        out.append(f32(biases["ALiBi"].slopes))
-    return out

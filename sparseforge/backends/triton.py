@@ -105,6 +105,39 @@ def load_generated(name: str, kind: str, source: str, interpret: bool, variant: 
     return mod
 
 
+#: The modifier tensors the kernels take (``codegen.templates`` modifier_arguments), in argument
+#: order: (kernel argument, ``codegen.render.modifier_context`` key).
+MODIFIER_ARGUMENTS = (("HEAD_SCALE", "head_scale"), ("BIAS_TABLE", "table"), ("SLOPES", "alibi"), ("SINKS", "sinks"))
+
+
+def modifier_inputs(mods: dict, modifiers, head_scale, device) -> dict:
+    """The modifier tensors of a call by kernel argument name (fp32, contiguous), checked against
+    ``mods`` (the ``modifier_context`` the kernels were made for)."""
+    biases = {type(m).__name__: m for m in (modifiers.biases if modifiers else ())}
+    alibi = biases.get("ALiBi")
+    table = next((biases[kind] for kind in TABLE_BIASES if kind in biases), None)
+    sinks = modifiers.sinks if modifiers else None
+    given = dict(head_scale=head_scale is not None, alibi=alibi is not None, sinks=sinks is not None,
+                 table=table is not None)
+    wanted = {key: bool(mods.get(key)) for key in given}
+    if given != wanted or (modifiers and (modifiers.softcap is not None) != (mods["softcap"] is not None)):
+        raise ValueError(f"modifiers/head_scale of this call ({given}) do not match the kernels' "
+                         f"({wanted}, softcap {mods['softcap']})")
+
+    def f32(t):
+        return t.detach().to(device=device, dtype=torch.float32).contiguous()
+    out = {}
+    if head_scale is not None:
+        out["HEAD_SCALE"] = f32(head_scale)
+    if table is not None:
+        out["BIAS_TABLE"] = f32(table.table).reshape(-1)
+    if alibi is not None:
+        out["SLOPES"] = f32(alibi.slopes)
+    if sinks is not None:
+        out["SINKS"] = f32(sinks.logits)
+    return out
+
+
 def fixed_point_scale(v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     """fp32 [1]: the power of two that turns every dS of one backward into a 64-bit integer
     whose sums over any set of pairs cannot overflow (the bias table gradient's fixed point).
@@ -253,31 +286,7 @@ class TritonKernels:
         return g.n_q_tiles if side == "q" else g.n_k_tiles
 
     def _modifier_inputs(self, modifiers, head_scale, device) -> dict:
-        """The modifier tensors by kernel argument name (fp32, contiguous), checked against
-        the spec the kernels were made for."""
-        biases = {type(m).__name__: m for m in (modifiers.biases if modifiers else ())}
-        alibi = biases.get("ALiBi")
-        table = next((biases[kind] for kind in TABLE_BIASES if kind in biases), None)
-        sinks = modifiers.sinks if modifiers else None
-        given = dict(head_scale=head_scale is not None, alibi=alibi is not None, sinks=sinks is not None,
-                     table=table is not None)
-        wanted = {key: bool(self.mods.get(key)) for key in given}
-        if given != wanted or (modifiers and (modifiers.softcap is not None) != (self.mods["softcap"] is not None)):
-            raise ValueError(f"modifiers/head_scale of this call ({given}) do not match the kernels' "
-                             f"({wanted}, softcap {self.mods['softcap']})")
-
-        def f32(t):
-            return t.detach().to(device=device, dtype=torch.float32).contiguous()
-        out = {}
-        if head_scale is not None:
-            out["HEAD_SCALE"] = f32(head_scale)
-        if table is not None:
-            out["BIAS_TABLE"] = f32(table.table).reshape(-1)
-        if alibi is not None:
-            out["SLOPES"] = f32(alibi.slopes)
-        if sinks is not None:
-            out["SINKS"] = f32(sinks.logits)
-        return out
+        return modifier_inputs(self.mods, modifiers, head_scale, device)
 
     def forward(self, q, k, v, scale: float, tables: dict, modifiers=None, head_scale=None, key_valid=None):
         """out, lse; ``modifiers`` (``dsl.modifiers.Modifiers``, their tensors) and ``head_scale``
@@ -406,8 +415,7 @@ class TritonKernels:
             sig.update(Q=dt, K=dt, V=dt, DO=dt, LSE="*fp32", DELTA="*fp32", DK=dt, DV=dt)
         # the score modifiers' tensors (``codegen.templates`` modifier_arguments, in this order)
         m = self.mods
-        sig.update({arg: "*fp32" for arg, on in (("HEAD_SCALE", m["head_scale"]), ("BIAS_TABLE", m["table"]),
-                                                  ("SLOPES", m["alibi"]), ("SINKS", m["sinks"])) if on})
+        sig.update({arg: "*fp32" for arg, key in MODIFIER_ARGUMENTS if m[key]})
         if name == "bwd_dq":
             sig.update({arg: "*fp32" for arg, on in (("DSCALE_ROWS", m["head_scale"]), ("DSLOPE_ROWS", m["alibi"]))
                         if on})
