@@ -166,7 +166,7 @@ class GroupedAttention:
                                  "or set the padded tokens' ids to -1 before attn.plan(groups)")
             padding = padding_input(Full(), p, (n,), q, None, key_padding_mask=key_padding_mask, lengths=lengths,
                                     padding_side=padding_side)
-            real = padding if padding.dtype == torch.bool else _box_tokens(padding, n)
+            real = _real_tokens(padding, n)
             ids = check_groups(groups, b, h, n, keep_device=True).to(q.device)   # [B, 1 | H, N]
             groups = torch.where(real[:, None, :], ids, -1)
         if plan is None:
@@ -307,15 +307,18 @@ class GroupedStaticAttention:
                                          lengths=lengths, padding_side=padding_side))
         padding = args[5]
         if padding is not None:   # the real tokens: a key padding mask, or one box per sample (lengths)
-            real = padding if padding.dtype == torch.bool else _box_tokens(padding, n)
+            real = _real_tokens(padding, n)
             ids = torch.where(real, ids, PADDED)
         args[5] = ids.contiguous()
         out, lse = self.inner.op(*args)
         return (out, lse) if return_lse else out
 
 
-def _box_tokens(boxes: torch.Tensor, n: int) -> torch.Tensor:
-    """bool [B, N]: the tokens inside each sample's 1-D box (int64 [B, 2, 1]: start, extent)."""
-    t = torch.arange(n, device=boxes.device)
-    start, extent = boxes[:, 0, 0, None], boxes[:, 1, 0, None]
+def _real_tokens(padding: torch.Tensor, n: int) -> torch.Tensor:
+    """bool [B, N] real tokens of the ops' ``padding`` (``inputs.padding_input``): a key padding
+    mask as it is, or the tokens inside each sample's 1-D box (int64 [B, 2, 1]: start, extent)."""
+    if padding.dtype == torch.bool:
+        return padding
+    t = torch.arange(n, device=padding.device)
+    start, extent = padding[:, 0, 0, None], padding[:, 1, 0, None]
     return (t >= start) & (t < start + extent)
