@@ -20,6 +20,20 @@ CASES = [
 ]
 
 
+def assert_matches(pattern, problem, ids, results: dict, lse, ref_lse) -> int:
+    """Every tensor of ``results`` (name -> (got, float64 want); out, dq, dk, dv) finite and
+    within its row tolerance, and the LSE too (tolerances from the reductions under ``ids``);
+    returns the keys a query sees at most."""
+    keys, queries = check.reductions(pattern, problem, groups=ids)
+    tol = check.attention_tolerances(F32, F32, keys, queries, 16)
+    for name, (got, want) in results.items():
+        assert torch.isfinite(got).all(), name
+        err = check.row_error(got, want)
+        assert err <= tol[name], f"{name}: {err:.2e} > {tol[name]:.2e}"
+    assert check.lse_error(lse, ref_lse) <= tol["lse"]
+    return keys
+
+
 def run(pattern, grid, *, padding=None, mods=(), seed=0, heads=4, kv_heads=2):
     gen = torch.Generator().manual_seed(seed)
     problem = sf.Problem(grid=grid, heads=heads, kv_heads=kv_heads, head_dim=16, dtype=F32)
@@ -37,13 +51,8 @@ def run(pattern, grid, *, padding=None, mods=(), seed=0, heads=4, kv_heads=2):
     ref, ref_lse = sf.reference_attention(*leaves, pattern, problem, groups=ids, return_lse=True, modifiers=mods,
                                           **padding)
     ref.backward(dout.double())
-    keys, queries = check.reductions(pattern, problem, groups=ids)
-    tol = check.attention_tolerances(F32, F32, keys, queries, 16)
-    for name, got, want in (("out", out, ref), ("dq", q.grad, leaves[0].grad), ("dk", k.grad, leaves[1].grad),
-                            ("dv", v.grad, leaves[2].grad)):
-        err = check.row_error(got, want)
-        assert err <= tol[name], f"{name}: {err:.2e} > {tol[name]:.2e}"
-    assert check.lse_error(lse, ref_lse) <= tol["lse"]
+    assert_matches(pattern, problem, ids, dict(out=(out, ref), dq=(q.grad, leaves[0].grad), dk=(k.grad, leaves[1].grad),
+                                               dv=(v.grad, leaves[2].grad)), lse, ref_lse)
     assert (out[(ids < 0)[:, None, :, None].expand_as(out)] == 0).all()   # no group: zeros
     return attn
 
@@ -104,14 +113,9 @@ def test_triton_kernels_take_group_ids(name, pattern, grid):
     ref, ref_lse = sf.reference_attention(*clean, pattern, problem, groups=ids, key_padding_mask=real, modifiers=mods,
                                           return_lse=True)
     ref.backward(dout.double())
-    keys, queries = check.reductions(pattern, problem, groups=ids)
-    tol = check.attention_tolerances(F32, F32, keys, queries, 16)
-    for name_, got, want in (("out", out, ref), ("dq", leaves[0].grad, clean[0].grad),
-                             ("dk", leaves[1].grad, clean[1].grad), ("dv", leaves[2].grad, clean[2].grad)):
-        assert torch.isfinite(got).all(), name_
-        err = check.row_error(got, want)
-        assert err <= tol[name_], f"{name_}: {err:.2e} > {tol[name_]:.2e}"
-    assert check.lse_error(lse, ref_lse) <= tol["lse"]
+    assert_matches(pattern, problem, ids, dict(out=(out, ref), dq=(leaves[0].grad, clean[0].grad),
+                                               dk=(leaves[1].grad, clean[1].grad), dv=(leaves[2].grad, clean[2].grad)),
+                   lse, ref_lse)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "interpret"])
@@ -136,12 +140,9 @@ def test_grouped_alone_takes_position_free_modifiers(backend):
     ref, ref_lse = sf.reference_attention(*leaves[:3], sf.Grouped(causal=True), problem, groups=ids, scale=leaves[3],
                                           modifiers=(sf.Softcap(2.0), sf.Sinks(leaves[4])), return_lse=True)
     ref.backward(dout.double())
-    keys, queries = check.reductions(sf.Grouped(causal=True), problem, groups=ids)
-    tol = check.attention_tolerances(F32, F32, keys, queries, 16)
-    for name, got, want in (("out", out, ref), ("dq", q.grad, leaves[0].grad), ("dk", k.grad, leaves[1].grad),
-                            ("dv", v.grad, leaves[2].grad)):
-        assert check.row_error(got, want) <= tol[name], name
-    assert check.lse_error(lse, ref_lse) <= tol["lse"]
+    keys = assert_matches(sf.Grouped(causal=True), problem, ids, dict(
+        out=(out, ref), dq=(q.grad, leaves[0].grad), dk=(k.grad, leaves[1].grad), dv=(v.grad, leaves[2].grad)),
+        lse, ref_lse)
     for got, want in ((scale.grad, leaves[3].grad), (sink_leaf.grad, leaves[4].grad)):
         t = check.tolerance(F32, 2 * n * keys) * want.abs().max().item()
         assert (got.double() - want).abs().max().item() <= t and want.abs().max().item() > 10 * t
