@@ -113,9 +113,7 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
     from sparseforge.runtime import check
 
     out = []
-    default_chunk = sfd.CHUNK_ELEMENTS
     for case in cases:
-        sfd.CHUNK_ELEMENTS = case.get("chunk_elements", default_chunk)  # small: local compute in row chunks
         pattern, problem, dtype, q, k, v, go = full_inputs(case)
         # single process: the float64 reference and its gradients
         q64, k64, v64 = (t.detach().double().clone().requires_grad_() for t in (q, k, v))
@@ -124,7 +122,9 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
         keys, queries = check.reductions(pattern, problem)
         tol = check.attention_tolerances(dtype, dtype, keys, queries, problem.head_dim)
         # this rank's shard
-        attn = sfd.ContextParallelAttention(pattern, problem, layout=case.get("layout", "contiguous"))
+        attn = sfd.ContextParallelAttention(pattern, problem, layout=case.get("layout", "contiguous"),
+                                            exchange=case.get("exchange", "auto"),
+                                            chunk_elements=case.get("chunk_elements", sfd.CHUNK_ELEMENTS))
         plan = attn.plan
         ql, kl, vl = (attn.shard(t).clone().requires_grad_() for t in (q, k, v))
         o, lse = attn(ql, kl, vl, return_lse=True)

@@ -1,0 +1,399 @@
+"""``ContextParallelAttention``: the exchange, overlapped with the compute of each source, as
+one autograd Function.
+
+p2p (``plan.recv``: halos, sinks, global tokens):
+
+- forward: one round posts every send (the rows each peer needs) and every receive; the
+  rank computes against its own keys while they travel, then each peer's rows in rank order
+  as they arrive, merging by LSE;
+- backward: each received source's dQ share and dK/dV rows are computed first; one round
+  sends those dK/dV rows home and receives its own rows' dK/dV from the peers that saw them,
+  while the rank computes its own keys' share; the owner adds what arrives in rank order.
+
+ring (Full, Causal: ``plan.ring_hops``): at step t rank r holds the shard of rank r - t; one
+round per step passes that shard on (if a later rank still needs it) and receives the next,
+while r computes against the one it holds. The backward runs the same ring again with, next
+to each shard, its dK/dV summed so far (compute dtype): each rank adds its share and passes
+both on; the last rank on the way sends the sum home. Nothing but q, k, v, the output and LSE
+is kept between forward and backward (p2p also keeps the received rows).
+
+Merges and sums run in a fixed order (own keys first, then by rank or ring step), so results
+do not depend on message timing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+
+import torch
+
+from ..dsl.pattern import Pattern
+from ..dsl.problem import Problem
+from ..backends.cpu import Scores
+from .comm import Link, group_timeout
+from .local import CHUNK_ELEMENTS, Source, compute_dtype, local_pieces, merge_into, source_backward, source_forward
+from .plan import EXCHANGES, ExchangePlan, choose_exchange, plan_exchange
+
+__all__ = ["ContextParallelAttention", "context_parallel_attention"]
+
+
+@dataclasses.dataclass(eq=False)
+class _Rank:
+    """One rank's side of an attention: the plan, its link, how K/V move and its sources."""
+
+    plan: ExchangePlan
+    rank: int
+    link: Link
+    exchange: str
+    sources: dict[int, Source]
+
+    @classmethod
+    def build(cls, plan: ExchangePlan, rank: int, link: Link, exchange: str, chunk_elements: int) -> "_Rank":
+        sources = {}
+        for s, pieces in local_pieces(plan, rank, chunk_elements=chunk_elements).items():
+            if s == rank:
+                rows = plan.tokens[rank]
+            else:
+                rows = plan.recv[rank][s] if exchange == "p2p" else plan.tokens[s]
+            sources[s] = Source(pieces, rows)
+        return cls(plan, rank, link, exchange, sources)
+
+    @property
+    def world(self) -> int:
+        return self.plan.world_size
+
+    def send_rows(self, peer: int) -> torch.Tensor:
+        """This rank's local rows that ``peer`` receives (p2p)."""
+        return torch.searchsorted(self.plan.tokens[self.rank], self.plan.recv[peer][self.rank])
+
+    def ring_owner(self, step: int) -> int:
+        return (self.rank - step) % self.world
+
+    def ring_arrives(self, step: int) -> bool:
+        """Does the shard of ``ring_owner(step)`` reach this rank (step >= 1)?"""
+        return 1 <= step <= self.plan.ring_hops(self.ring_owner(step))
+
+
+class _Call:
+    """Tensors of one call in the compute dtype, and the per-source executor calls."""
+
+    def __init__(self, side: _Rank, q, scale, head_scale):
+        self.side, self.ct = side, compute_dtype(q.dtype)
+        self.q = q.to(self.ct)
+        self.scale = scale
+        self.scores = None if head_scale is None else Scores(side.plan.pattern, head_scale=head_scale.to(self.ct))
+        self.d = q.shape[-1]
+
+    def split(self, kv):
+        return kv[..., :self.d].to(self.ct), kv[..., self.d:].to(self.ct)
+
+    def forward(self, source: int, kv):
+        k, v = self.split(kv)
+        return source_forward(self.q, k, v, self.side.sources[source], self.scale, self.scores)
+
+    def backward(self, source: int, kv, out, lse, dout, dlse):
+        """(dq, dkv in the compute dtype, modifier grads) of one source's share."""
+        k, v = self.split(kv)
+        dq, dk, dv, grads = source_backward(self.q, k, v, out, lse, dout, dlse, self.side.sources[source],
+                                            self.scale, self.scores)
+        return dq, torch.cat([dk, dv], -1), grads
+
+
+def _empty_result(q, dv: int, ct):
+    b, h, n, _ = q.shape
+    return q.new_zeros(b, h, n, dv, dtype=ct), q.new_full((b, h, n), float("-inf"), dtype=ct)
+
+
+def _add(total, part):
+    return part if total is None else tuple(a + b for a, b in zip(total, part))
+
+
+# ------------------------------------------------------------------------------------
+# p2p
+# ------------------------------------------------------------------------------------
+def _p2p_forward(side: _Rank, call: _Call, kv):
+    plan, r = side.plan, side.rank
+    b, h, _, w = kv.shape
+    peers = plan.sources(r)
+    round_ = side.link.post([(p, kv.index_select(2, side.send_rows(p))) for p in plan.sinks(r)],
+                            [(p, kv.new_empty(b, h, len(plan.recv[r][p]), w)) for p in peers], "forward")
+    acc = call.forward(r, kv) if r in side.sources else None
+    received = dict(zip(peers, side.link.wait(round_)))
+    for p in peers:
+        acc = merge_into(acc, call.forward(p, received[p]))
+    return acc, received
+
+
+def _p2p_backward(side: _Rank, call: _Call, kv, out, lse, dout, dlse, received):
+    plan, r = side.plan, side.rank
+    b, h, _, w = kv.shape
+    dq, grads, sends = None, None, []
+    for p in sorted(received):
+        dq_p, dkv_p, g = call.backward(p, received[p], out, lse, dout, dlse)
+        dq, grads = _add(dq, (dq_p,)), _add(grads, g)
+        sends.append((p, dkv_p.to(kv.dtype)))
+    sinks = plan.sinks(r)
+    round_ = side.link.post(sends, [(p, kv.new_empty(b, h, len(plan.recv[p][r]), w)) for p in sinks], "backward")
+    dkv = kv.new_zeros(kv.shape, dtype=call.ct)
+    if r in side.sources:
+        dq_r, dkv_r, g = call.backward(r, kv, out, lse, dout, dlse)
+        dq, grads, dkv = _add(dq, (dq_r,)), _add(grads, g), dkv_r
+    for p, rows in zip(sinks, side.link.wait(round_)):
+        dkv.index_add_(2, side.send_rows(p).to(dkv.device), rows.to(call.ct))
+    return (None if dq is None else dq[0]), dkv, grads
+
+
+# ------------------------------------------------------------------------------------
+# ring
+# ------------------------------------------------------------------------------------
+def _shard_buffer(side: _Rank, like, owner: int, dtype=None):
+    b, h, _, w = like.shape
+    return like.new_empty(b, h, len(side.plan.tokens[owner]), w, dtype=dtype)
+
+
+def _ring_forward(side: _Rank, call: _Call, kv):
+    plan, r, world = side.plan, side.rank, side.world
+    nxt, prv = (r + 1) % world, (r - 1) % world
+    acc, block = None, kv
+    for step in range(world):
+        owner = side.ring_owner(step)
+        sends = [(nxt, block)] if block is not None and step < plan.ring_hops(owner) else []
+        recvs = [(prv, _shard_buffer(side, kv, side.ring_owner(step + 1)))] if side.ring_arrives(step + 1) else []
+        round_ = side.link.post(sends, recvs, "forward")
+        if block is not None and owner in side.sources:
+            acc = merge_into(acc, call.forward(owner, block))
+        arrived = side.link.wait(round_)
+        block = arrived[0] if arrived else None
+    return acc
+
+
+def _ring_backward(side: _Rank, call: _Call, kv, out, lse, dout, dlse):
+    """Two rounds a step: (A) the held shard's K/V on to the next rank, the next shard's in;
+    (B) after this rank's share, the shard's dK/dV sum on (or home, at its last hop) and the
+    next shard's sum in, plus this rank's own sum when its shard's journey ends here."""
+    plan, r, world = side.plan, side.rank, side.world
+    nxt, prv = (r + 1) % world, (r - 1) % world
+    home = plan.ring_hops(r)
+    dq, grads, dkv_own = None, None, None
+    block, dkv = kv, None
+    for step in range(world):
+        owner = side.ring_owner(step)
+        hops = plan.ring_hops(owner)
+        passes_on = block is not None and step < hops
+        next_arrives = side.ring_arrives(step + 1)
+        next_owner = side.ring_owner(step + 1)
+        round_a = side.link.post([(nxt, block)] if passes_on else [],
+                                 [(prv, _shard_buffer(side, kv, next_owner))] if next_arrives else [], "backward")
+        if block is not None:
+            if dkv is None:
+                dkv = kv.new_zeros(kv.shape, dtype=call.ct)
+            if owner in side.sources:
+                dq_s, dkv_s, g = call.backward(owner, block, out, lse, dout, dlse)
+                dq, grads, dkv = _add(dq, (dq_s,)), _add(grads, g), dkv + dkv_s
+        sends = []
+        if block is not None and hops > 0:
+            sends.append((nxt if passes_on else owner, dkv))
+        elif block is not None:
+            dkv_own = dkv                      # nobody else saw this rank's shard
+        recvs = [(prv, _shard_buffer(side, kv, next_owner, call.ct))] if next_arrives else []
+        if 0 < home == step:                    # this rank's shard's sum comes home this step
+            recvs.append(((r + home) % world, _shard_buffer(side, kv, r, call.ct)))
+        round_b = side.link.post(sends, recvs, "backward")
+        arrived_a = side.link.wait(round_a)
+        arrived_b = side.link.wait(round_b)
+        block = arrived_a[0] if arrived_a else None
+        dkv = arrived_b[0] if next_arrives else None
+        if 0 < home == step:
+            dkv_own = arrived_b[-1]
+    return (None if dq is None else dq[0]), dkv_own, grads
+
+
+# ------------------------------------------------------------------------------------
+# The autograd Function and the module
+# ------------------------------------------------------------------------------------
+class _ContextParallel(torch.autograd.Function):
+    """(q [B, H, N_r, D], k/v [B, KVH, N_r, D], head_scale [H] | None) -> (out, lse)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, head_scale, side: _Rank, scale: float):
+        call = _Call(side, q, scale, head_scale)
+        kv = torch.cat([k, v], -1)
+        received = None
+        if side.exchange == "p2p":
+            acc, received = _p2p_forward(side, call, kv)
+        else:
+            acc = _ring_forward(side, call, kv)
+        out, lse = acc if acc is not None else _empty_result(q, v.shape[-1], call.ct)
+        ctx.save_for_backward(q, k, v, head_scale, out, lse)
+        ctx.side, ctx.scale, ctx.received = side, scale, received
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, head_scale, out, lse = ctx.saved_tensors
+        side = ctx.side
+        call = _Call(side, q, ctx.scale, head_scale)
+        kv = torch.cat([k, v], -1)
+        dout = None if dout is None else dout.to(call.ct)
+        if side.exchange == "p2p":
+            dq, dkv, grads = _p2p_backward(side, call, kv, out, lse, dout, dlse, ctx.received)
+        else:
+            dq, dkv, grads = _ring_backward(side, call, kv, out, lse, dout, dlse)
+        if dq is None:
+            dq = torch.zeros_like(call.q)
+        d = q.shape[-1]
+        d_scale = None
+        if head_scale is not None:
+            d_scale = (grads[-1] if grads else torch.zeros_like(head_scale)).to(head_scale.dtype)
+        return dq.to(q.dtype), dkv[..., :d].to(k.dtype), dkv[..., d:].to(v.dtype), d_scale, None, None
+
+
+class ContextParallelAttention(torch.nn.Module):
+    """Attention under ``pattern`` on ``problem``'s token grid, sharded over ``group``.
+
+    ``forward(q, k, v, scale=None, return_lse=False)`` takes this rank's shards
+    (q [B, H, N_r, D], k/v [B, kv_heads, N_r, D], the rows ``plan.tokens[rank]`` of the full
+    tensors; or DTensors sharded on dimension 2, ``Shard(2)``, over a 1-D mesh of ``group``)
+    and returns this rank's output shard [B, H, N_r, D] (and LSE [B, H, N_r], natural log),
+    differentiable in q, k, v and a tensor ``scale``. Every rank of the group must build the
+    module together and call it in the same order.
+
+    group:    a ProcessGroup or a 1-D DeviceMesh (default: the world);
+    layout:   "contiguous" | "zigzag" (``plan_exchange``); DTensors take "contiguous";
+    exchange: "auto" (``choose_exchange``) | "p2p" | "ring";
+    scale:    a float or a [H] tensor (default head_dim ** -0.5);
+    timeout:  seconds (or a timedelta) each wait may take before ``PeerError``; default the
+              group's own timeout;
+    chunk_elements: query rows x keys per executor chunk at most (memory of the local compute).
+    """
+
+    def __init__(self, pattern: Pattern, problem: Problem, *, group=None, layout: str = "contiguous",
+                 exchange: str = "auto", plan: ExchangePlan | None = None, timeout=None,
+                 chunk_elements: int = CHUNK_ELEMENTS):
+        super().__init__()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("ContextParallelAttention needs torch.distributed.init_process_group() first")
+        self.group = _process_group(group)
+        self.rank = dist.get_rank(self.group)
+        world = dist.get_world_size(self.group)
+        if plan is None:
+            plan = plan_exchange(pattern, problem, world, layout=layout)
+        elif plan.world_size != world or plan.pattern != pattern or plan.problem != problem:
+            raise ValueError(f"plan is for {plan.pattern!r} on {plan.problem!r} over {plan.world_size} ranks; "
+                             f"expected {pattern!r} on {problem!r} over {world}")
+        if exchange not in ("auto", *EXCHANGES):
+            raise ValueError(f"exchange must be 'auto' or one of {EXCHANGES}, got {exchange!r}")
+        if not isinstance(chunk_elements, int) or chunk_elements < 1:
+            raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
+        self.pattern, self.problem, self.plan = pattern, problem, plan
+        self.exchange = choose_exchange(plan) if exchange == "auto" else exchange
+        if timeout is None:
+            timeout = group_timeout(self.group)
+        if not isinstance(timeout, datetime.timedelta):
+            timeout = datetime.timedelta(seconds=float(timeout))
+        self.timeout = timeout
+        link = Link(self.group, self.rank, timeout, repr(pattern))
+        self.stats = link.stats
+        self._side = _Rank.build(plan, self.rank, link, self.exchange, chunk_elements)
+        # NCCL wants every rank in a group's first point-to-point batch: start with a collective
+        dist.barrier(group=self.group)
+
+    def shard(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """This rank's rows of a full tensor (``plan.shard(x, rank)``)."""
+        return self.plan.shard(x, self.rank, dim)
+
+    def forward(self, q, k, v, scale=None, return_lse: bool = False):
+        (q, k, v), mesh = self._local(q, k, v)
+        self._check(q, k, v)
+        head_scale = None
+        if scale is None:
+            scale = self.problem.head_dim ** -0.5
+        elif isinstance(scale, torch.Tensor):
+            if scale.shape != (self.problem.heads,):
+                raise ValueError(f"scale must be a float or a [H={self.problem.heads}] tensor, got shape "
+                                 f"{tuple(scale.shape)}")
+            head_scale, scale = scale, 1.0
+        out, lse = _run(q, k, v, head_scale, self._side, float(scale))
+        if mesh is not None:
+            out, lse = _as_dtensor(out, mesh), _as_dtensor(lse, mesh)
+        return (out, lse) if return_lse else out
+
+    def _check(self, q, k, v):
+        p, n_r = self.problem, len(self.plan.tokens[self.rank])
+        for name, t, heads in (("q", q, p.heads), ("k", k, p.kv_heads), ("v", v, p.kv_heads)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4 or t.shape[1] != heads or t.shape[2] != n_r or t.shape[0] != q.shape[0]:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected [B, {heads}, N_local={n_r}, D] "
+                                 f"on rank {self.rank} of {self.plan.world_size} for {p!r}")
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        if q.shape[-1] != k.shape[-1]:
+            raise ValueError(f"q and k must have one head_dim, got {q.shape[-1]} and {k.shape[-1]}")
+
+    def _local(self, q, k, v):
+        """Plain local shards of q, k, v and the DTensors' mesh (None for plain tensors)."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        is_dt = [isinstance(t, DTensor) for t in (q, k, v)]
+        if not any(is_dt):
+            return (q, k, v), None
+        if not all(is_dt):
+            raise TypeError("q, k and v must all be DTensors or all plain tensors")
+        import torch.distributed as dist
+
+        mesh = q.device_mesh
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.device_mesh != mesh or mesh.ndim != 1 or tuple(t.placements) != (Shard(2),):
+                raise ValueError(f"{name} is a DTensor with placements {tuple(t.placements)} on a {mesh.ndim}-D "
+                                 f"mesh; expected (Shard(2),) on the 1-D mesh of this attention's group")
+        if dist.get_process_group_ranks(mesh.get_group()) != dist.get_process_group_ranks(self.group):
+            raise ValueError("the DTensors' mesh is not this attention's process group")
+        if self.plan.layout != "contiguous":
+            raise ValueError(f"DTensor Shard(2) holds contiguous shards; this attention's layout is "
+                             f"{self.plan.layout!r}: build it with layout='contiguous' or pass plain local tensors")
+        local = tuple(t.to_local() for t in (q, k, v))
+        n_r = len(self.plan.tokens[self.rank])
+        if local[0].shape[2] != n_r:
+            raise ValueError(f"q's DTensor shard on rank {self.rank} holds {local[0].shape[2]} tokens, the plan's "
+                             f"{n_r}: Shard(2) cuts {self.problem.tokens} tokens as torch.chunk does, the plan along "
+                             f"grid dimension 0 (extent {self.problem.grid[0]}); use an extent divisible by "
+                             f"{self.plan.world_size} or pass plain local tensors (attn.shard)")
+        return local, mesh
+
+
+@torch.compiler.disable
+def _run(q, k, v, head_scale, side: _Rank, scale: float):
+    """The exchange and compute, outside any compiled graph (torch.compile breaks the graph
+    here and compiles what comes before and after)."""
+    return _ContextParallel.apply(q, k, v, head_scale, side, scale)
+
+
+def _as_dtensor(t: torch.Tensor, mesh):
+    from torch.distributed.tensor import DTensor, Shard
+
+    return DTensor.from_local(t, mesh, (Shard(2),), run_check=False)
+
+
+def _process_group(group):
+    """A ProcessGroup from ``group``: None (the world), a ProcessGroup or a 1-D DeviceMesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if group is None:
+        return dist.group.WORLD
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(f"group must be a 1-D DeviceMesh, got a {group.ndim}-D mesh {group}")
+        return group.get_group()
+    return group
+
+
+def context_parallel_attention(q, k, v, pattern: Pattern, problem: Problem, *, group=None, layout: str = "contiguous",
+                               exchange: str = "auto", scale=None, timeout=None, return_lse: bool = False):
+    """One call of ``ContextParallelAttention`` (builds the plan each time: keep a module
+    for repeated calls)."""
+    attn = ContextParallelAttention(pattern, problem, group=group, layout=layout, exchange=exchange, timeout=timeout)
+    return attn(q, k, v, scale=scale, return_lse=return_lse)
