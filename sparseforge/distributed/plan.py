@@ -45,7 +45,7 @@ from ..lower.schedule import TileSchedule, build_schedule
 LAYOUTS = ("contiguous", "zigzag")
 EXCHANGES = ("p2p", "ring")
 
-__all__ = ["EXCHANGES", "LAYOUTS", "ExchangePlan", "brute_force_recv", "choose_exchange", "plan_exchange",
+__all__ = ["EXCHANGES", "LAYOUTS", "RING_BYTES_RATIO", "ExchangePlan", "brute_force_recv", "choose_exchange", "plan_exchange",
            "schedule_groups", "shard_sizes"]
 
 
@@ -162,6 +162,19 @@ class ExchangePlan:
     def rows_sent(self, rank: int) -> int:
         return sum(len(self.recv[p][rank]) for p in range(self.world_size))
 
+    def ring_rows(self, rank: int) -> tuple[int, int]:
+        """(token rows of the shards rank ``rank`` passes on along the ring, token rows of the
+        shards whose journey ends at it): what it sends per ring step summed over a call."""
+        w = self.world_size
+        passed = final = 0
+        for owner in range(w):
+            hops, distance = self.ring_hops(owner), (rank - owner) % w
+            if distance < hops:
+                passed += len(self.tokens[owner])
+            elif distance == hops > 0:
+                final += len(self.tokens[owner])
+        return passed, final
+
     def row_bytes(self, *, batch: int = 1, kv_heads: int | None = None, head_dim: int | None = None,
                   dtype: torch.dtype | None = None) -> int:
         """Bytes of one token's K and V rows: batch x kv_heads x 2 x head_dim x element size
@@ -188,15 +201,7 @@ class ExchangePlan:
         row = self.row_bytes(**row_kw)
         if exchange == "p2p":
             return (self.rows_sent(rank) if direction == "forward" else self.rows_received(rank)) * row
-        w = self.world_size
-        passed = final = 0
-        for owner in range(w):
-            hops = self.ring_hops(owner)
-            distance = (rank - owner) % w
-            if distance < hops:
-                passed += len(self.tokens[owner])
-            elif distance == hops and hops > 0:
-                final += len(self.tokens[owner])
+        passed, final = self.ring_rows(rank)
         if direction == "forward":
             return passed * row
         dtype = row_kw.get("dtype", self.problem.dtype)
@@ -235,12 +240,19 @@ class ExchangePlan:
         return "\n".join(lines)
 
 
+#: ``choose_exchange`` takes the ring while it moves at most this many times the p2p bytes.
+RING_BYTES_RATIO = 1.5
+
+
 def choose_exchange(plan: ExchangePlan) -> str:
-    """"ring" when the ranks together need at least half of what an all-gather would move
-    (Full, Causal: the ring holds a bounded number of shards at a time), else "p2p"."""
-    n, w = plan.problem.tokens, plan.world_size
-    received = sum(plan.rows_received(r) for r in range(w))
-    return "ring" if w > 1 and 2 * received >= (w - 1) * n else "p2p"
+    """"ring" when it moves at most ``RING_BYTES_RATIO`` times the bytes of the exact p2p
+    exchange, summed over ranks (Full and contiguous Causal: 1x; zigzag Causal: 4/3x), else
+    "p2p" (windows, halos, sinks: the ring would carry shards round to reach ranks behind).
+    The ring holds at most three shards at a time; p2p holds every row a rank sees at once."""
+    w = plan.world_size
+    p2p = sum(plan.rows_sent(r) for r in range(w))
+    ring = sum(plan.ring_rows(r)[0] for r in range(w))
+    return "ring" if w > 1 and p2p > 0 and ring <= RING_BYTES_RATIO * p2p else "p2p"
 
 
 def plan_exchange(pattern: Pattern, problem: Problem, world_size: int, *, layout: str = "contiguous",

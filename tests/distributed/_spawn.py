@@ -102,10 +102,48 @@ def full_inputs(case: dict):
         rand(problem.heads)
 
 
+def _per_head_scale(case: dict, heads: int, dtype):
+    """A [H] scale (same on every rank: seeded), or None for the default."""
+    import torch
+
+    if case.get("scale") != "per_head":
+        return None
+    g = torch.Generator().manual_seed(case.get("seed", 0) + 1)
+    return (0.2 + 0.3 * torch.rand(heads, generator=g, dtype=torch.float64)).to(dtype)
+
+
+class _Trace:
+    """Records, in order, the rounds a rank posts and waits for and the sources it computes
+    (``ContextParallelAttention``'s own methods, wrapped while the trace is on)."""
+
+    def __init__(self):
+        from sparseforge.distributed import attention, comm
+
+        self.events, self._undo = [], []
+        self._wrap(comm.Link, "post", lambda a, kw: f"post {a[3] if len(a) > 3 else kw['phase']}")
+        self._wrap(comm.Link, "wait", lambda a, kw: f"wait {a[1].phase}")
+        self._wrap(attention._Call, "forward", lambda a, kw: f"compute forward {a[1]}")
+        self._wrap(attention._Call, "backward", lambda a, kw: f"compute backward {a[1]}")
+
+    def _wrap(self, cls, name, label):
+        orig = getattr(cls, name)
+
+        def wrapper(*a, **kw):
+            self.events.append(label(a, kw))
+            return orig(*a, **kw)
+
+        setattr(cls, name, wrapper)
+        self._undo.append((cls, name, orig))
+
+    def close(self):
+        for cls, name, orig in self._undo:
+            setattr(cls, name, orig)
+
+
 def attention_cases(rank: int, world: int, cases: list) -> list:
     """For every case: this rank's output and gradient errors against the single-process
-    float64 reference, the tolerances, and the bytes sent as counted by the plan and as
-    handed to isend."""
+    float64 reference (and the single-process CPU executor), the tolerances, the bytes sent
+    as the plan counts them and as handed to isend, and the order of its rounds and computes."""
     import torch
 
     import sparseforge as sf
@@ -115,9 +153,11 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
     out = []
     for case in cases:
         pattern, problem, dtype, q, k, v, go = full_inputs(case)
+        scale = _per_head_scale(case, problem.heads, dtype)
         # single process: the float64 reference and its gradients
         q64, k64, v64 = (t.detach().double().clone().requires_grad_() for t in (q, k, v))
-        ref, ref_lse = sf.reference_attention(q64, k64, v64, pattern, problem, return_lse=True)
+        s64 = None if scale is None else scale.double().clone().requires_grad_()
+        ref, ref_lse = sf.reference_attention(q64, k64, v64, pattern, problem, scale=s64, return_lse=True)
         ref.backward(go.double())
         keys, queries = check.reductions(pattern, problem)
         tol = check.attention_tolerances(dtype, dtype, keys, queries, problem.head_dim)
@@ -127,8 +167,13 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
                                             chunk_elements=case.get("chunk_elements", sfd.CHUNK_ELEMENTS))
         plan = attn.plan
         ql, kl, vl = (attn.shard(t).clone().requires_grad_() for t in (q, k, v))
-        o, lse = attn(ql, kl, vl, return_lse=True)
-        o.backward(attn.shard(go))
+        sl = None if scale is None else scale.clone().requires_grad_()
+        trace = _Trace()
+        try:
+            o, lse = attn(ql, kl, vl, scale=sl, return_lse=True)
+            o.backward(attn.shard(go))
+        finally:
+            trace.close()
         errors = {
             "out": check.row_error(o, attn.shard(ref)),
             "lse": check.lse_error(lse, attn.shard(ref_lse)),
@@ -136,6 +181,11 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
             "dk": check.row_error(kl.grad, attn.shard(k64.grad)),
             "dv": check.row_error(vl.grad, attn.shard(v64.grad)),
         }
+        if sl is not None:
+            # every rank holds its share of the shared parameter's gradient: their sum is the whole
+            torch.distributed.all_reduce(sl.grad)
+            errors["dscale"] = check.row_error(sl.grad, s64.grad)
+            tol["dscale"] = check.tolerance(dtype, problem.tokens * keys)
         if case.get("executor"):
             # the single-process CPU executor (sf.compile(..., backend="cpu")) in the case's dtype
             qe, ke, ve = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -145,11 +195,55 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
                            (("out", o, oe), ("dq", ql.grad, qe.grad), ("dk", kl.grad, ke.grad), ("dv", vl.grad, ve.grad))})
         row_kw = dict(batch=q.shape[0], kv_heads=problem.kv_heads, head_dim=problem.head_dim, dtype=dtype)
         out.append(dict(
-            errors=errors, tol=tol, stats=attn.stats.as_dict(),
-            plan_sent=plan.bytes_sent(rank, **row_kw), plan_received=plan.bytes_received(rank, **row_kw),
-            plan_messages=plan.messages(rank), tokens=len(plan.tokens[rank])))
+            errors=errors, tol=tol, stats=attn.stats.as_dict(), exchange=attn.exchange,
+            plan_sent={d: plan.bytes_sent(rank, exchange=attn.exchange, direction=d, **row_kw)
+                       for d in ("forward", "backward")},
+            plan_received=plan.bytes_received(rank, **row_kw), sources=plan.sources(rank),
+            tokens=len(plan.tokens[rank]), events=trace.events))
         torch.distributed.barrier()
     return out
+
+
+def dtensor_and_compile(rank: int, world: int, case: dict) -> dict:
+    """DTensor inputs sharded on the tokens (Shard(2)) over a 1-D CPU mesh, and a function
+    around the attention under ``torch.compile``: output and gradient errors against the
+    float64 reference (DTensor) and against the same function run eagerly (compile)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    import sparseforge as sf
+    from sparseforge import distributed as sfd
+    from sparseforge.runtime import check
+
+    pattern, problem, dtype, q, k, v, go = full_inputs(case)
+    q64, k64, v64 = (t.detach().double().clone().requires_grad_() for t in (q, k, v))
+    ref = sf.reference_attention(q64, k64, v64, pattern, problem)
+    ref.backward(go.double())
+    mesh = init_device_mesh("cpu", (world,))
+    attn = sfd.ContextParallelAttention(pattern, problem, group=mesh)
+    qd, kd, vd = (distribute_tensor(t, mesh, [Shard(2)]).requires_grad_() for t in (q, k, v))
+    od = attn(qd, kd, vd)
+    od.backward(distribute_tensor(go, mesh, [Shard(2)]))
+    result = dict(
+        dtensor_out=isinstance(od, DTensor) and tuple(od.placements) == (Shard(2),),
+        dtensor_errors={name: check.row_error(got.full_tensor(), want) for name, got, want in
+                        (("out", od, ref), ("dq", qd.grad, q64.grad), ("dk", kd.grad, k64.grad),
+                         ("dv", vd.grad, v64.grad))})
+
+    def step(q, k, v):
+        return (attn(q * 1.5, k, v) + 1).sin()
+
+    ql, kl, vl = (attn.shard(t) for t in (q, k, v))
+    runs = {}
+    for name, fn in (("eager", step), ("compiled", torch.compile(step, backend="aot_eager"))):
+        leaves = [t.clone().requires_grad_() for t in (ql, kl, vl)]
+        o = fn(*leaves)
+        o.backward(attn.shard(go))
+        runs[name] = [o] + [t.grad for t in leaves]
+    result["compile_errors"] = {name: check.row_error(c, e) for name, c, e in
+                                zip(("out", "dq", "dk", "dv"), runs["compiled"], runs["eager"])}
+    return result
 
 
 def dies_mid_step(rank: int, world: int, payload: dict) -> dict:
