@@ -215,6 +215,7 @@ class _Where:
     def __init__(self, block: Block, chunk: Chunk, n: int, heads: int, kv_heads: int, n_call: int,
                  kv_n: int | None = None):
         self.pad = chunk.q_rows < 0
+        self.chunk = chunk
         self._q = chunk.q_rows.clamp_min(0)
         self._k = chunk.k_rows
         self.n, self.heads, self.kv_heads, self.n_call = n, heads, kv_heads, n_call
@@ -248,11 +249,11 @@ class _Where:
 
     @functools.cached_property
     def q_pos(self):
-        return self._q % self.n
+        return self._q % self.n if self.chunk.q_tokens is None else self.chunk.q_tokens
 
     @functools.cached_property
     def k_pos(self):
-        return self._k % self.kv_n
+        return self._k % self.kv_n if self.chunk.k_tokens is None else self.chunk.k_tokens
 
     def q_call(self):
         b, _, t = self._split(self._q, self.heads)

@@ -30,8 +30,10 @@ import torch
 from ..dsl.pattern import Pattern
 from ..dsl.problem import Problem
 from ..backends.cpu import Scores
+from ..dsl.modifiers import Modifiers, check_modifiers, modifier_tensors
 from .comm import Link, group_timeout
-from .local import CHUNK_ELEMENTS, Source, compute_dtype, local_pieces, merge_into, source_backward, source_forward
+from .local import (CHUNK_ELEMENTS, Source, compute_dtype, local_pieces, merge_into, merge_sinks, sinks_grad,
+                    source_backward, source_forward)
 from .plan import EXCHANGES, ExchangePlan, choose_exchange, plan_exchange
 
 __all__ = ["ContextParallelAttention", "context_parallel_attention"]
@@ -55,7 +57,7 @@ class _Rank:
                 rows = plan.tokens[rank]
             else:
                 rows = plan.recv[rank][s] if exchange == "p2p" else plan.tokens[s]
-            sources[s] = Source(pieces, rows)
+            sources[s] = Source(pieces, rows, plan.tokens[rank])
         return cls(plan, rank, link, exchange, sources)
 
     @property
@@ -75,13 +77,19 @@ class _Rank:
 
 
 class _Call:
-    """Tensors of one call in the compute dtype, and the per-source executor calls."""
+    """Tensors of one call in the compute dtype, and the per-source executor calls.
 
-    def __init__(self, side: _Rank, q, scale, head_scale):
+    ``mods``: the checked modifiers (or None); the sources see all but the sinks, which join
+    the denominator once, after the merge (``merge_sinks``)."""
+
+    def __init__(self, side: _Rank, q, scale, mods: Modifiers | None, head_scale):
         self.side, self.ct = side, compute_dtype(q.dtype)
         self.q = q.to(self.ct)
         self.scale = scale
-        self.scores = None if head_scale is None else Scores(side.plan.pattern, head_scale=head_scale.to(self.ct))
+        self.sinks = None if mods is None or mods.sinks is None else mods.sinks.logits
+        per_source = None if mods is None else Modifiers(mods.biases, mods.softcap, None)
+        self.scores = None if not per_source and head_scale is None else \
+            Scores(side.plan.pattern, per_source or None, None if head_scale is None else head_scale.to(self.ct))
         self.d = q.shape[-1]
 
     def split(self, kv):
@@ -89,13 +97,14 @@ class _Call:
 
     def forward(self, source: int, kv):
         k, v = self.split(kv)
-        return source_forward(self.q, k, v, self.side.sources[source], self.scale, self.scores)
+        return source_forward(self.q, k, v, self.side.sources[source], self.scale, self.scores,
+                              self.side.plan.problem)
 
     def backward(self, source: int, kv, out, lse, dout, dlse):
         """(dq, dkv in the compute dtype, modifier grads) of one source's share."""
         k, v = self.split(kv)
         dq, dk, dv, grads = source_backward(self.q, k, v, out, lse, dout, dlse, self.side.sources[source],
-                                            self.scale, self.scores)
+                                            self.scale, self.scores, self.side.plan.problem)
         return dq, torch.cat([dk, dv], -1), grads
 
 
@@ -212,11 +221,13 @@ def _ring_backward(side: _Rank, call: _Call, kv, out, lse, dout, dlse):
 # The autograd Function and the module
 # ------------------------------------------------------------------------------------
 class _ContextParallel(torch.autograd.Function):
-    """(q [B, H, N_r, D], k/v [B, KVH, N_r, D], head_scale [H] | None) -> (out, lse)."""
+    """(q [B, H, N_r, D], k/v [B, KVH, N_r, D], *params) -> (out, lse); ``params`` are
+    ``modifier_tensors(mods, head_scale)``: the bias tables/slopes, the sinks, the [H] scale."""
 
     @staticmethod
-    def forward(ctx, q, k, v, head_scale, side: _Rank, scale: float):
-        call = _Call(side, q, scale, head_scale)
+    def forward(ctx, side: _Rank, scale: float, mods: Modifiers | None, has_head_scale: bool, q, k, v, *params):
+        head_scale = params[-1] if has_head_scale else None
+        call = _Call(side, q, scale, mods, head_scale)
         kv = torch.cat([k, v], -1)
         received = None
         if side.exchange == "p2p":
@@ -224,15 +235,18 @@ class _ContextParallel(torch.autograd.Function):
         else:
             acc = _ring_forward(side, call, kv)
         out, lse = acc if acc is not None else _empty_result(q, v.shape[-1], call.ct)
-        ctx.save_for_backward(q, k, v, head_scale, out, lse)
-        ctx.side, ctx.scale, ctx.received = side, scale, received
+        if call.sinks is not None:
+            out, lse = merge_sinks(out, lse, call.sinks)
+        ctx.save_for_backward(q, k, v, out, lse, *params)
+        ctx.side, ctx.scale, ctx.mods, ctx.has_head_scale, ctx.received = side, scale, mods, has_head_scale, received
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, head_scale, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, *params = ctx.saved_tensors
         side = ctx.side
-        call = _Call(side, q, ctx.scale, head_scale)
+        head_scale = params[-1] if ctx.has_head_scale else None
+        call = _Call(side, q, ctx.scale, ctx.mods, head_scale)
         kv = torch.cat([k, v], -1)
         dout = None if dout is None else dout.to(call.ct)
         if side.exchange == "p2p":
@@ -241,27 +255,34 @@ class _ContextParallel(torch.autograd.Function):
             dq, dkv, grads = _ring_backward(side, call, kv, out, lse, dout, dlse)
         if dq is None:
             dq = torch.zeros_like(call.q)
+        # the sources' grads follow call.scores.tensors(): biases..., head scale; the sinks' go between
+        grads = list(grads) if grads else [torch.zeros_like(t) for t in (call.scores.tensors() if call.scores else ())]
+        if call.sinks is not None:
+            n_bias = len(ctx.mods.biases)
+            grads.insert(n_bias, sinks_grad(call.sinks, out, lse, dout, dlse))
         d = q.shape[-1]
-        d_scale = None
-        if head_scale is not None:
-            d_scale = (grads[-1] if grads else torch.zeros_like(head_scale)).to(head_scale.dtype)
-        return dq.to(q.dtype), dkv[..., :d].to(k.dtype), dkv[..., d:].to(v.dtype), d_scale, None, None
+        return (None, None, None, None, dq.to(q.dtype), dkv[..., :d].to(k.dtype), dkv[..., d:].to(v.dtype),
+                *(g.to(p.dtype) for g, p in zip(grads, params)))
 
 
 class ContextParallelAttention(torch.nn.Module):
     """Attention under ``pattern`` on ``problem``'s token grid, sharded over ``group``.
 
-    ``forward(q, k, v, scale=None, return_lse=False)`` takes this rank's shards
+    ``forward(q, k, v, scale=None, modifiers=None, return_lse=False)`` takes this rank's shards
     (q [B, H, N_r, D], k/v [B, kv_heads, N_r, D], the rows ``plan.tokens[rank]`` of the full
     tensors; or DTensors sharded on dimension 2, ``Shard(2)``, over a 1-D mesh of ``group``)
     and returns this rank's output shard [B, H, N_r, D] (and LSE [B, H, N_r], natural log),
-    differentiable in q, k, v and a tensor ``scale``. Every rank of the group must build the
+    differentiable in q, k, v, a tensor ``scale`` and the modifiers' tensors. Every rank of the group must build the
     module together and call it in the same order.
 
     group:    a ProcessGroup or a 1-D DeviceMesh (default: the world);
     layout:   "contiguous" | "zigzag" (``plan_exchange``); DTensors take "contiguous";
     exchange: "auto" (``choose_exchange``) | "p2p" | "ring";
     scale:    a float or a [H] tensor (default head_dim ** -0.5);
+    modifiers: score modifiers (``RelativePositionBias``, ``T5Bias``, ``ALiBi``, ``Softcap``,
+              ``Sinks``), positions measured on the whole grid; every rank passes the same
+              parameters and gets its share of their gradients (sum them over the group, as
+              data parallelism does);
     timeout:  seconds (or a timedelta) each wait may take before ``PeerError``; default the
               group's own timeout;
     chunk_elements: query rows x keys per executor chunk at most (memory of the local compute).
@@ -304,7 +325,7 @@ class ContextParallelAttention(torch.nn.Module):
         """This rank's rows of a full tensor (``plan.shard(x, rank)``)."""
         return self.plan.shard(x, self.rank, dim)
 
-    def forward(self, q, k, v, scale=None, return_lse: bool = False):
+    def forward(self, q, k, v, scale=None, modifiers=None, return_lse: bool = False):
         (q, k, v), mesh = self._local(q, k, v)
         self._check(q, k, v)
         head_scale = None
@@ -315,7 +336,9 @@ class ContextParallelAttention(torch.nn.Module):
                 raise ValueError(f"scale must be a float or a [H={self.problem.heads}] tensor, got shape "
                                  f"{tuple(scale.shape)}")
             head_scale, scale = scale, 1.0
-        out, lse = _run(q, k, v, head_scale, self._side, float(scale))
+        mods = check_modifiers(modifiers, self.pattern, self.problem, device=q.device) if modifiers else None
+        params = modifier_tensors(mods, head_scale)
+        out, lse = _run(self._side, float(scale), mods or None, head_scale is not None, q, k, v, *params)
         if mesh is not None:
             out, lse = _as_dtensor(out, mesh), _as_dtensor(lse, mesh)
         return (out, lse) if return_lse else out
@@ -365,10 +388,10 @@ class ContextParallelAttention(torch.nn.Module):
 
 
 @torch.compiler.disable
-def _run(q, k, v, head_scale, side: _Rank, scale: float):
+def _run(*args):
     """The exchange and compute, outside any compiled graph (torch.compile breaks the graph
     here and compiles what comes before and after)."""
-    return _ContextParallel.apply(q, k, v, head_scale, side, scale)
+    return _ContextParallel.apply(*args)
 
 
 def _as_dtensor(t: torch.Tensor, mesh):
@@ -392,8 +415,9 @@ def _process_group(group):
 
 
 def context_parallel_attention(q, k, v, pattern: Pattern, problem: Problem, *, group=None, layout: str = "contiguous",
-                               exchange: str = "auto", scale=None, timeout=None, return_lse: bool = False):
+                               exchange: str = "auto", scale=None, modifiers=None, timeout=None,
+                               return_lse: bool = False):
     """One call of ``ContextParallelAttention`` (builds the plan each time: keep a module
     for repeated calls)."""
     attn = ContextParallelAttention(pattern, problem, group=group, layout=layout, exchange=exchange, timeout=timeout)
-    return attn(q, k, v, scale=scale, return_lse=return_lse)
+    return attn(q, k, v, scale=scale, modifiers=modifiers, return_lse=return_lse)

@@ -22,13 +22,14 @@ import torch
 
 from ..backends.cpu import attend, attend_backward, compute_dtype
 from ..dsl.pattern import as_4d
+from ..dsl.problem import Problem
 from ..dsl.semantics import make_context
 from ..lower.paths import Chunk
 from ..lower.schedule import build_schedule
 from .plan import ExchangePlan, schedule_groups
 
-__all__ = ["CHUNK_ELEMENTS", "Piece", "Source", "compute_dtype", "local_pieces", "merge_into", "source_backward",
-           "source_forward"]
+__all__ = ["CHUNK_ELEMENTS", "Piece", "Source", "compute_dtype", "local_pieces", "merge_into", "merge_sinks",
+           "sinks_grad", "source_backward", "source_forward"]
 
 #: Query rows x keys of one piece at most (per head): larger pieces are cut into row runs.
 CHUNK_ELEMENTS = 1 << 22
@@ -134,10 +135,13 @@ class Source:
     """One source's pieces as executor chunks for a buffer of its keys.
 
     ``buffer_tokens``: int64 [M], the global token of each row of the K/V buffer the source's
-    keys arrive in (p2p: the rows this rank receives; ring: the owner's whole shard)."""
+    keys arrive in (p2p: the rows this rank receives; ring: the owner's whole shard);
+    ``query_tokens``: int64 [N_r], the global token of each of this rank's query rows. Chunks
+    carry both sides' global tokens: bias terms measure positions on the whole grid."""
 
     pieces: list[Piece]
     buffer_tokens: torch.Tensor
+    query_tokens: torch.Tensor
     _chunks: dict = dataclasses.field(default_factory=dict)
 
     def chunks(self, batch: int, heads: int, kv_heads: int, queries: int, device) -> list[Chunk]:
@@ -156,24 +160,28 @@ class Source:
                 k_base = (b * kv_heads + h // (heads // kv_heads)) * m
                 out.append(Chunk((q_base[..., None] + p.queries).to(device),
                                  (k_base[..., None] + pos[p.keys]).to(device),
-                                 None if p.mask is None else p.mask[None].to(device)))
+                                 None if p.mask is None else p.mask[None].to(device),
+                                 self.query_tokens[p.queries].to(device), p.keys.to(device)))
             self._chunks[key] = out
         return self._chunks[key]
 
 
-def source_forward(q, k, v, source: Source, scale: float, scores):
+def source_forward(q, k, v, source: Source, scale: float, scores, positions: Problem):
     """(out [B, H, N_r, Dv], lse [B, H, N_r]) of q against one source's k/v buffer, in the
-    compute dtype; rows that see none of its keys: zeros, LSE -inf."""
+    compute dtype; rows that see none of its keys: zeros, LSE -inf. ``scores``: the score
+    modifiers but sinks (``merge_sinks`` adds those once, after the merge); ``positions``: the
+    whole grid's problem."""
     b, h, n, _ = q.shape
     chunks = source.chunks(b, h, k.shape[1], n, q.device)
-    return attend(q, k, v, chunks, scale, scores=scores)
+    return attend(q, k, v, chunks, scale, scores=scores, positions=positions)
 
 
-def source_backward(q, k, v, out, lse, dout, dlse, source: Source, scale: float, scores):
-    """(dq, dk, dv, modifier grads) of one source's share, given the merged ``out``/``lse``."""
+def source_backward(q, k, v, out, lse, dout, dlse, source: Source, scale: float, scores, positions: Problem):
+    """(dq, dk, dv, grads of ``scores.tensors()``) of one source's share, given the merged
+    ``out``/``lse`` (sinks included)."""
     b, h, n, _ = q.shape
     chunks = source.chunks(b, h, k.shape[1], n, q.device)
-    return attend_backward(q, k, v, out, lse, dout, chunks, scale, scores=scores, dlse=dlse)
+    return attend_backward(q, k, v, out, lse, dout, chunks, scale, scores=scores, positions=positions, dlse=dlse)
 
 
 def merge_into(acc, part):
@@ -187,3 +195,22 @@ def merge_into(acc, part):
     w1, w2 = torch.exp(l1 - base)[..., None], torch.exp(l2 - base)[..., None]
     return o1 * w1 + o2 * w2, lse
 
+
+
+def merge_sinks(out, lse, sinks: torch.Tensor):
+    """Add one sink logit per head [H] to the denominator of the merged (out, lse): a row's
+    LSE becomes logaddexp(lse, sink) and its output shrinks by exp(lse - new lse); a row that
+    saw no key gets LSE = sink and stays zero (``dsl.modifiers.Sinks``)."""
+    sink = sinks.to(lse.dtype)[None, :, None].expand_as(lse)
+    new = torch.logaddexp(lse, sink)
+    return out * torch.exp(lse - new)[..., None], new
+
+
+def sinks_grad(sinks: torch.Tensor, out, lse, dout, dlse) -> torch.Tensor:
+    """d sink_h = -sum over this rank's rows of head h of exp(sink_h - lse) * delta, with
+    delta = rowsum(dO * O) - dLSE (float64 sum)."""
+    delta = (dout * out).sum(-1) if dout is not None else torch.zeros_like(lse)
+    if dlse is not None:
+        delta = delta - dlse.to(delta.dtype)
+    p = torch.exp(sinks.to(lse.dtype)[None, :, None] - lse)
+    return -(p.double() * delta.double()).sum(dim=(0, 2))

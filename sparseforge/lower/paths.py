@@ -63,11 +63,15 @@ class Chunk:
             never written)
     k_rows: int64 [..., nk] rows of k.reshape(-1, D) (and of v)
     mask:   bool broadcastable to [..., m, nk], or None when every pair is allowed
+    q_tokens, k_tokens: int64 [m], [nk], the rows' tokens on the grid the bias terms measure
+            (None: a row's token is its index within its (batch, head) block of rows)
     """
 
     q_rows: torch.Tensor
     k_rows: torch.Tensor
     mask: torch.Tensor | None
+    q_tokens: torch.Tensor | None = None
+    k_tokens: torch.Tensor | None = None
 
 
 class Path:

@@ -112,6 +112,43 @@ def _per_head_scale(case: dict, heads: int, dtype):
     return (0.2 + 0.3 * torch.rand(heads, generator=g, dtype=torch.float64)).to(dtype)
 
 
+def _modifiers(case: dict, pattern, problem, dtype):
+    """The case's score modifiers (same on every rank: seeded), as leaf tensors; () for none."""
+    import torch
+
+    import sparseforge as sf
+
+    g = torch.Generator().manual_seed(case.get("seed", 0) + 2)
+    h = problem.heads
+
+    def rand(*shape, low=None):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64) if low is None else \
+            low + 0.4 * torch.rand(*shape, generator=g, dtype=torch.float64)
+        return t.to(dtype).requires_grad_()
+
+    make = {
+        "alibi": lambda: sf.ALiBi(rand(h, low=0.05)),
+        "softcap": lambda: sf.Softcap(2.0),
+        "sinks": lambda: sf.Sinks(rand(h)),
+        "rpb": lambda: sf.RelativePositionBias(rand(*sf.relative_position_bias_shape(pattern, problem))),
+        "t5": lambda: sf.T5Bias(rand(h, 8), max_distance=16, bidirectional=False),
+    }
+    return tuple(make[name]() for name in case.get("modifiers", ()))
+
+
+def _as_double(modifiers):
+    """The same modifiers over float64 leaf copies of their tensors."""
+    import dataclasses
+
+    out = []
+    for m in modifiers:
+        fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)}
+        fields = {k: (v.detach().double().clone().requires_grad_() if hasattr(v, "requires_grad") else v)
+                  for k, v in fields.items()}
+        out.append(type(m)(**fields))
+    return tuple(out)
+
+
 class _Trace:
     """Records, in order, the rounds a rank posts and waits for and the sources it computes
     (``ContextParallelAttention``'s own methods, wrapped while the trace is on)."""
@@ -157,7 +194,10 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
         # single process: the float64 reference and its gradients
         q64, k64, v64 = (t.detach().double().clone().requires_grad_() for t in (q, k, v))
         s64 = None if scale is None else scale.double().clone().requires_grad_()
-        ref, ref_lse = sf.reference_attention(q64, k64, v64, pattern, problem, scale=s64, return_lse=True)
+        mods = _modifiers(case, pattern, problem, dtype)
+        mods64 = _as_double(mods)
+        ref, ref_lse = sf.reference_attention(q64, k64, v64, pattern, problem, scale=s64, modifiers=mods64,
+                                              return_lse=True)
         ref.backward(go.double())
         keys, queries = check.reductions(pattern, problem)
         tol = check.attention_tolerances(dtype, dtype, keys, queries, problem.head_dim)
@@ -170,7 +210,7 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
         sl = None if scale is None else scale.clone().requires_grad_()
         trace = _Trace()
         try:
-            o, lse = attn(ql, kl, vl, scale=sl, return_lse=True)
+            o, lse = attn(ql, kl, vl, scale=sl, modifiers=mods or None, return_lse=True)
             o.backward(attn.shard(go))
         finally:
             trace.close()
@@ -186,6 +226,11 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
             torch.distributed.all_reduce(sl.grad)
             errors["dscale"] = check.row_error(sl.grad, s64.grad)
             tol["dscale"] = check.tolerance(dtype, problem.tokens * keys)
+        for i, (m, m64) in enumerate(zip(mods, mods64)):
+            for t, t64 in zip(m.tensors(), m64.tensors()):   # summed over the ranks, as for the scale
+                torch.distributed.all_reduce(t.grad)
+                errors[f"d{m.kind}{i}"] = check.row_error(t.grad.reshape(1, -1), t64.grad.reshape(1, -1))
+                tol[f"d{m.kind}{i}"] = check.tolerance(dtype, problem.tokens * keys)
         if case.get("executor"):
             # the single-process CPU executor (sf.compile(..., backend="cpu")) in the case's dtype
             qe, ke, ve = (t.detach().clone().requires_grad_() for t in (q, k, v))

@@ -53,6 +53,13 @@ CASES = {
     "per_head_scale": dict(pattern="Neighborhood((5, 3))", grid=[12, 6], heads=2, head_dim=8, dtype="fp32",
                            scale="per_head"),
     "per_head_scale_ring": dict(pattern="Causal()", grid=[24], heads=2, head_dim=8, dtype="fp32", scale="per_head"),
+    # score modifiers, positions on the whole grid; their gradients summed over the ranks
+    "llm_modifiers": dict(pattern="Causal() & SlidingWindow(7)", grid=[37], heads=4, kv_heads=2, head_dim=8,
+                          dtype="fp32", modifiers=["alibi", "softcap", "sinks"]),
+    "llm_modifiers_ring": dict(pattern="Causal()", grid=[30], heads=2, head_dim=8, dtype="fp32", layout="zigzag",
+                               modifiers=["t5", "sinks"]),
+    "relative_position_2d": dict(pattern="Neighborhood((3, 5), dilation=(2, 1))", grid=[12, 10], heads=2, head_dim=8,
+                                 dtype="fp32", modifiers=["rpb"], scale="per_head"),
 }
 WORLDS = (2, 4)
 
