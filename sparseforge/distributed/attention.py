@@ -24,19 +24,33 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 
 import torch
 
+from ..dsl.content import Grouped
 from ..dsl.pattern import Pattern
+from ..dsl.sequence import Causal, Full
 from ..dsl.problem import Problem
 from ..backends.cpu import Scores
 from ..dsl.modifiers import Modifiers, check_modifiers, modifier_tensors
+from ..runtime.grouped import split_grouped
 from .comm import Link, group_timeout
 from .local import (CHUNK_ELEMENTS, Source, compute_dtype, local_pieces, merge_into, merge_sinks, sinks_grad,
                     source_backward, source_forward)
 from .plan import EXCHANGES, ExchangePlan, choose_exchange, plan_exchange
 
 __all__ = ["ContextParallelAttention", "context_parallel_attention"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Routes:
+    """The rows that move point to point in one call: ``incoming[p]`` the tokens of peer p this
+    rank receives, ``outgoing[p]`` the local rows of its own that peer p receives (peers
+    ascending; no empty entries). Every rank derives the same routes from the same inputs."""
+
+    incoming: dict
+    outgoing: dict
 
 
 @dataclasses.dataclass(eq=False)
@@ -51,22 +65,51 @@ class _Rank:
 
     @classmethod
     def build(cls, plan: ExchangePlan, rank: int, link: Link, exchange: str, chunk_elements: int) -> "_Rank":
-        sources = {}
-        for s, pieces in local_pieces(plan, rank, chunk_elements=chunk_elements).items():
-            if s == rank:
-                rows = plan.tokens[rank]
-            else:
-                rows = plan.recv[rank][s] if exchange == "p2p" else plan.tokens[s]
-            sources[s] = Source(pieces, rows, plan.tokens[rank])
-        return cls(plan, rank, link, exchange, sources)
+        pieces = local_pieces(plan, rank, chunk_elements=chunk_elements)
+        tokens = plan.problem.tokens
+        return cls(plan, rank, link, exchange,
+                   {s: Source(p, plan.tokens[rank], tokens) for s, p in pieces.items()})
 
     @property
     def world(self) -> int:
         return self.plan.world_size
 
-    def send_rows(self, peer: int) -> torch.Tensor:
-        """This rank's local rows that ``peer`` receives (p2p)."""
-        return torch.searchsorted(self.plan.tokens[self.rank], self.plan.recv[peer][self.rank])
+    def _local_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.searchsorted(self.plan.tokens[self.rank], tokens)
+
+    @functools.cached_property
+    def static_routes(self) -> Routes:
+        """The plan's routes (every call without group ids)."""
+        plan, r = self.plan, self.rank
+        return Routes({p: plan.recv[r][p] for p in plan.sources(r)},
+                      {p: self._local_rows(plan.recv[p][r]) for p in plan.sinks(r)})
+
+    def routes(self, ids: torch.Tensor | None) -> Routes:
+        """The routes of a call with group ids ``ids`` int64 [B, N] (None: ``static_routes``):
+        of the rows the plan sends, those whose id (in some sample) is the id of one of the
+        receiver's tokens there."""
+        if ids is None:
+            return self.static_routes
+        plan, r = self.plan, self.rank
+
+        def kept(receiver: int, owner: int) -> torch.Tensor:
+            keys, queries = plan.recv[receiver][owner], plan.tokens[receiver]
+            keep = torch.zeros(len(keys), dtype=torch.bool)
+            for b in range(ids.shape[0]):
+                gq = ids[b, queries]
+                gk = ids[b, keys]
+                keep |= (gk >= 0) & torch.isin(gk, gq[gq >= 0])
+            return keys[keep]
+
+        incoming = {p: t for p in plan.sources(r) if len(t := kept(r, p))}
+        outgoing = {p: self._local_rows(t) for p in plan.sinks(r) if len(t := kept(p, r))}
+        return Routes(incoming, outgoing)
+
+    def buffer_tokens(self, source: int, routes: Routes) -> torch.Tensor:
+        """The tokens of the K/V buffer that ``source``'s keys arrive in."""
+        if source == self.rank or self.exchange == "ring":
+            return self.plan.tokens[source]
+        return routes.incoming[source]
 
     def ring_owner(self, step: int) -> int:
         return (self.rank - step) % self.world
@@ -77,33 +120,53 @@ class _Rank:
 
 
 class _Call:
-    """Tensors of one call in the compute dtype, and the per-source executor calls.
+    """One call's settings, its tensors in the compute dtype and the per-source executor calls.
 
     ``mods``: the checked modifiers (or None); the sources see all but the sinks, which join
-    the denominator once, after the merge (``merge_sinks``)."""
+    the denominator once, after the merge (``merge_sinks``). ``ids``: int64 [B, N] group ids
+    of every token (None: no groups, no padding); ``real``: bool [B, N_r] this rank's real
+    query rows (None: all)."""
 
-    def __init__(self, side: _Rank, q, scale, mods: Modifiers | None, head_scale):
-        self.side, self.ct = side, compute_dtype(q.dtype)
-        self.q = q.to(self.ct)
-        self.scale = scale
+    def __init__(self, side: _Rank, scale, mods: Modifiers | None, head_scale, ids, real):
+        self.side, self.scale, self.mods, self.ids, self.real = side, scale, mods, ids, real
+        self.routes = side.routes(None if ids is None else ids.cpu())
         self.sinks = None if mods is None or mods.sinks is None else mods.sinks.logits
         per_source = None if mods is None else Modifiers(mods.biases, mods.softcap, None)
-        self.scores = None if not per_source and head_scale is None else \
-            Scores(side.plan.pattern, per_source or None, None if head_scale is None else head_scale.to(self.ct))
-        self.d = q.shape[-1]
+        self.head_scale, self.per_source = head_scale, per_source or None
+        self._chunks: dict = {}
+        self.q = None
+
+    def bind(self, q) -> "_Call":
+        """Use q (cast to the compute dtype) until ``release``."""
+        self.ct, self.d = compute_dtype(q.dtype), q.shape[-1]
+        self.q = q.to(self.ct)
+        hs = None if self.head_scale is None else self.head_scale.to(self.ct)
+        self.scores = None if self.per_source is None and hs is None else \
+            Scores(self.side.plan.pattern, self.per_source, hs)
+        return self
+
+    def release(self) -> None:
+        self.q = None
 
     def split(self, kv):
         return kv[..., :self.d].to(self.ct), kv[..., self.d:].to(self.ct)
 
+    def chunks(self, source: int, kv):
+        if source not in self._chunks:
+            self._chunks[source] = self.side.sources[source].chunks(
+                self.q.shape, kv.shape[1], self.side.buffer_tokens(source, self.routes), self.q.device,
+                None if self.ids is None else self.ids.cpu())
+        return self._chunks[source]
+
     def forward(self, source: int, kv):
         k, v = self.split(kv)
-        return source_forward(self.q, k, v, self.side.sources[source], self.scale, self.scores,
+        return source_forward(self.q, k, v, self.chunks(source, kv), self.scale, self.scores,
                               self.side.plan.problem)
 
     def backward(self, source: int, kv, out, lse, dout, dlse):
         """(dq, dkv in the compute dtype, modifier grads) of one source's share."""
         k, v = self.split(kv)
-        dq, dk, dv, grads = source_backward(self.q, k, v, out, lse, dout, dlse, self.side.sources[source],
+        dq, dk, dv, grads = source_backward(self.q, k, v, out, lse, dout, dlse, self.chunks(source, kv),
                                             self.scale, self.scores, self.side.plan.problem)
         return dq, torch.cat([dk, dv], -1), grads
 
@@ -121,34 +184,33 @@ def _add(total, part):
 # p2p
 # ------------------------------------------------------------------------------------
 def _p2p_forward(side: _Rank, call: _Call, kv):
-    plan, r = side.plan, side.rank
+    r, routes = side.rank, call.routes
     b, h, _, w = kv.shape
-    peers = plan.sources(r)
-    round_ = side.link.post([(p, kv.index_select(2, side.send_rows(p))) for p in plan.sinks(r)],
-                            [(p, kv.new_empty(b, h, len(plan.recv[r][p]), w)) for p in peers], "forward")
+    round_ = side.link.post([(p, kv.index_select(2, rows.to(kv.device))) for p, rows in routes.outgoing.items()],
+                            [(p, kv.new_empty(b, h, len(t), w)) for p, t in routes.incoming.items()], "forward")
     acc = call.forward(r, kv) if r in side.sources else None
-    received = dict(zip(peers, side.link.wait(round_)))
-    for p in peers:
-        acc = merge_into(acc, call.forward(p, received[p]))
+    received = dict(zip(routes.incoming, side.link.wait(round_)))
+    for p, rows in received.items():
+        acc = merge_into(acc, call.forward(p, rows))
     return acc, received
 
 
 def _p2p_backward(side: _Rank, call: _Call, kv, out, lse, dout, dlse, received):
-    plan, r = side.plan, side.rank
+    r, routes = side.rank, call.routes
     b, h, _, w = kv.shape
     dq, grads, sends = None, None, []
-    for p in sorted(received):
-        dq_p, dkv_p, g = call.backward(p, received[p], out, lse, dout, dlse)
+    for p, rows in received.items():
+        dq_p, dkv_p, g = call.backward(p, rows, out, lse, dout, dlse)
         dq, grads = _add(dq, (dq_p,)), _add(grads, g)
         sends.append((p, dkv_p.to(kv.dtype)))
-    sinks = plan.sinks(r)
-    round_ = side.link.post(sends, [(p, kv.new_empty(b, h, len(plan.recv[p][r]), w)) for p in sinks], "backward")
+    round_ = side.link.post(sends, [(p, kv.new_empty(b, h, len(rows), w)) for p, rows in routes.outgoing.items()],
+                            "backward")
     dkv = kv.new_zeros(kv.shape, dtype=call.ct)
     if r in side.sources:
         dq_r, dkv_r, g = call.backward(r, kv, out, lse, dout, dlse)
         dq, grads, dkv = _add(dq, (dq_r,)), _add(grads, g), dkv_r
-    for p, rows in zip(sinks, side.link.wait(round_)):
-        dkv.index_add_(2, side.send_rows(p).to(dkv.device), rows.to(call.ct))
+    for (p, rows), grad in zip(routes.outgoing.items(), side.link.wait(round_)):
+        dkv.index_add_(2, rows.to(dkv.device), grad.to(call.ct))
     return (None if dq is None else dq[0]), dkv, grads
 
 
@@ -225,9 +287,9 @@ class _ContextParallel(torch.autograd.Function):
     ``modifier_tensors(mods, head_scale)``: the bias tables/slopes, the sinks, the [H] scale."""
 
     @staticmethod
-    def forward(ctx, side: _Rank, scale: float, mods: Modifiers | None, has_head_scale: bool, q, k, v, *params):
-        head_scale = params[-1] if has_head_scale else None
-        call = _Call(side, q, scale, mods, head_scale)
+    def forward(ctx, call: _Call, q, k, v, *params):
+        call.bind(q)
+        side = call.side
         kv = torch.cat([k, v], -1)
         received = None
         if side.exchange == "p2p":
@@ -236,17 +298,17 @@ class _ContextParallel(torch.autograd.Function):
             acc = _ring_forward(side, call, kv)
         out, lse = acc if acc is not None else _empty_result(q, v.shape[-1], call.ct)
         if call.sinks is not None:
-            out, lse = merge_sinks(out, lse, call.sinks)
+            out, lse = merge_sinks(out, lse, call.sinks, call.real)
+        call.release()
         ctx.save_for_backward(q, k, v, out, lse, *params)
-        ctx.side, ctx.scale, ctx.mods, ctx.has_head_scale, ctx.received = side, scale, mods, has_head_scale, received
+        ctx.call, ctx.received = call, received
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, *params = ctx.saved_tensors
-        side = ctx.side
-        head_scale = params[-1] if ctx.has_head_scale else None
-        call = _Call(side, q, ctx.scale, ctx.mods, head_scale)
+        call = ctx.call.bind(q)
+        side = call.side
         kv = torch.cat([k, v], -1)
         dout = None if dout is None else dout.to(call.ct)
         if side.exchange == "p2p":
@@ -258,10 +320,10 @@ class _ContextParallel(torch.autograd.Function):
         # the sources' grads follow call.scores.tensors(): biases..., head scale; the sinks' go between
         grads = list(grads) if grads else [torch.zeros_like(t) for t in (call.scores.tensors() if call.scores else ())]
         if call.sinks is not None:
-            n_bias = len(ctx.mods.biases)
-            grads.insert(n_bias, sinks_grad(call.sinks, out, lse, dout, dlse))
+            grads.insert(len(call.mods.biases), sinks_grad(call.sinks, out, lse, dout, dlse))
+        call.release()
         d = q.shape[-1]
-        return (None, None, None, None, dq.to(q.dtype), dkv[..., :d].to(k.dtype), dkv[..., d:].to(v.dtype),
+        return (None, dq.to(q.dtype), dkv[..., :d].to(k.dtype), dkv[..., d:].to(v.dtype),
                 *(g.to(p.dtype) for g, p in zip(grads, params)))
 
 
@@ -299,17 +361,20 @@ class ContextParallelAttention(torch.nn.Module):
         self.group = _process_group(group)
         self.rank = dist.get_rank(self.group)
         world = dist.get_world_size(self.group)
+        self.grouped, static = _static_part(pattern)
         if plan is None:
-            plan = plan_exchange(pattern, problem, world, layout=layout)
-        elif plan.world_size != world or plan.pattern != pattern or plan.problem != problem:
+            plan = plan_exchange(static, problem, world, layout=layout)
+        elif plan.world_size != world or plan.pattern != static or plan.problem != problem:
             raise ValueError(f"plan is for {plan.pattern!r} on {plan.problem!r} over {plan.world_size} ranks; "
-                             f"expected {pattern!r} on {problem!r} over {world}")
+                             f"expected {static!r} on {problem!r} over {world}")
         if exchange not in ("auto", *EXCHANGES):
             raise ValueError(f"exchange must be 'auto' or one of {EXCHANGES}, got {exchange!r}")
         if not isinstance(chunk_elements, int) or chunk_elements < 1:
             raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
         self.pattern, self.problem, self.plan = pattern, problem, plan
-        self.exchange = choose_exchange(plan) if exchange == "auto" else exchange
+        if exchange == "auto":   # group ids shrink what p2p sends each call; the ring sends whole shards
+            exchange = "p2p" if self.grouped is not None else choose_exchange(plan)
+        self.exchange = exchange
         if timeout is None:
             timeout = group_timeout(self.group)
         if not isinstance(timeout, datetime.timedelta):
@@ -325,8 +390,9 @@ class ContextParallelAttention(torch.nn.Module):
         """This rank's rows of a full tensor (``plan.shard(x, rank)``)."""
         return self.plan.shard(x, self.rank, dim)
 
-    def forward(self, q, k, v, scale=None, modifiers=None, return_lse: bool = False):
-        (q, k, v), mesh = self._local(q, k, v)
+    def forward(self, q, k, v, scale=None, modifiers=None, return_lse: bool = False, groups=None,
+                key_padding_mask=None):
+        (q, k, v, groups, key_padding_mask), mesh = self._local(q, k, v, groups, key_padding_mask)
         self._check(q, k, v)
         head_scale = None
         if scale is None:
@@ -337,11 +403,57 @@ class ContextParallelAttention(torch.nn.Module):
                                  f"{tuple(scale.shape)}")
             head_scale, scale = scale, 1.0
         mods = check_modifiers(modifiers, self.pattern, self.problem, device=q.device) if modifiers else None
+        groups, key_padding_mask = self._check_groups(q, groups, key_padding_mask)
         params = modifier_tensors(mods, head_scale)
-        out, lse = _run(self._side, float(scale), mods or None, head_scale is not None, q, k, v, *params)
+        out, lse = _run(self, float(scale), mods or None, head_scale, groups, key_padding_mask, q, k, v, *params)
         if mesh is not None:
             out, lse = _as_dtensor(out, mesh), _as_dtensor(lse, mesh)
         return (out, lse) if return_lse else out
+
+    def _check_groups(self, q, groups, key_padding_mask):
+        """(groups int64 [B, N_r] or None, key_padding_mask bool [B, N_r] or None), checked."""
+        b, n_r = q.shape[0], q.shape[2]
+        if self.grouped is None and groups is not None:
+            raise ValueError(f"groups= is for Grouped patterns; {self.pattern!r} takes none")
+        if self.grouped is not None and groups is None:
+            raise ValueError(f"{self.pattern!r} needs groups=: this rank's group ids, int [B, N_local={n_r}]")
+        if groups is not None:
+            if not isinstance(groups, torch.Tensor) or groups.dtype.is_floating_point or groups.dtype == torch.bool \
+                    or tuple(groups.shape) != (b, n_r):
+                what = f"{groups.dtype} {list(groups.shape)}" if isinstance(groups, torch.Tensor) else \
+                    type(groups).__name__
+                raise ValueError(f"groups must be this rank's group ids, int [B={b}, N_local={n_r}] (one grouping "
+                                 f"for every head), got {what}")
+            groups = groups.long()
+        if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool \
+                    or tuple(key_padding_mask.shape) != (b, n_r):
+                what = f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}" \
+                    if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+                raise ValueError(f"key_padding_mask must be bool [B={b}, N_local={n_r}] (True: a real token) for this "
+                                 f"rank's tokens, got {what}")
+        return groups, key_padding_mask
+
+    def _group_ids(self, groups, key_padding_mask):
+        """(ids int64 [B, N] of every token, all ranks' shards gathered; real bool [B, N_r]) of a
+        call, or (None, None) without groups and padding. Padding and tokens in no group get
+        id -1; a static pattern's real tokens share id 0."""
+        if groups is None and key_padding_mask is None:
+            return None, None
+        local = groups if groups is not None else \
+            torch.zeros(key_padding_mask.shape, dtype=torch.long, device=key_padding_mask.device)
+        local = local.clamp_min(-1)
+        if key_padding_mask is not None:
+            local = torch.where(key_padding_mask, local, -1)
+        b, n_r = local.shape
+        widest = max(len(t) for t in self.plan.tokens)
+        padded = torch.full((b, widest), -1, dtype=torch.long, device=local.device)
+        padded[:, :n_r] = local
+        parts = self._side.link.all_gather(padded, "forward")
+        ids = torch.empty(b, self.problem.tokens, dtype=torch.long)
+        for p, part in enumerate(parts):
+            ids[:, self.plan.tokens[p]] = part[:, :len(self.plan.tokens[p])].cpu()
+        return ids, key_padding_mask
 
     def _check(self, q, k, v):
         p, n_r = self.problem, len(self.plan.tokens[self.rank])
@@ -356,13 +468,22 @@ class ContextParallelAttention(torch.nn.Module):
         if q.shape[-1] != k.shape[-1]:
             raise ValueError(f"q and k must have one head_dim, got {q.shape[-1]} and {k.shape[-1]}")
 
-    def _local(self, q, k, v):
-        """Plain local shards of q, k, v and the DTensors' mesh (None for plain tensors)."""
+    def _local(self, q, k, v, groups, key_padding_mask):
+        """Plain local shards of q, k, v, groups and key_padding_mask, and the DTensors' mesh
+        (None for plain tensors). Group ids and padding masks [B, N] as DTensors are sharded
+        on the tokens, ``Shard(1)``."""
         from torch.distributed.tensor import DTensor, Shard
 
+        per_token = []
+        for name, t in (("groups", groups), ("key_padding_mask", key_padding_mask)):
+            if isinstance(t, DTensor):
+                if tuple(t.placements) != (Shard(1),):
+                    raise ValueError(f"{name} is a DTensor with placements {tuple(t.placements)}; expected (Shard(1),)")
+                t = t.to_local()
+            per_token.append(t)
         is_dt = [isinstance(t, DTensor) for t in (q, k, v)]
         if not any(is_dt):
-            return (q, k, v), None
+            return (q, k, v, *per_token), None
         if not all(is_dt):
             raise TypeError("q, k and v must all be DTensors or all plain tensors")
         import torch.distributed as dist
@@ -384,14 +505,26 @@ class ContextParallelAttention(torch.nn.Module):
                              f"{n_r}: Shard(2) cuts {self.problem.tokens} tokens as torch.chunk does, the plan along "
                              f"grid dimension 0 (extent {self.problem.grid[0]}); use an extent divisible by "
                              f"{self.plan.world_size} or pass plain local tensors (attn.shard)")
-        return local, mesh
+        return (*local, *per_token), mesh
 
 
 @torch.compiler.disable
-def _run(*args):
+def _run(attn: "ContextParallelAttention", scale: float, mods, head_scale, groups, key_padding_mask, q, k, v,
+         *params):
     """The exchange and compute, outside any compiled graph (torch.compile breaks the graph
     here and compiles what comes before and after)."""
-    return _ContextParallel.apply(*args)
+    ids, real = attn._group_ids(groups, key_padding_mask)  # noqa: SLF001
+    call = _Call(attn._side, scale, mods, head_scale, ids, real)  # noqa: SLF001
+    return _ContextParallel.apply(call, q, k, v, *params)
+
+
+def _static_part(pattern: Pattern):
+    """(the Grouped part or None, the static pattern the plan is built for): ``Grouped()``
+    alone plans as Full (Causal for ``causal=True``), ``Grouped() & static`` as its static part."""
+    if isinstance(pattern, Grouped):
+        return pattern, Causal() if pattern.causal else Full()
+    split = split_grouped(pattern)
+    return split if split is not None else (None, pattern)
 
 
 def _as_dtensor(t: torch.Tensor, mesh):

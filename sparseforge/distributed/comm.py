@@ -29,6 +29,7 @@ class CommStats:
     backward_bytes_sent: int = 0
     backward_bytes_received: int = 0
     messages_sent: int = 0
+    ids_bytes_sent: int = 0       # group ids / padding, all-gathered once per call
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,6 +84,16 @@ class Link:
         name = f"{phase}_bytes_{way}"
         setattr(self.stats, name, getattr(self.stats, name) + t.numel() * t.element_size())
 
+    def all_gather(self, tensor: torch.Tensor, phase: str) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (one shape on all ranks), by rank; counted as ``ids_bytes_sent``."""
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(self.group))]
+        work = dist.all_gather(parts, tensor.contiguous(), group=self.group, async_op=True)
+        self.stats.ids_bytes_sent += tensor.numel() * tensor.element_size()
+        self.wait(Round([work], [("all", "gather group ids with")], [], phase))
+        return parts
+
     def wait(self, round_: Round) -> list[torch.Tensor]:
         """Wait for every message of a round; the filled receive buffers, in posting order."""
         for work, (peer, what) in zip(round_.works, round_.ops):
@@ -91,10 +102,14 @@ class Link:
             except Exception as e:  # gloo: a timeout or "connection closed by peer"
                 first = str(e).splitlines()[0] if str(e) else ""
                 raise PeerError(
-                    f"sparseforge.distributed: rank {self.rank} could not {what} rank {peer} in the "
+                    f"sparseforge.distributed: rank {self.rank} could not {what} {_peer(peer)} in the "
                     f"{round_.phase} K/V exchange of {self.name} within {self.timeout.total_seconds():g} s: the "
                     f"peer process died or is stuck ({type(e).__name__}: {first})") from e
         return round_.buffers
+
+
+def _peer(peer) -> str:
+    return "the other ranks" if peer == "all" else f"rank {peer}"
 
 
 def group_timeout(group) -> datetime.timedelta:

@@ -132,55 +132,67 @@ def local_pieces(plan: ExchangePlan, rank: int, *, schedule=None,
 
 @dataclasses.dataclass(eq=False)
 class Source:
-    """One source's pieces as executor chunks for a buffer of its keys.
+    """One source's pieces, made into executor chunks for a buffer of its keys.
 
-    ``buffer_tokens``: int64 [M], the global token of each row of the K/V buffer the source's
-    keys arrive in (p2p: the rows this rank receives; ring: the owner's whole shard);
     ``query_tokens``: int64 [N_r], the global token of each of this rank's query rows. Chunks
     carry both sides' global tokens: bias terms measure positions on the whole grid."""
 
     pieces: list[Piece]
-    buffer_tokens: torch.Tensor
     query_tokens: torch.Tensor
-    _chunks: dict = dataclasses.field(default_factory=dict)
+    tokens: int                   # of the whole grid
+    _cache: dict = dataclasses.field(default_factory=dict)
 
-    def chunks(self, batch: int, heads: int, kv_heads: int, queries: int, device) -> list[Chunk]:
-        """The pieces as ``Chunk``s of q [batch, heads, queries, D] and k/v [batch, kv_heads, M, D]
-        rows (cached per shape and device)."""
+    def chunks(self, q_shape, kv_heads: int, buffer_tokens: torch.Tensor, device, ids=None) -> list[Chunk]:
+        """The pieces as ``Chunk``s of q [B, H, N_r, D] rows (``q_shape``) and rows of a K/V
+        buffer [B, kv_heads, M, D] holding the tokens ``buffer_tokens`` (int64 [M]; p2p: the rows
+        received, ring: the owner's shard).
+
+        ``ids``: int64 [B, N] group ids of every token this call (negative: no group or
+        padding), or None: a pair is then kept only if both tokens share a group, and keys not
+        in the buffer are dropped (built per call; without ids, cached per shape)."""
+        batch, heads, queries = q_shape[0], q_shape[1], q_shape[2]
         key = (batch, heads, kv_heads, queries, str(device))
-        if key not in self._chunks:
-            m = len(self.buffer_tokens)
-            pos = torch.full((int(self.buffer_tokens.max()) + 1 if m else 1,), -1, dtype=torch.long)
-            pos[self.buffer_tokens] = torch.arange(m)
-            b = torch.arange(batch)[:, None]
-            out = []
-            for p in self.pieces:
-                h = torch.arange(heads) if p.heads is None else p.heads
-                q_base = (b * heads + h) * queries                                   # [B, Hg]
-                k_base = (b * kv_heads + h // (heads // kv_heads)) * m
-                out.append(Chunk((q_base[..., None] + p.queries).to(device),
-                                 (k_base[..., None] + pos[p.keys]).to(device),
-                                 None if p.mask is None else p.mask[None].to(device),
-                                 self.query_tokens[p.queries].to(device), p.keys.to(device)))
-            self._chunks[key] = out
-        return self._chunks[key]
+        if ids is None and key in self._cache:
+            return self._cache[key]
+        m = len(buffer_tokens)
+        pos = torch.full((self.tokens,), -1, dtype=torch.long)
+        pos[buffer_tokens] = torch.arange(m)
+        b = torch.arange(batch)[:, None]
+        out = []
+        for p in self.pieces:
+            keys, mask, kpos = p.keys, p.mask, pos[p.keys]
+            if ids is not None:
+                gq, gk = ids[:, self.query_tokens[p.queries]], ids[:, keys]                # [B, m], [B, nk]
+                same = (gq[:, :, None] == gk[:, None, :]) & (gq >= 0)[:, :, None] & (kpos >= 0)
+                mask = same[:, None] if mask is None else mask[None] & same[:, None]     # [B, Hg|1, m, nk]
+                cols = mask.flatten(0, 2).any(0)
+                if not bool(cols.any()):
+                    continue
+                keys, kpos, mask = keys[cols], kpos[cols], mask[..., cols]
+            elif mask is not None:
+                mask = mask[None]
+            h = torch.arange(heads) if p.heads is None else p.heads
+            q_base = (b * heads + h) * queries                                   # [B, Hg]
+            k_base = (b * kv_heads + h // (heads // kv_heads)) * m
+            out.append(Chunk((q_base[..., None] + p.queries).to(device), (k_base[..., None] + kpos).to(device),
+                             None if mask is None else mask.to(device),
+                             self.query_tokens[p.queries].to(device), keys.to(device)))
+        if ids is None:
+            self._cache[key] = out
+        return out
 
 
-def source_forward(q, k, v, source: Source, scale: float, scores, positions: Problem):
-    """(out [B, H, N_r, Dv], lse [B, H, N_r]) of q against one source's k/v buffer, in the
-    compute dtype; rows that see none of its keys: zeros, LSE -inf. ``scores``: the score
-    modifiers but sinks (``merge_sinks`` adds those once, after the merge); ``positions``: the
-    whole grid's problem."""
-    b, h, n, _ = q.shape
-    chunks = source.chunks(b, h, k.shape[1], n, q.device)
+def source_forward(q, k, v, chunks, scale: float, scores, positions: Problem):
+    """(out [B, H, N_r, Dv], lse [B, H, N_r]) of q against one source's k/v buffer over its
+    ``chunks``, in the compute dtype; rows that see none of its keys: zeros, LSE -inf.
+    ``scores``: the score modifiers but sinks (``merge_sinks`` adds those once, after the
+    merge); ``positions``: the whole grid's problem."""
     return attend(q, k, v, chunks, scale, scores=scores, positions=positions)
 
 
-def source_backward(q, k, v, out, lse, dout, dlse, source: Source, scale: float, scores, positions: Problem):
+def source_backward(q, k, v, out, lse, dout, dlse, chunks, scale: float, scores, positions: Problem):
     """(dq, dk, dv, grads of ``scores.tensors()``) of one source's share, given the merged
     ``out``/``lse`` (sinks included)."""
-    b, h, n, _ = q.shape
-    chunks = source.chunks(b, h, k.shape[1], n, q.device)
     return attend_backward(q, k, v, out, lse, dout, chunks, scale, scores=scores, positions=positions, dlse=dlse)
 
 
@@ -197,20 +209,25 @@ def merge_into(acc, part):
 
 
 
-def merge_sinks(out, lse, sinks: torch.Tensor):
+def merge_sinks(out, lse, sinks: torch.Tensor, real: torch.Tensor | None = None):
     """Add one sink logit per head [H] to the denominator of the merged (out, lse): a row's
     LSE becomes logaddexp(lse, sink) and its output shrinks by exp(lse - new lse); a row that
-    saw no key gets LSE = sink and stays zero (``dsl.modifiers.Sinks``)."""
+    saw no key gets LSE = sink and stays zero (``dsl.modifiers.Sinks``). ``real`` bool [B, N_r]
+    (None: all): padded rows keep zeros and LSE -inf."""
     sink = sinks.to(lse.dtype)[None, :, None].expand_as(lse)
     new = torch.logaddexp(lse, sink)
-    return out * torch.exp(lse - new)[..., None], new
+    if real is not None:
+        new = torch.where(real[:, None, :], new, lse)
+    base = torch.where(new == -math.inf, torch.zeros_like(new), new)     # padded rows: -inf on both sides
+    return out * torch.exp(lse - base)[..., None], new
 
 
 def sinks_grad(sinks: torch.Tensor, out, lse, dout, dlse) -> torch.Tensor:
     """d sink_h = -sum over this rank's rows of head h of exp(sink_h - lse) * delta, with
-    delta = rowsum(dO * O) - dLSE (float64 sum)."""
+    delta = rowsum(dO * O) - dLSE (float64 sum); rows with LSE -inf (padding) add nothing."""
     delta = (dout * out).sum(-1) if dout is not None else torch.zeros_like(lse)
     if dlse is not None:
         delta = delta - dlse.to(delta.dtype)
     p = torch.exp(sinks.to(lse.dtype)[None, :, None] - lse)
-    return -(p.double() * delta.double()).sum(dim=(0, 2))
+    terms = torch.where(lse == -math.inf, 0, -(p.double() * delta.double()))
+    return terms.sum(dim=(0, 2))

@@ -149,6 +149,31 @@ def _as_double(modifiers):
     return tuple(out)
 
 
+def _groups_and_padding(case: dict, batch: int, n: int):
+    """(group ids int64 [B, N] or None, key padding mask bool [B, N] or None) of a case, seeded:
+    ``groups="documents"`` packs documents of 1..n/3 tokens with a few tokens in no group (-1);
+    ``padding="both_sides"`` pads sample 0 on the left and the others on the right."""
+    import torch
+
+    g = torch.Generator().manual_seed(case.get("seed", 0) + 3)
+    ids = None
+    if case.get("groups") == "documents":
+        ids = torch.empty(batch, n, dtype=torch.long)
+        for b in range(batch):
+            doc, t = 0, 0
+            while t < n:
+                length = int(torch.randint(1, max(2, n // 3), (), generator=g))
+                ids[b, t:t + length] = doc
+                doc, t = doc + 1, t + length
+        ids[torch.rand(batch, n, generator=g) < 0.1] = -1
+    real = None
+    if case.get("padding") == "both_sides":
+        real = torch.ones(batch, n, dtype=torch.bool)
+        real[0, :n // 4] = False
+        real[1:, n - n // 5:] = False
+    return ids, real
+
+
 class _Trace:
     """Records, in order, the rounds a rank posts and waits for and the sources it computes
     (``ContextParallelAttention``'s own methods, wrapped while the trace is on)."""
@@ -196,10 +221,11 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
         s64 = None if scale is None else scale.double().clone().requires_grad_()
         mods = _modifiers(case, pattern, problem, dtype)
         mods64 = _as_double(mods)
+        ids, real = _groups_and_padding(case, q.shape[0], problem.tokens)
         ref, ref_lse = sf.reference_attention(q64, k64, v64, pattern, problem, scale=s64, modifiers=mods64,
-                                              return_lse=True)
+                                              groups=ids, key_padding_mask=real, return_lse=True)
         ref.backward(go.double())
-        keys, queries = check.reductions(pattern, problem)
+        keys, queries = check.reductions(pattern, problem, groups=ids)
         tol = check.attention_tolerances(dtype, dtype, keys, queries, problem.head_dim)
         # this rank's shard
         attn = sfd.ContextParallelAttention(pattern, problem, layout=case.get("layout", "contiguous"),
@@ -210,7 +236,9 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
         sl = None if scale is None else scale.clone().requires_grad_()
         trace = _Trace()
         try:
-            o, lse = attn(ql, kl, vl, scale=sl, modifiers=mods or None, return_lse=True)
+            o, lse = attn(ql, kl, vl, scale=sl, modifiers=mods or None, return_lse=True,
+                          groups=None if ids is None else attn.shard(ids, 1),
+                          key_padding_mask=None if real is None else attn.shard(real, 1))
             o.backward(attn.shard(go))
         finally:
             trace.close()
@@ -244,7 +272,7 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
             plan_sent={d: plan.bytes_sent(rank, exchange=attn.exchange, direction=d, **row_kw)
                        for d in ("forward", "backward")},
             plan_received=plan.bytes_received(rank, **row_kw), sources=plan.sources(rank),
-            tokens=len(plan.tokens[rank]), events=trace.events))
+            tokens=len(plan.tokens[rank]), events=trace.events, grouped=ids is not None or real is not None))
         torch.distributed.barrier()
     return out
 

@@ -58,6 +58,16 @@ CASES = {
                           dtype="fp32", modifiers=["alibi", "softcap", "sinks"]),
     "llm_modifiers_ring": dict(pattern="Causal()", grid=[30], heads=2, head_dim=8, dtype="fp32", layout="zigzag",
                                modifiers=["t5", "sinks"]),
+    # run-time group ids (packed documents) and padding: the exchange shrinks to the rows of
+    # the documents a rank's tokens are in
+    "documents": dict(pattern="Grouped()", grid=[40], heads=2, head_dim=8, dtype="fp32", batch=2, groups="documents",
+                      modifiers=["sinks"]),
+    "documents_window": dict(pattern="Grouped() & Causal() & SlidingWindow(9)", grid=[41], heads=4, kv_heads=2,
+                             head_dim=8, dtype="fp32", batch=2, groups="documents", padding="both_sides"),
+    "documents_causal_ring": dict(pattern="Grouped(causal=True)", grid=[32], heads=2, head_dim=8, dtype="fp32",
+                                  batch=2, groups="documents", exchange="ring", modifiers=["alibi", "sinks"]),
+    "padding_window": dict(pattern="SlidingWindow(5, right=2)", grid=[33], heads=2, head_dim=8, dtype="fp32",
+                           batch=2, padding="both_sides", modifiers=["sinks"]),
     "relative_position_2d": dict(pattern="Neighborhood((3, 5), dilation=(2, 1))", grid=[12, 10], heads=2, head_dim=8,
                                  dtype="fp32", modifiers=["rpb"], scale="per_head"),
 }
@@ -90,6 +100,12 @@ def test_bytes_sent_equal_the_plan(results, name):
     world, by_case = results
     for rank, res in enumerate(by_case[name]):
         st = res["stats"]
+        if res["grouped"] and res["exchange"] == "p2p":
+            # the rows of other documents stay home: at most the plan's, in each direction
+            assert st["forward_bytes_sent"] <= res["plan_sent"]["forward"], (name, rank)
+            assert st["backward_bytes_sent"] <= res["plan_sent"]["backward"], (name, rank)
+            assert st["ids_bytes_sent"] > 0, (name, rank)
+            continue
         assert st["forward_bytes_sent"] == res["plan_sent"]["forward"], (name, rank)
         assert st["backward_bytes_sent"] == res["plan_sent"]["backward"], (name, rank)
         if res["exchange"] == "p2p":
@@ -102,10 +118,17 @@ def test_bytes_sent_equal_the_plan(results, name):
             sum(r["stats"][f"{d}_bytes_received"] for r in by_case[name]), (name, d)
 
 
+def test_documents_send_less_than_the_plan_of_full(results):
+    _, by_case = results
+    sent = sum(r["stats"]["forward_bytes_sent"] for r in by_case["documents"])
+    planned = sum(r["plan_sent"]["forward"] for r in by_case["documents"])
+    assert 0 < sent < planned
+
+
 def test_auto_exchange_is_the_ring_for_full_and_causal_only(results):
     _, by_case = results
     want = {"full_ring": "ring", "causal_ring": "ring", "causal_ring_zigzag": "ring", "per_head_scale_ring": "ring",
-            "window_1d": "p2p", "na3d_dilated": "p2p", "causal_sinks": "p2p"}
+            "window_1d": "p2p", "na3d_dilated": "p2p", "causal_sinks": "p2p", "documents": "p2p"}
     for name, exchange in want.items():
         assert {r["exchange"] for r in by_case[name]} == {exchange}, name
 
