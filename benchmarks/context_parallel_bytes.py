@@ -5,15 +5,20 @@ device and no process group is started:
 
     python benchmarks/context_parallel_bytes.py [--out benchmarks/results/context_parallel_bytes.json]
 
-Cases: a 30x48x80 video latent with ``Neighborhood((18, 24, 24))`` and a 1,048,576-token
-sequence with ``Causal() & SlidingWindow(4096)``, each over 8 ranks sharded contiguously along
-the slowest dimension (30 frames -> 4,4,4,4,4,4,3,3 frames; 1M tokens -> 131,072 each).
+Cases: a 30x48x80 video latent with ``Neighborhood((18, 24, 24))``, a 1,048,576-token
+sequence with ``Causal() & SlidingWindow(4096)`` and a 131,072-token ``Causal()`` sequence,
+each over 8 ranks sharded contiguously along the slowest dimension (30 frames ->
+4,4,4,4,4,4,3,3 frames; 1M tokens -> 131,072 each).
 K/V: batch 1, 8 kv heads, head_dim 128, bf16, so one token's K and V rows are 4,096 bytes.
 
 What each column counts, per rank r (bytes sent; S_p = bytes of rank p's K/V shard, T = sum S_p):
-- ours, forward: the K and V rows of r's tokens that other ranks' queries may see (one
-  point-to-point message per peer). Backward: dK and dV of the rows r received, sent back to
-  their owners (``ExchangePlan.bytes_sent`` / ``bytes_received``).
+- ours: ``ExchangePlan.bytes_sent`` under the exchange ``choose_exchange`` picks (the
+  ``exchange`` of each case). p2p forward: the K and V rows of r's tokens that other ranks'
+  queries may see (one message per peer); backward: dK and dV of the rows r received, back to
+  their owners. ring forward: the shards r passes on, each only as far as the last rank that
+  needs it; backward: the same hops with K/V and the dK/dV sum in float32, then the sum home
+  (the float32 sums are why the ring's backward moves 3x its forward in bf16: the ring is
+  chosen for its memory, at most three shards held at a time, not for its bytes).
 - all-gather (ring algorithm, as NCCL/gloo run it): forward all-gather of K/V, r forwards every
   block except that of rank r+1: T - S_{r+1}. Backward: reduce-scatter of dK/dV, r sends a partial
   sum of every block except its own: T - S_r.
@@ -39,6 +44,7 @@ SETUP = dict(world_size=8, batch=1, kv_heads=8, head_dim=128, dtype="bf16", layo
 CASES = [
     ("3-D 30x48x80, Neighborhood 18x24x24", sf.Neighborhood((18, 24, 24)), (30, 48, 80), 8),
     ("1-D 1,048,576 tokens, causal window 4096", sf.Causal() & sf.SlidingWindow(4096), (1 << 20,), 32),
+    ("1-D 131,072 tokens, causal", sf.Causal(), (1 << 17,), 32),
 ]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -52,6 +58,7 @@ def count(label: str, pattern, grid, heads: int, setup: dict = SETUP) -> dict:
     plan = sfd.plan_exchange(pattern, problem, world, layout=setup["layout"], count_work=False)
     seconds = time.perf_counter() - t0
     row = plan.row_bytes(batch=setup["batch"])
+    exchange = sfd.choose_exchange(plan)
     shard = [len(t) * row for t in plan.tokens]
     total = sum(shard)
     ranks = []
@@ -60,14 +67,14 @@ def count(label: str, pattern, grid, heads: int, setup: dict = SETUP) -> dict:
         ranks.append(dict(
             rank=r, tokens=len(plan.tokens[r]), rows_sent=plan.rows_sent(r), rows_received=plan.rows_received(r),
             peers_sent_to=[p for p in range(world) if len(plan.recv[p][r])],
-            ours_forward=plan.bytes_sent(r, batch=setup["batch"]),
-            ours_backward=plan.bytes_received(r, batch=setup["batch"]),
+            ours_forward=plan.bytes_sent(r, exchange=exchange, batch=setup["batch"]),
+            ours_backward=plan.bytes_sent(r, exchange=exchange, direction="backward", batch=setup["batch"]),
             allgather_forward=total - nxt, allgather_backward=total - shard[r],
             ring_forward=total - nxt, ring_backward=(total - nxt) + total))
     sums = {k: sum(x[k] for x in ranks) for k in ranks[0] if k.endswith(("forward", "backward"))}
     maxes = {k: max(x[k] for x in ranks) for k in sums}
     ours_step = sums["ours_forward"] + sums["ours_backward"]
-    return dict(label=label, pattern=repr(pattern), grid=list(grid), heads=heads, token_row_bytes=row,
+    return dict(label=label, pattern=repr(pattern), grid=list(grid), heads=heads, exchange=exchange, token_row_bytes=row,
                 plan_seconds=round(seconds, 2), ranks=ranks, total=sums, max_per_rank=maxes,
                 allgather_over_ours=round((sums["allgather_forward"] + sums["allgather_backward"]) / ours_step, 2),
                 ring_over_ours=round((sums["ring_forward"] + sums["ring_backward"]) / ours_step, 2))
@@ -81,7 +88,8 @@ def table(case: dict) -> str:
     """Per-rank MiB sent (forward / backward) and the totals."""
     head = (f"{'rank':>5} {'tokens':>8} {'peers':>12} {'ours fwd':>10} {'ours bwd':>10} {'all-gather fwd':>15} "
             f"{'all-gather bwd':>15} {'ring fwd':>10} {'ring bwd':>10}")
-    lines = [f"{case['label']}: {case['pattern']}, MiB sent per rank (1 MiB = 2^20 bytes)", head]
+    lines = [f"{case['label']}: {case['pattern']}, ours by {case['exchange']}, MiB sent per rank (1 MiB = 2^20 bytes)",
+             head]
     for r in case["ranks"]:
         peers = ",".join(map(str, r["peers_sent_to"])) or "-"
         lines.append(f"{r['rank']:>5} {r['tokens']:>8,} {peers:>12} {_mib(r['ours_forward']):>10} "

@@ -316,7 +316,41 @@ def dtensor_and_compile(rank: int, world: int, case: dict) -> dict:
         runs[name] = [o] + [t.grad for t in leaves]
     result["compile_errors"] = {name: check.row_error(c, e) for name, c, e in
                                 zip(("out", "dq", "dk", "dv"), runs["compiled"], runs["eager"])}
+    result["argument_errors"] = argument_errors(attn, mesh, q, k, v)
     return result
+
+
+def argument_errors(attn, mesh, q, k, v) -> dict:
+    """The message of each bad call (None where nothing was raised)."""
+    import torch
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    import sparseforge as sf
+    from sparseforge import distributed as sfd
+
+    ql, kl, vl = (attn.shard(t) for t in (q, k, v))
+    b, n_r = ql.shape[0], ql.shape[2]
+    calls = {
+        "exchange": lambda: sfd.ContextParallelAttention(attn.pattern, attn.problem, exchange="allgather"),
+        "chunk_elements": lambda: sfd.ContextParallelAttention(attn.pattern, attn.problem, chunk_elements=0),
+        "shape": lambda: attn(ql[:, :, 1:], kl, vl),
+        "placements": lambda: attn(*(distribute_tensor(t, mesh, [Replicate()]) for t in (q, k, v))),
+        "mixed": lambda: attn(distribute_tensor(q, mesh, [Replicate()]), kl, vl),
+        "groups_unexpected": lambda: attn(ql, kl, vl, groups=torch.zeros(b, n_r, dtype=torch.long)),
+        "groups_missing": lambda: sfd.ContextParallelAttention(sf.Grouped(), attn.problem)(ql, kl, vl),
+        "groups_shape": lambda: sfd.ContextParallelAttention(sf.Grouped(), attn.problem)(
+            ql, kl, vl, groups=torch.zeros(b, n_r + 1, dtype=torch.long)),
+        "padding_dtype": lambda: attn(ql, kl, vl, key_padding_mask=torch.ones(b, n_r)),
+        "scale": lambda: attn(ql, kl, vl, scale=torch.ones(3)),
+    }
+    out = {}
+    for name, call in calls.items():
+        try:
+            call()
+            out[name] = None
+        except (TypeError, ValueError) as e:
+            out[name] = f"{type(e).__name__}: {e}"
+    return out
 
 
 def dies_mid_step(rank: int, world: int, payload: dict) -> dict:

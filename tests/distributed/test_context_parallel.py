@@ -176,6 +176,13 @@ def test_dtensor_inputs_and_torch_compile():
         # reassociation the compiler may do in the code around it
         for name, err in r["compile_errors"].items():
             assert err <= tol[name], (rank, name, err, tol[name])
+        # bad arguments are refused by name
+        words = {"exchange": "exchange", "chunk_elements": "chunk_elements", "shape": "N_local",
+                 "placements": "Shard(2)", "mixed": "all be DTensors", "groups_unexpected": "groups= is for Grouped",
+                 "groups_missing": "needs groups=", "groups_shape": "groups must be", "padding_dtype": "key_padding_mask",
+                 "scale": "scale"}
+        for name, word in words.items():
+            assert r["argument_errors"][name] and word in r["argument_errors"][name], (name, r["argument_errors"][name])
 
 
 def test_a_dead_rank_makes_the_others_raise_not_hang():
@@ -238,6 +245,29 @@ def test_literal_halo_1d():
                                                                       dtype=torch.float32), 2)
     assert plan.recv[1][0].tolist() == [6, 7] and plan.recv[0][1].tolist() == [8]
     assert plan.bytes_sent(0) == 2 * 1 * 1 * 2 * 4 * 4  # 2 rows x B x kv_heads x (K, V) x D x fp32
+
+
+def test_ring_hops_and_bytes_by_hand():
+    """4 ranks of 8 tokens. Full: every shard goes 3 hops; each rank passes on 3 shards and is
+    the last hop of 1. Causal: rank r's shard goes 3 - r hops (to the last rank)."""
+    problem = sf.Problem(grid=32, heads=1, kv_heads=1, head_dim=4, dtype=torch.float32)
+    row = 1 * 1 * 2 * 4 * 4                                          # B x KVH x (K, V) x D x fp32
+    acc = row                                                         # the dK/dV sum travels in fp32 too
+    full = sfd.plan_exchange(sf.Full(), problem, 4)
+    assert [full.ring_hops(o) for o in range(4)] == [3, 3, 3, 3]
+    assert all(full.ring_rows(r) == (24, 8) for r in range(4))
+    assert full.bytes_sent(0, exchange="ring") == 24 * row
+    assert full.bytes_sent(0, exchange="ring", direction="backward") == 24 * (row + acc) + 8 * acc
+    causal = sfd.plan_exchange(sf.Causal(), problem, 4)
+    assert [causal.ring_hops(o) for o in range(4)] == [3, 2, 1, 0]
+    # rank 1 passes on its own shard and rank 0's; rank 3 passes nothing and ends 3 journeys
+    assert causal.ring_rows(1) == (16, 0) and causal.ring_rows(3) == (0, 24)
+    assert sfd.choose_exchange(full) == sfd.choose_exchange(causal) == "ring"
+    window = sfd.plan_exchange(sf.SlidingWindow(2, right=2), problem, 4)
+    assert [window.ring_hops(o) for o in range(4)] == [1, 3, 3, 3]  # a shard's left halo is 3 hops away
+    assert sfd.choose_exchange(window) == "p2p"
+    with pytest.raises(ValueError, match="exchange"):
+        full.bytes_sent(0, exchange="allgather")
 
 
 def test_shard_and_unshard_round_trip():
