@@ -36,7 +36,7 @@ from ..backends.cpu import Scores
 from ..dsl.modifiers import Modifiers, check_modifiers, modifier_tensors
 from ..runtime.grouped import split_grouped
 from .comm import Link, group_timeout
-from .local import (CHUNK_ELEMENTS, Source, compute_dtype, local_pieces, merge_into, merge_sinks, sinks_grad,
+from .local import (CHUNK_ELEMENTS, LocalWork, Source, compute_dtype, merge_into, merge_sinks, sinks_grad,
                     source_backward, source_forward)
 from .plan import EXCHANGES, ExchangePlan, choose_exchange, plan_exchange
 
@@ -65,10 +65,8 @@ class _Rank:
 
     @classmethod
     def build(cls, plan: ExchangePlan, rank: int, link: Link, exchange: str, chunk_elements: int) -> "_Rank":
-        pieces = local_pieces(plan, rank, chunk_elements=chunk_elements)
-        tokens = plan.problem.tokens
-        return cls(plan, rank, link, exchange,
-                   {s: Source(p, plan.tokens[rank], tokens) for s, p in pieces.items()})
+        work = LocalWork(plan, rank, chunk_elements=chunk_elements)
+        return cls(plan, rank, link, exchange, {s: Source(work, s) for s in work.pieces})
 
     @property
     def world(self) -> int:
@@ -129,11 +127,10 @@ class _Call:
 
     def __init__(self, side: _Rank, scale, mods: Modifiers | None, head_scale, ids, real):
         self.side, self.scale, self.mods, self.ids, self.real = side, scale, mods, ids, real
-        self.routes = side.routes(None if ids is None else ids.cpu())
+        self.routes = side.routes(ids)
         self.sinks = None if mods is None or mods.sinks is None else mods.sinks.logits
         per_source = None if mods is None else Modifiers(mods.biases, mods.softcap, None)
         self.head_scale, self.per_source = head_scale, per_source or None
-        self._chunks: dict = {}
         self.q = None
 
     def bind(self, q) -> "_Call":
@@ -152,11 +149,8 @@ class _Call:
         return kv[..., :self.d].to(self.ct), kv[..., self.d:].to(self.ct)
 
     def chunks(self, source: int, kv):
-        if source not in self._chunks:
-            self._chunks[source] = self.side.sources[source].chunks(
-                self.q.shape, kv.shape[1], self.side.buffer_tokens(source, self.routes), self.q.device,
-                None if self.ids is None else self.ids.cpu())
-        return self._chunks[source]
+        return self.side.sources[source].chunks(self.q.shape, kv.shape[1], self.side.buffer_tokens(source, self.routes),
+                                                self.q.device, self.ids)
 
     def forward(self, source: int, kv):
         k, v = self.split(kv)

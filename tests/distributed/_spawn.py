@@ -212,8 +212,12 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
     from sparseforge import distributed as sfd
     from sparseforge.runtime import check
 
+    from sparseforge.distributed import local
+
     out = []
+    default_cache = local.CACHE_ELEMENTS
     for case in cases:
+        local.CACHE_ELEMENTS = case.get("cache_elements", default_cache)  # 0: chunks made as the executor walks
         pattern, problem, dtype, q, k, v, go = full_inputs(case)
         scale = _per_head_scale(case, problem.heads, dtype)
         # single process: the float64 reference and its gradients

@@ -42,9 +42,11 @@ CASES = {
                                executor=True),
     # a ring that stops short: a window's shards travel only as far as some rank needs them
     "window_ring": dict(pattern="SlidingWindow(9)", grid=[40], heads=2, head_dim=8, dtype="fp32", exchange="ring"),
-    # the local compute in chunks of at most 64 query x key elements
+    # the local compute in chunks of at most 64 query x key elements, made as the executor walks them
     "window_1d_row_chunks": dict(pattern="Causal() & SlidingWindow(6)", grid=[37], heads=2, head_dim=8,
-                                 dtype="fp32", chunk_elements=64, exchange="p2p"),
+                                 dtype="fp32", chunk_elements=64, exchange="p2p", cache_elements=0),
+    "full_ring_row_chunks": dict(pattern="Full()", grid=[30], heads=2, head_dim=8, dtype="fp32", chunk_elements=50,
+                                 cache_elements=0, modifiers=["sinks"]),
     "global_tokens": dict(pattern="SlidingWindow(2, right=2) | GlobalTokens((0, 29))", grid=[33], heads=2,
                           head_dim=8, dtype="fp32", executor=True),
     "per_head_mix": dict(pattern="PerHead([Neighborhood((3, 3)), Halo(2, 1)])", grid=[12, 8], heads=2, head_dim=8,
