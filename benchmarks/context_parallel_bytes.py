@@ -5,7 +5,8 @@ device and no process group is started:
 
     python benchmarks/context_parallel_bytes.py [--out benchmarks/results/context_parallel_bytes.json]
 
-Cases: a 30x48x80 video latent with ``Neighborhood((18, 24, 24))``, a 1,048,576-token
+Cases: a 30x48x80 video latent with ``Neighborhood((18, 24, 24))`` (cut along time, and
+along time, height and width in halves: ``split=(2, 2, 2)``), a 1,048,576-token
 sequence with ``Causal() & SlidingWindow(4096)`` and a 131,072-token ``Causal()`` sequence,
 each over 8 ranks sharded contiguously along the slowest dimension (30 frames ->
 4,4,4,4,4,4,3,3 frames; 1M tokens -> 131,072 each).
@@ -41,21 +42,22 @@ from sparseforge.atomic import write_atomic
 from sparseforge.bench import run_info
 
 SETUP = dict(world_size=8, batch=1, kv_heads=8, head_dim=128, dtype="bf16", layout="contiguous")
-CASES = [
-    ("3-D 30x48x80, Neighborhood 18x24x24", sf.Neighborhood((18, 24, 24)), (30, 48, 80), 8),
-    ("1-D 1,048,576 tokens, causal window 4096", sf.Causal() & sf.SlidingWindow(4096), (1 << 20,), 32),
-    ("1-D 131,072 tokens, causal", sf.Causal(), (1 << 17,), 32),
+CASES = [  # (label, pattern, grid, heads, split of the leading grid dimensions or None)
+    ("3-D 30x48x80, Neighborhood 18x24x24", sf.Neighborhood((18, 24, 24)), (30, 48, 80), 8, None),
+    ("3-D 30x48x80, Neighborhood 18x24x24, split 2x2x2", sf.Neighborhood((18, 24, 24)), (30, 48, 80), 8, (2, 2, 2)),
+    ("1-D 1,048,576 tokens, causal window 4096", sf.Causal() & sf.SlidingWindow(4096), (1 << 20,), 32, None),
+    ("1-D 131,072 tokens, causal", sf.Causal(), (1 << 17,), 32, None),
 ]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def count(label: str, pattern, grid, heads: int, setup: dict = SETUP) -> dict:
+def count(label: str, pattern, grid, heads: int, setup: dict = SETUP, split=None) -> dict:
     """One case: per-rank exact bytes sent by the plan, by an all-gather and by ring attention."""
     world = setup["world_size"]
     problem = sf.Problem(grid=grid, heads=heads, kv_heads=setup["kv_heads"], head_dim=setup["head_dim"],
                          dtype=DTYPES[setup["dtype"]])
     t0 = time.perf_counter()
-    plan = sfd.plan_exchange(pattern, problem, world, layout=setup["layout"], count_work=False)
+    plan = sfd.plan_exchange(pattern, problem, world, layout=setup["layout"], split=split, count_work=False)
     seconds = time.perf_counter() - t0
     row = plan.row_bytes(batch=setup["batch"])
     exchange = sfd.choose_exchange(plan)
@@ -74,7 +76,8 @@ def count(label: str, pattern, grid, heads: int, setup: dict = SETUP) -> dict:
     sums = {k: sum(x[k] for x in ranks) for k in ranks[0] if k.endswith(("forward", "backward"))}
     maxes = {k: max(x[k] for x in ranks) for k in sums}
     ours_step = sums["ours_forward"] + sums["ours_backward"]
-    return dict(label=label, pattern=repr(pattern), grid=list(grid), heads=heads, exchange=exchange, token_row_bytes=row,
+    return dict(label=label, pattern=repr(pattern), grid=list(grid), heads=heads, split=list(plan.split),
+                exchange=exchange, token_row_bytes=row,
                 plan_seconds=round(seconds, 2), ranks=ranks, total=sums, max_per_rank=maxes,
                 allgather_over_ours=round((sums["allgather_forward"] + sums["allgather_backward"]) / ours_step, 2),
                 ring_over_ours=round((sums["ring_forward"] + sums["ring_backward"]) / ours_step, 2))
@@ -112,8 +115,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     print(", ".join(f"{k} {v}" for k, v in SETUP.items()))
     cases = []
-    for label, pattern, grid, heads in CASES:
-        case = count(label, pattern, grid, heads)
+    for label, pattern, grid, heads, split in CASES:
+        case = count(label, pattern, grid, heads, split=split)
         cases.append(case)
         print(table(case))
         print()

@@ -8,8 +8,9 @@ executor's, over the pattern's tiles with its exact mask.
 
 The stages, one module each:
 
-- ``plan``: which tokens each rank holds (``layout`` "contiguous" | "zigzag", along grid
-  dimension 0) and which remote key rows its queries may see, from the tile schedule;
+- ``plan``: which tokens each rank holds (``layout`` "contiguous" | "zigzag" along grid
+  dimension 0, or ``split`` along several leading dimensions) and which remote key rows its
+  queries may see, from the tile schedule;
   how those rows move (``exchange`` "p2p": halos, sinks and global tokens point to point;
   "ring": shards passed round the ring as far as some rank needs them, for Full/Causal);
 - ``local``: a rank's work split by where the keys live, and the LSE merge;
@@ -30,10 +31,14 @@ Usage (one process per rank, after ``torch.distributed.init_process_group``)::
 DTensors sharded on the token dimension (``Shard(2)`` over a 1-D mesh) go in and come out as
 DTensors; under ``torch.compile`` the exchange runs outside the graph (a graph break).
 
-Not covered: patterns that depend on run-time content (Routed, Scattered, Grouped), problems
-with a ``kv_grid``, score modifiers other than a per-head scale, padding arguments, sharding
-more than grid dimension 0. The local compute is the CPU executor (torch ops on whatever
-device the tensors are on), not the fused Triton kernels, whose grid extents are compiled in.
+Score modifiers (tables, T5, ALiBi, softcap, sinks, a per-head scale), ``Grouped`` patterns
+(group ids per call) and key padding masks are taken; every rank gets its share of the
+modifiers' gradients.
+
+Not covered: Routed and Scattered patterns (their routes and coordinates are per call and
+global), problems with a ``kv_grid``. The local compute is the CPU executor (torch ops on
+whatever device the tensors are on), not the fused Triton kernels, whose grid extents are
+compiled in.
 """
 from .attention import ContextParallelAttention, context_parallel_attention
 from .comm import CommStats, PeerError

@@ -19,6 +19,11 @@ is kept between forward and backward (p2p also keeps the received rows).
 
 Merges and sums run in a fixed order (own keys first, then by rank or ring step), so results
 do not depend on message timing.
+
+Group ids and padding (``Grouped`` patterns, ``key_padding_mask``): the plan is the static
+part's; each call all-gathers the ids ([B, N] int64, once), every rank derives the same
+``Routes`` from them (of the plan's rows, those in a document of the receiver's tokens), and
+the chunks are masked per sample.
 """
 from __future__ import annotations
 
@@ -127,7 +132,7 @@ class _Call:
 
     def __init__(self, side: _Rank, scale, mods: Modifiers | None, head_scale, ids, real):
         self.side, self.scale, self.mods, self.ids, self.real = side, scale, mods, ids, real
-        self.routes = side.routes(ids)
+        self.routes = side.routes(ids) if side.exchange == "p2p" else None
         self.sinks = None if mods is None or mods.sinks is None else mods.sinks.logits
         per_source = None if mods is None else Modifiers(mods.biases, mods.softcap, None)
         self.head_scale, self.per_source = head_scale, per_source or None
@@ -333,6 +338,7 @@ class ContextParallelAttention(torch.nn.Module):
 
     group:    a ProcessGroup or a 1-D DeviceMesh (default: the world);
     layout:   "contiguous" | "zigzag" (``plan_exchange``); DTensors take "contiguous";
+    split:    runs of each leading grid dimension, product the world size (``plan_exchange``);
     exchange: "auto" (``choose_exchange``) | "p2p" | "ring";
     scale:    a float or a [H] tensor (default head_dim ** -0.5);
     modifiers: score modifiers (``RelativePositionBias``, ``T5Bias``, ``ALiBi``, ``Softcap``,
@@ -345,7 +351,7 @@ class ContextParallelAttention(torch.nn.Module):
     """
 
     def __init__(self, pattern: Pattern, problem: Problem, *, group=None, layout: str = "contiguous",
-                 exchange: str = "auto", plan: ExchangePlan | None = None, timeout=None,
+                 split: tuple[int, ...] | None = None, exchange: str = "auto", plan: ExchangePlan | None = None, timeout=None,
                  chunk_elements: int = CHUNK_ELEMENTS):
         super().__init__()
         import torch.distributed as dist
@@ -357,7 +363,7 @@ class ContextParallelAttention(torch.nn.Module):
         world = dist.get_world_size(self.group)
         self.grouped, static = _static_part(pattern)
         if plan is None:
-            plan = plan_exchange(static, problem, world, layout=layout)
+            plan = plan_exchange(static, problem, world, layout=layout, split=split)
         elif plan.world_size != world or plan.pattern != static or plan.problem != problem:
             raise ValueError(f"plan is for {plan.pattern!r} on {plan.problem!r} over {plan.world_size} ranks; "
                              f"expected {static!r} on {problem!r} over {world}")
@@ -489,9 +495,10 @@ class ContextParallelAttention(torch.nn.Module):
                                  f"mesh; expected (Shard(2),) on the 1-D mesh of this attention's group")
         if dist.get_process_group_ranks(mesh.get_group()) != dist.get_process_group_ranks(self.group):
             raise ValueError("the DTensors' mesh is not this attention's process group")
-        if self.plan.layout != "contiguous":
+        if self.plan.layout != "contiguous" or len(self.plan.split) > 1:
             raise ValueError(f"DTensor Shard(2) holds contiguous shards; this attention's layout is "
-                             f"{self.plan.layout!r}: build it with layout='contiguous' or pass plain local tensors")
+                             f"{self.plan.layout!r} with split={self.plan.split}: build it with layout='contiguous' "
+                             f"and no split, or pass plain local tensors")
         local = tuple(t.to_local() for t in (q, k, v))
         n_r = len(self.plan.tokens[self.rank])
         if local[0].shape[2] != n_r:
@@ -542,9 +549,10 @@ def _process_group(group):
 
 
 def context_parallel_attention(q, k, v, pattern: Pattern, problem: Problem, *, group=None, layout: str = "contiguous",
-                               exchange: str = "auto", scale=None, modifiers=None, timeout=None,
+                               split: tuple[int, ...] | None = None, exchange: str = "auto", scale=None, modifiers=None, timeout=None,
                                return_lse: bool = False):
     """One call of ``ContextParallelAttention`` (builds the plan each time: keep a module
     for repeated calls)."""
-    attn = ContextParallelAttention(pattern, problem, group=group, layout=layout, exchange=exchange, timeout=timeout)
+    attn = ContextParallelAttention(pattern, problem, group=group, layout=layout, split=split, exchange=exchange,
+                                    timeout=timeout)
     return attn(q, k, v, scale=scale, modifiers=modifiers, return_lse=return_lse)

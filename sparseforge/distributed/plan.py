@@ -1,8 +1,11 @@
 """The exchange plan: which tokens each rank holds, and which remote key rows its queries may
 see, token-exact, from the tile schedule (no dense mask).
 
-Sharding (``layout=``): tokens are cut along the slowest grid dimension (dimension 0; a 1-D
-sequence along its tokens), so every shard is a run of whole rows of dimension 0:
+Sharding (``layout=``, ``split=``): tokens are cut along the slowest grid dimension
+(dimension 0; a 1-D sequence along its tokens), so every shard is a run of whole rows of
+dimension 0, or with ``split=(a, b, ...)`` along the leading dimensions, ``a`` runs of
+dimension 0 times ``b`` of dimension 1 ... (ranks in row-major order; a 3-D video split in time
+and height exchanges thinner halos than one split in time alone):
 
 - ``"contiguous"`` (default): rank r holds the r-th of ``world_size`` near-equal runs
   (``numpy.array_split`` sizes, in units of one dimension-0 row), a contiguous flat range;
@@ -55,20 +58,31 @@ def shard_sizes(units: int, parts: int) -> list[int]:
     return [base + 1] * extra + [base] * (parts - extra)
 
 
-def _rank_tokens(problem: Problem, world_size: int, layout: str) -> tuple[torch.Tensor, ...]:
+def _rank_tokens(problem: Problem, world_size: int, layout: str, split: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """The sorted flat tokens of every rank: grid dimension d cut into ``split[d]`` runs
+    (zigzag: dimension 0 into 2 * world_size), ranks in row-major order over the runs."""
     grid = problem.grid
-    rows = grid[0]
-    row_tokens = math.prod(grid[1:])
-    parts = world_size if layout == "contiguous" else 2 * world_size
-    if rows < parts:
-        raise ValueError(f"world_size={world_size} with layout={layout!r} cuts grid dimension 0 (extent {rows}) "
-                         f"into {parts} runs; expected an extent >= {parts}")
-    sizes = shard_sizes(rows, parts)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    runs = [torch.arange(int(starts[i]) * row_tokens, int(starts[i + 1]) * row_tokens) for i in range(parts)]
-    if layout == "contiguous":
-        return tuple(runs)
-    return tuple(torch.cat([runs[r], runs[parts - 1 - r]]) for r in range(world_size))
+    if layout == "zigzag":
+        split = (2 * world_size,)
+    runs_per_dim = []
+    for d, parts in enumerate(split):
+        if grid[d] < parts:
+            raise ValueError(f"world_size={world_size} with layout={layout!r} and split={split} cuts grid dimension "
+                             f"{d} (extent {grid[d]}) into {parts} runs; expected an extent >= {parts}")
+        starts = np.concatenate([[0], np.cumsum(shard_sizes(grid[d], parts))])
+        runs_per_dim.append([torch.arange(int(starts[i]), int(starts[i + 1])) for i in range(parts)])
+    flat = torch.arange(problem.tokens).reshape(grid)
+
+    def block(index: tuple[int, ...]) -> torch.Tensor:
+        t = flat
+        for d, i in enumerate(index):
+            t = t.index_select(d, runs_per_dim[d][i])
+        return t.flatten()
+
+    if layout == "zigzag":
+        last = 2 * world_size - 1
+        return tuple(torch.cat([block((r,)), block((last - r,))]) for r in range(world_size))
+    return tuple(block(tuple(int(i) for i in np.unravel_index(r, split))) for r in range(world_size))
 
 
 # ------------------------------------------------------------------------------------
@@ -130,6 +144,7 @@ class ExchangePlan:
     problem: Problem
     world_size: int
     layout: str
+    split: tuple[int, ...]
     tokens: tuple[torch.Tensor, ...]
     recv: tuple[tuple[torch.Tensor, ...], ...]
     work: tuple[int, ...] | None
@@ -231,7 +246,7 @@ class ExchangePlan:
 
     def summary(self, **row_kw) -> str:
         lines = [f"exchange plan for {self.pattern!r} on {self.problem!r}: {self.world_size} ranks, "
-                 f"layout {self.layout!r}, built in {self.build_seconds:.2f} s"]
+                 f"layout {self.layout!r}, split {self.split}, built in {self.build_seconds:.2f} s"]
         for r in range(self.world_size):
             lines.append(f"  rank {r}: {len(self.tokens[r])} tokens, receives {self.rows_received(r)} rows "
                          f"from {self.sources(r)}, sends {self.rows_sent(r)} rows "
@@ -256,6 +271,7 @@ def choose_exchange(plan: ExchangePlan) -> str:
 
 
 def plan_exchange(pattern: Pattern, problem: Problem, world_size: int, *, layout: str = "contiguous",
+                  split: tuple[int, ...] | None = None,
                   schedule=None, count_work: bool | None = None) -> ExchangePlan:
     """The token-exact exchange plan of ``pattern`` on ``problem`` over ``world_size`` ranks
     (module docstring). No [N, N] mask is formed (1M tokens take seconds):
@@ -278,15 +294,18 @@ def plan_exchange(pattern: Pattern, problem: Problem, world_size: int, *, layout
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    split = _check_split(split, world_size, layout, problem)
     if problem.is_cross:
         raise ValueError(f"context parallelism takes self attention on one grid; {problem!r} has a kv_grid")
     if problem.grid is None:
         raise ValueError(f"context parallelism shards a token grid: give Problem(grid=...), got {problem!r}")
     if not pattern.is_static:
-        raise ValueError(f"{pattern!r} depends on run-time content; the exchange plan needs a static pattern")
+        raise ValueError(f"{pattern!r} depends on run-time content; the exchange plan needs a static pattern "
+                         f"(ContextParallelAttention also takes Grouped() and Grouped() & static patterns; Routed "
+                         f"and Scattered are not supported)")
     if count_work is None:
         count_work = problem.tokens <= 1 << 16
-    tokens = _rank_tokens(problem, world_size, layout)
+    tokens = _rank_tokens(problem, world_size, layout, split)
     n, world = problem.tokens, world_size
     owner = torch.empty(n, dtype=torch.long)
     for r, t in enumerate(tokens):
@@ -343,8 +362,25 @@ def plan_exchange(pattern: Pattern, problem: Problem, world_size: int, *, layout
     for r in range(world):
         recv.append(tuple(torch.zeros(0, dtype=torch.long) if p == r else tokens[p][needed[r, tokens[p]]].sort().values
                           for p in range(world)))
-    return ExchangePlan(pattern, problem, world_size, layout, tokens, tuple(recv),
+    return ExchangePlan(pattern, problem, world_size, layout, split, tokens, tuple(recv),
                         tuple(work) if count_work else None, time.perf_counter() - t0)
+
+
+def _check_split(split, world_size: int, layout: str, problem: Problem) -> tuple[int, ...]:
+    """``split`` (default ``(world_size,)``): runs per leading grid dimension, product world_size."""
+    if split is None:
+        return (world_size,)
+    if not isinstance(split, (tuple, list)) or not split or \
+            not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in split):
+        raise ValueError(f"split must be a tuple of positive ints (runs of the leading grid dimensions), got {split!r}")
+    split = tuple(split)
+    if math.prod(split) != world_size:
+        raise ValueError(f"split={split} makes {math.prod(split)} shards; expected world_size={world_size}")
+    if len(split) > len(problem.grid):
+        raise ValueError(f"split={split} cuts {len(split)} grid dimensions; {problem!r} has {len(problem.grid)}")
+    if layout == "zigzag" and len(split) > 1:
+        raise ValueError(f"layout='zigzag' cuts grid dimension 0 only; got split={split}")
+    return split
 
 
 def brute_force_recv(pattern: Pattern, problem: Problem, plan: ExchangePlan) -> list[list[torch.Tensor]]:

@@ -2,7 +2,7 @@
 
 ``spawn(world, job, payload, timeout)`` starts ``world`` fresh interpreters
 (``torch.multiprocessing``'s spawn context), each running ``job(rank, world, payload)`` inside a
-gloo process group on 127.0.0.1, and returns what each rank's job returned (a JSON-able value)
+gloo (or ``backend``) process group on 127.0.0.1, and returns what each rank's job returned (a JSON-able value)
 or ``{"crashed": exitcode}`` for a rank that wrote nothing. The processes are joined with a
 timeout and terminated (by their own handles) if they outlive it. Jobs live in this module so
 the children can import them by name.
@@ -27,14 +27,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, job_name: str, payload, out_dir: str, pg_timeout: float) -> None:
+def _entry(rank: int, world: int, port: int, job_name: str, payload, out_dir: str, pg_timeout: float,
+           backend: str) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     result = None
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=pg_timeout))
         result = globals()[job_name](rank, world, payload)
     except BaseException as e:  # noqa: BLE001 - reported to the parent
@@ -47,11 +50,12 @@ def _entry(rank: int, world: int, port: int, job_name: str, payload, out_dir: st
     os._exit(0)
 
 
-def spawn(world: int, job: str, payload, *, timeout: float = 120.0, pg_timeout: float = 30.0) -> list:
+def spawn(world: int, job: str, payload, *, timeout: float = 120.0, pg_timeout: float = 30.0,
+          backend: str = "gloo") -> list:
     ctx = mp.get_context("spawn")
     port = _free_port()
     with tempfile.TemporaryDirectory() as out_dir:
-        procs = [ctx.Process(target=_entry, args=(r, world, port, job, payload, out_dir, pg_timeout), daemon=True)
+        procs = [ctx.Process(target=_entry, args=(r, world, port, job, payload, out_dir, pg_timeout, backend), daemon=True)
                  for r in range(world)]
         for p in procs:
             p.start()
@@ -124,7 +128,7 @@ def _modifiers(case: dict, pattern, problem, dtype):
     def rand(*shape, low=None):
         t = torch.randn(*shape, generator=g, dtype=torch.float64) if low is None else \
             low + 0.4 * torch.rand(*shape, generator=g, dtype=torch.float64)
-        return t.to(dtype).requires_grad_()
+        return t.to(dtype).to(case.get("device", "cpu")).requires_grad_()
 
     make = {
         "alibi": lambda: sf.ALiBi(rand(h, low=0.05)),
@@ -143,7 +147,7 @@ def _as_double(modifiers):
     out = []
     for m in modifiers:
         fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)}
-        fields = {k: (v.detach().double().clone().requires_grad_() if hasattr(v, "requires_grad") else v)
+        fields = {k: (v.detach().double().cpu().clone().requires_grad_() if hasattr(v, "requires_grad") else v)
                   for k, v in fields.items()}
         out.append(type(m)(**fields))
     return tuple(out)
@@ -223,6 +227,7 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
         # single process: the float64 reference and its gradients
         q64, k64, v64 = (t.detach().double().clone().requires_grad_() for t in (q, k, v))
         s64 = None if scale is None else scale.double().clone().requires_grad_()
+        device = torch.device(case.get("device", "cpu"))
         mods = _modifiers(case, pattern, problem, dtype)
         mods64 = _as_double(mods)
         ids, real = _groups_and_padding(case, q.shape[0], problem.tokens)
@@ -232,18 +237,20 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
         keys, queries = check.reductions(pattern, problem, groups=ids)
         tol = check.attention_tolerances(dtype, dtype, keys, queries, problem.head_dim)
         # this rank's shard
+        split = case.get("split", {}).get(str(world))
         attn = sfd.ContextParallelAttention(pattern, problem, layout=case.get("layout", "contiguous"),
+                                            split=None if split is None else tuple(split),
                                             exchange=case.get("exchange", "auto"),
                                             chunk_elements=case.get("chunk_elements", sfd.CHUNK_ELEMENTS))
         plan = attn.plan
-        ql, kl, vl = (attn.shard(t).clone().requires_grad_() for t in (q, k, v))
-        sl = None if scale is None else scale.clone().requires_grad_()
+        ql, kl, vl = (attn.shard(t).to(device).requires_grad_() for t in (q, k, v))
+        sl = None if scale is None else scale.to(device).requires_grad_()
         trace = _Trace()
         try:
             o, lse = attn(ql, kl, vl, scale=sl, modifiers=mods or None, return_lse=True,
-                          groups=None if ids is None else attn.shard(ids, 1),
-                          key_padding_mask=None if real is None else attn.shard(real, 1))
-            o.backward(attn.shard(go))
+                          groups=None if ids is None else attn.shard(ids, 1).to(device),
+                          key_padding_mask=None if real is None else attn.shard(real, 1).to(device))
+            o.backward(attn.shard(go).to(device))
         finally:
             trace.close()
         errors = {

@@ -31,6 +31,9 @@ CASES = {
                          dtype="fp32", batch=2, executor=True),
     "na3d_dilated": dict(pattern="Neighborhood((3, 3, 5), dilation=(1, 2, 1))", grid=[9, 6, 10], heads=2,
                          head_dim=8, dtype="fp32", executor=True),
+    # a 3-D grid cut in its two slowest dimensions
+    "na3d_split": dict(pattern="Neighborhood((3, 3, 5), dilation=(1, 2, 1))", grid=[6, 9, 10], heads=2, head_dim=8,
+                       dtype="fp32", split={"2": [1, 2], "4": [2, 2]}, executor=True),
     "na3d_dilated_fp64": dict(pattern="Neighborhood((3, 3, 5), dilation=(1, 2, 1))", grid=[8, 6, 10], heads=2,
                               head_dim=8, dtype="fp64"),
     # Full and Causal take the ring ("auto"); Full also point to point
@@ -241,6 +244,28 @@ def test_plan_is_token_exact(pattern, problem, layout):
             assert torch.equal(torch.cat(plan.tokens).sort().values, torch.arange(problem.tokens))
 
 
+@pytest.mark.parametrize("split", [(2, 2), (1, 4), (4, 1)])
+def test_split_plan_is_token_exact(split):
+    """Cutting the two slowest dimensions: recv equals the dense mask's answer."""
+    pattern, problem = sf.Neighborhood((3, 3, 5), dilation=(1, 2, 1)), sf.Problem(grid=(8, 6, 10), heads=2)
+    plan = sfd.plan_exchange(pattern, problem, 4, split=split)
+    want = sfd.brute_force_recv(pattern, problem, plan)
+    assert all(torch.equal(plan.recv[r][p], want[r][p]) for r in range(4) for p in range(4))
+    assert torch.equal(torch.cat(plan.tokens).sort().values, torch.arange(problem.tokens))
+    assert all(torch.equal(t, t.sort().values) for t in plan.tokens)
+
+
+def test_a_split_in_two_dimensions_sends_thinner_halos():
+    """A 16x16x8 grid under a 3x3x3 neighborhood over 4 ranks: four slabs along dimension 0
+    send 3 boundaries x 2 directions x 128 rows; a 2x2 split sends 2 x 2 x 128 rows plus the
+    corner columns."""
+    problem = sf.Problem(grid=(16, 16, 8), heads=1)
+    slabs = sfd.plan_exchange(sf.Neighborhood(3), problem, 4)
+    squares = sfd.plan_exchange(sf.Neighborhood(3), problem, 4, split=(2, 2))
+    assert sum(slabs.rows_sent(r) for r in range(4)) == 3 * 2 * 16 * 8
+    assert sum(squares.rows_sent(r) for r in range(4)) == 2 * 2 * 16 * 8 + 4 * 8
+
+
 def test_literal_halo_1d():
     """16 tokens, SlidingWindow(2, right=1), 2 ranks: rank 1 needs tokens 6 and 7, rank 0 token 8."""
     plan = sfd.plan_exchange(sf.SlidingWindow(2, right=1), sf.Problem(grid=16, heads=1, head_dim=4,
@@ -288,6 +313,10 @@ def test_bad_arguments_are_named():
         sfd.plan_exchange(sf.Full(), sf.Problem(grid=8), 2, layout="ring")
     with pytest.raises(ValueError, match="extent"):
         sfd.plan_exchange(sf.Full(), sf.Problem(grid=(3, 8)), 4)
+    with pytest.raises(ValueError, match="split"):
+        sfd.plan_exchange(sf.Full(), sf.Problem(grid=(8, 8)), 4, split=(2, 3))
+    with pytest.raises(ValueError, match="zigzag"):
+        sfd.plan_exchange(sf.Full(), sf.Problem(grid=(8, 8)), 4, layout="zigzag", split=(2, 2))
 
 
 # ------------------------------------------------------------------------------------
