@@ -84,8 +84,8 @@ class _Rank:
     def static_routes(self) -> Routes:
         """The plan's routes (every call without group ids)."""
         plan, r = self.plan, self.rank
-        return Routes({p: plan.recv[r][p] for p in plan.sources(r)},
-                      {p: self._local_rows(plan.recv[p][r]) for p in plan.sinks(r)})
+        return Routes({p: plan.recv[r][p] for p in plan.senders(r)},
+                      {p: self._local_rows(plan.recv[p][r]) for p in plan.receivers(r)})
 
     def routes(self, ids: torch.Tensor | None) -> Routes:
         """The routes of a call with group ids ``ids`` int64 [B, N] (None: ``static_routes``):
@@ -104,8 +104,8 @@ class _Rank:
                 keep |= (gk >= 0) & torch.isin(gk, gq[gq >= 0])
             return keys[keep]
 
-        incoming = {p: t for p in plan.sources(r) if len(t := kept(r, p))}
-        outgoing = {p: self._local_rows(t) for p in plan.sinks(r) if len(t := kept(p, r))}
+        incoming = {p: t for p in plan.senders(r) if len(t := kept(r, p))}
+        outgoing = {p: self._local_rows(t) for p in plan.receivers(r) if len(t := kept(p, r))}
         return Routes(incoming, outgoing)
 
     def buffer_tokens(self, source: int, routes: Routes) -> torch.Tensor:

@@ -155,11 +155,11 @@ class ExchangePlan:
         """Do rank ``rank``'s queries see any key of ``owner`` (always for its own)."""
         return rank == owner or len(self.recv[rank][owner]) > 0
 
-    def sources(self, rank: int) -> list[int]:
+    def senders(self, rank: int) -> list[int]:
         """The peers rank ``rank`` receives rows from, ascending."""
         return [p for p in range(self.world_size) if p != rank and len(self.recv[rank][p])]
 
-    def sinks(self, rank: int) -> list[int]:
+    def receivers(self, rank: int) -> list[int]:
         """The peers that receive rows of rank ``rank``, ascending."""
         return [p for p in range(self.world_size) if p != rank and len(self.recv[p][rank])]
 
@@ -229,7 +229,7 @@ class ExchangePlan:
 
     def messages(self, rank: int) -> int:
         """Point-to-point messages rank r sends per p2p exchange (one per peer with rows to send)."""
-        return len(self.sinks(rank))
+        return len(self.receivers(rank))
 
     # -- shards ----------------------------------------------------------------------
     def shard(self, x: torch.Tensor, rank: int, dim: int = 2) -> torch.Tensor:
@@ -249,7 +249,7 @@ class ExchangePlan:
                  f"layout {self.layout!r}, split {self.split}, built in {self.build_seconds:.2f} s"]
         for r in range(self.world_size):
             lines.append(f"  rank {r}: {len(self.tokens[r])} tokens, receives {self.rows_received(r)} rows "
-                         f"from {self.sources(r)}, sends {self.rows_sent(r)} rows "
+                         f"from {self.senders(r)}, sends {self.rows_sent(r)} rows "
                          f"({self.bytes_sent(r, **row_kw):,} bytes), work "
                          f"{'-' if self.work is None else format(self.work[r], ',')}")
         return "\n".join(lines)

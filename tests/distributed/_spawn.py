@@ -282,7 +282,7 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
             errors=errors, tol=tol, stats=attn.stats.as_dict(), exchange=attn.exchange,
             plan_sent={d: plan.bytes_sent(rank, exchange=attn.exchange, direction=d, **row_kw)
                        for d in ("forward", "backward")},
-            plan_received=plan.bytes_received(rank, **row_kw), sources=plan.sources(rank),
+            plan_received=plan.bytes_received(rank, **row_kw), senders=plan.senders(rank),
             tokens=len(plan.tokens[rank]), events=trace.events, grouped=ids is not None or real is not None))
         torch.distributed.barrier()
     return out

@@ -154,7 +154,7 @@ def test_the_exchange_overlaps_the_compute(results):
             bwd = _rounds(res["events"], "backward")
             own = bwd.index(f"compute backward {rank}")
             assert bwd[own - 1] == "post backward" and bwd[own + 1] == "wait backward", (name, rank, bwd)
-            for p in res["sources"]:       # a peer's rows are computed after they arrived
+            for p in res["senders"]:       # a peer's rows are computed after they arrived
                 assert fwd.index(f"compute forward {p}") > fwd.index("wait forward"), (name, rank, fwd)
     for rank, res in enumerate(by_case["full_ring"]):
         fwd = _rounds(res["events"], "forward")
