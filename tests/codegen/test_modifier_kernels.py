@@ -23,7 +23,7 @@ HEAD_DIM = 16
 CASES = [
     (sf.Causal() & sf.SlidingWindow(6), (40,), (8,), (4,), 4, 2),
     (sf.SlidingWindow(5, 3), (37,), (8,), (8,), 2, 2),
-    (sf.Neighborhood(3, dilation=2), (9, 10), (4, 4), (2, 4), 2, 1),
+    (sf.Neighborhood(3, dilation=2), (7, 8), (4, 4), (2, 4), 2, 1),
 ]
 #: window families for the bias tables (2-D relative position tables; 1-D: T5 buckets)
 TABLE_CASES = [
