@@ -233,7 +233,11 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
         ids, real = _groups_and_padding(case, q.shape[0], problem.tokens)
         ref, ref_lse = sf.reference_attention(q64, k64, v64, pattern, problem, scale=s64, modifiers=mods64,
                                               groups=ids, key_padding_mask=real, return_lse=True)
-        ref.backward(go.double())
+        # with "lse_grad" the loss reads the LSE too: its gradient flows back through dLSE
+        glse = torch.randn(ref_lse.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64) \
+            if case.get("lse_grad") else None
+        ref_loss = (ref * go.double()).sum() + (0 if glse is None else (ref_lse * glse).sum())
+        ref_loss.backward()
         keys, queries = check.reductions(pattern, problem, groups=ids)
         tol = check.attention_tolerances(dtype, dtype, keys, queries, problem.head_dim)
         # this rank's shard
@@ -250,7 +254,10 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
             o, lse = attn(ql, kl, vl, scale=sl, modifiers=mods or None, return_lse=True,
                           groups=None if ids is None else attn.shard(ids, 1).to(device),
                           key_padding_mask=None if real is None else attn.shard(real, 1).to(device))
-            o.backward(attn.shard(go).to(device))
+            loss = (o * attn.shard(go).to(device)).sum()
+            if glse is not None:
+                loss = loss + (lse * attn.shard(glse).to(device, lse.dtype)).sum()
+            loss.backward()
         finally:
             trace.close()
         errors = {

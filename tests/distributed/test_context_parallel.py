@@ -38,6 +38,7 @@ CASES = {
                               head_dim=8, dtype="fp64"),
     # Full and Causal take the ring ("auto"); Full also point to point
     "full_ring": dict(pattern="Full()", grid=[30], heads=2, head_dim=8, dtype="fp32", executor=True),
+    "full_ring_lse_grad": dict(pattern="Full()", grid=[30], heads=2, head_dim=8, dtype="fp32", lse_grad=True),
     "full_p2p": dict(pattern="Full()", grid=[30], heads=2, head_dim=8, dtype="fp32", exchange="p2p"),
     "causal_ring": dict(pattern="Causal()", grid=[29], heads=4, kv_heads=2, head_dim=8, dtype="fp32", batch=2,
                         executor=True),
@@ -60,7 +61,7 @@ CASES = {
     "per_head_scale_ring": dict(pattern="Causal()", grid=[24], heads=2, head_dim=8, dtype="fp32", scale="per_head"),
     # score modifiers, positions on the whole grid; their gradients summed over the ranks
     "llm_modifiers": dict(pattern="Causal() & SlidingWindow(7)", grid=[37], heads=4, kv_heads=2, head_dim=8,
-                          dtype="fp32", modifiers=["alibi", "softcap", "sinks"]),
+                          dtype="fp32", modifiers=["alibi", "softcap", "sinks"], lse_grad=True),
     "llm_modifiers_ring": dict(pattern="Causal()", grid=[30], heads=2, head_dim=8, dtype="fp32", layout="zigzag",
                                modifiers=["t5", "sinks"]),
     # run-time group ids (packed documents) and padding: the exchange shrinks to the rows of
