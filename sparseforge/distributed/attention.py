@@ -336,7 +336,8 @@ class ContextParallelAttention(torch.nn.Module):
     differentiable in q, k, v, a tensor ``scale`` and the modifiers' tensors. Every rank of the group must build the
     module together and call it in the same order.
 
-    group:    a ProcessGroup or a 1-D DeviceMesh (default: the world);
+    group:    a ProcessGroup or a DeviceMesh (default: the world); an N-D mesh cuts the N
+              leading grid dimensions (``split`` = the mesh's shape);
     layout:   "contiguous" | "zigzag" (``plan_exchange``); DTensors take "contiguous";
     split:    runs of each leading grid dimension, product the world size (``plan_exchange``);
     exchange: "auto" (``choose_exchange``) | "p2p" | "ring";
@@ -358,7 +359,7 @@ class ContextParallelAttention(torch.nn.Module):
 
         if not dist.is_initialized():
             raise RuntimeError("ContextParallelAttention needs torch.distributed.init_process_group() first")
-        self.group = _process_group(group)
+        self.group, split = _process_group(group, split)
         self.rank = dist.get_rank(self.group)
         world = dist.get_world_size(self.group)
         self.grouped, static = _static_part(pattern)
@@ -534,18 +535,23 @@ def _as_dtensor(t: torch.Tensor, mesh):
     return DTensor.from_local(t, mesh, (Shard(2),), run_check=False)
 
 
-def _process_group(group):
-    """A ProcessGroup from ``group``: None (the world), a ProcessGroup or a 1-D DeviceMesh."""
+def _process_group(group, split):
+    """(ProcessGroup, split) from ``group``: None (the world), a ProcessGroup, or a DeviceMesh.
+    An N-D mesh cuts the N leading grid dimensions, one per mesh dimension (its shape is the
+    split); its ranks form a new group in the mesh's row-major order (every rank builds it)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
     if group is None:
-        return dist.group.WORLD
-    if isinstance(group, DeviceMesh):
-        if group.ndim != 1:
-            raise ValueError(f"group must be a 1-D DeviceMesh, got a {group.ndim}-D mesh {group}")
-        return group.get_group()
-    return group
+        return dist.group.WORLD, split
+    if not isinstance(group, DeviceMesh):
+        return group, split
+    if group.ndim == 1:
+        return group.get_group(), split
+    shape = tuple(group.mesh.shape)
+    if split is not None and tuple(split) != shape:
+        raise ValueError(f"split={tuple(split)} disagrees with the {group.ndim}-D mesh of shape {shape}; give one")
+    return dist.new_group(group.mesh.flatten().tolist()), shape
 
 
 def context_parallel_attention(q, k, v, pattern: Pattern, problem: Problem, *, group=None, layout: str = "contiguous",

@@ -242,7 +242,12 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
         tol = check.attention_tolerances(dtype, dtype, keys, queries, problem.head_dim)
         # this rank's shard
         split = case.get("split", {}).get(str(world))
-        attn = sfd.ContextParallelAttention(pattern, problem, layout=case.get("layout", "contiguous"),
+        group = None
+        if case.get("mesh"):      # the split as the shape of a DeviceMesh
+            from torch.distributed.device_mesh import init_device_mesh
+
+            group, split = init_device_mesh("cpu", tuple(split)), None
+        attn = sfd.ContextParallelAttention(pattern, problem, layout=case.get("layout", "contiguous"), group=group,
                                             split=None if split is None else tuple(split),
                                             exchange=case.get("exchange", "auto"),
                                             chunk_elements=case.get("chunk_elements", sfd.CHUNK_ELEMENTS))
@@ -290,7 +295,7 @@ def attention_cases(rank: int, world: int, cases: list) -> list:
             plan_sent={d: plan.bytes_sent(rank, exchange=attn.exchange, direction=d, **row_kw)
                        for d in ("forward", "backward")},
             plan_received=plan.bytes_received(rank, **row_kw), senders=plan.senders(rank),
-            tokens=len(plan.tokens[rank]), events=trace.events, grouped=ids is not None or real is not None))
+            tokens=len(plan.tokens[rank]), split=list(plan.split), events=trace.events, grouped=ids is not None or real is not None))
         torch.distributed.barrier()
     return out
 

@@ -34,6 +34,8 @@ CASES = {
     # a 3-D grid cut in its two slowest dimensions
     "na3d_split": dict(pattern="Neighborhood((3, 3, 5), dilation=(1, 2, 1))", grid=[6, 9, 10], heads=2, head_dim=8,
                        dtype="fp32", split={"2": [1, 2], "4": [2, 2]}, executor=True),
+    "na3d_mesh": dict(pattern="Neighborhood((3, 3, 5), dilation=(1, 2, 1))", grid=[6, 9, 10], heads=2, head_dim=8,
+                      dtype="fp32", split={"2": [1, 2], "4": [2, 2]}, mesh=True),
     "na3d_dilated_fp64": dict(pattern="Neighborhood((3, 3, 5), dilation=(1, 2, 1))", grid=[8, 6, 10], heads=2,
                               head_dim=8, dtype="fp64"),
     # Full and Causal take the ring ("auto"); Full also point to point
@@ -122,6 +124,11 @@ def test_bytes_sent_equal_the_plan(results, name):
     for d in ("forward", "backward"):
         assert sum(r["stats"][f"{d}_bytes_sent"] for r in by_case[name]) == \
             sum(r["stats"][f"{d}_bytes_received"] for r in by_case[name]), (name, d)
+
+
+def test_an_n_d_mesh_splits_as_its_shape(results):
+    world, by_case = results
+    assert all(r["split"] == CASES["na3d_mesh"]["split"][str(world)] for r in by_case["na3d_mesh"])
 
 
 def test_documents_send_less_than_the_plan_of_full(results):
