@@ -329,12 +329,15 @@ class _ContextParallel(torch.autograd.Function):
 class ContextParallelAttention(torch.nn.Module):
     """Attention under ``pattern`` on ``problem``'s token grid, sharded over ``group``.
 
-    ``forward(q, k, v, scale=None, modifiers=None, return_lse=False)`` takes this rank's shards
-    (q [B, H, N_r, D], k/v [B, kv_heads, N_r, D], the rows ``plan.tokens[rank]`` of the full
-    tensors; or DTensors sharded on dimension 2, ``Shard(2)``, over a 1-D mesh of ``group``)
-    and returns this rank's output shard [B, H, N_r, D] (and LSE [B, H, N_r], natural log),
-    differentiable in q, k, v, a tensor ``scale`` and the modifiers' tensors. Every rank of the group must build the
-    module together and call it in the same order.
+    ``forward(q, k, v, scale=None, modifiers=None, return_lse=False, groups=None,
+    key_padding_mask=None)`` takes this rank's shards (q [B, H, N_r, D], k/v [B, kv_heads, N_r,
+    D], the rows ``plan.tokens[rank]`` of the full tensors; or DTensors sharded on dimension 2,
+    ``Shard(2)``, over a 1-D mesh of ``group``) and returns this rank's output shard
+    [B, H, N_r, D] (and LSE [B, H, N_r], natural log), differentiable in q, k, v, a tensor
+    ``scale`` and the modifiers' tensors. ``groups``: int [B, N_r], this rank's group ids
+    (``Grouped`` patterns); ``key_padding_mask``: bool [B, N_r], True for real tokens (padded
+    rows give zeros and LSE -inf). Every rank of the group must build the module together and
+    call it in the same order.
 
     group:    a ProcessGroup or a DeviceMesh (default: the world); an N-D mesh cuts the N
               leading grid dimensions (``split`` = the mesh's shape);
@@ -352,8 +355,8 @@ class ContextParallelAttention(torch.nn.Module):
     """
 
     def __init__(self, pattern: Pattern, problem: Problem, *, group=None, layout: str = "contiguous",
-                 split: tuple[int, ...] | None = None, exchange: str = "auto", plan: ExchangePlan | None = None, timeout=None,
-                 chunk_elements: int = CHUNK_ELEMENTS):
+                 split: tuple[int, ...] | None = None, exchange: str = "auto", plan: ExchangePlan | None = None,
+                 timeout=None, chunk_elements: int = CHUNK_ELEMENTS):
         super().__init__()
         import torch.distributed as dist
 
@@ -555,10 +558,12 @@ def _process_group(group, split):
 
 
 def context_parallel_attention(q, k, v, pattern: Pattern, problem: Problem, *, group=None, layout: str = "contiguous",
-                               split: tuple[int, ...] | None = None, exchange: str = "auto", scale=None, modifiers=None, timeout=None,
-                               return_lse: bool = False):
+                               split: tuple[int, ...] | None = None, exchange: str = "auto", scale=None,
+                               modifiers=None, timeout=None, return_lse: bool = False, groups=None,
+                               key_padding_mask=None):
     """One call of ``ContextParallelAttention`` (builds the plan each time: keep a module
     for repeated calls)."""
     attn = ContextParallelAttention(pattern, problem, group=group, layout=layout, split=split, exchange=exchange,
                                     timeout=timeout)
-    return attn(q, k, v, scale=scale, modifiers=modifiers, return_lse=return_lse)
+    return attn(q, k, v, scale=scale, modifiers=modifiers, return_lse=return_lse, groups=groups,
+                key_padding_mask=key_padding_mask)

@@ -48,8 +48,8 @@ from ..lower.schedule import TileSchedule, build_schedule
 LAYOUTS = ("contiguous", "zigzag")
 EXCHANGES = ("p2p", "ring")
 
-__all__ = ["EXCHANGES", "LAYOUTS", "RING_BYTES_RATIO", "ExchangePlan", "brute_force_recv", "choose_exchange", "plan_exchange",
-           "schedule_groups", "shard_sizes"]
+__all__ = ["EXCHANGES", "LAYOUTS", "RING_BYTES_RATIO", "ExchangePlan", "brute_force_recv", "choose_exchange",
+           "plan_exchange", "schedule_groups", "shard_sizes"]
 
 
 def shard_sizes(units: int, parts: int) -> list[int]:
