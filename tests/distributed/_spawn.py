@@ -76,7 +76,7 @@ def spawn(world: int, job: str, payload, *, timeout: float = 120.0, pg_timeout: 
 # ------------------------------------------------------------------------------------
 # Jobs
 # ------------------------------------------------------------------------------------
-DTYPES = {"fp32": "float32", "fp64": "float64"}
+DTYPES = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16"}
 
 
 def _case_objects(case: dict):

@@ -76,6 +76,10 @@ CASES = {
                                   batch=2, groups="documents", exchange="ring", modifiers=["alibi", "sinks"]),
     "padding_window": dict(pattern="SlidingWindow(5, right=2)", grid=[33], heads=2, head_dim=8, dtype="fp32",
                            batch=2, padding="both_sides", modifiers=["sinks"]),
+    # 16-bit inputs: K/V and p2p dK/dV travel in bf16, the ring's dK/dV sums in float32
+    "causal_sinks_bf16": dict(pattern="Causal() & (SlidingWindow(6) | Sink(3))", grid=[41], heads=4, kv_heads=2,
+                              head_dim=16, dtype="bf16", modifiers=["sinks", "alibi"]),
+    "full_ring_bf16": dict(pattern="Full()", grid=[30], heads=2, head_dim=16, dtype="bf16"),
     "relative_position_2d": dict(pattern="Neighborhood((3, 5), dilation=(2, 1))", grid=[12, 10], heads=2, head_dim=8,
                                  dtype="fp32", modifiers=["rpb"], scale="per_head"),
 }
