@@ -55,6 +55,16 @@ CASES = {
                                  cache_elements=0, modifiers=["sinks"]),
     "global_tokens": dict(pattern="SlidingWindow(2, right=2) | GlobalTokens((0, 29))", grid=[33], heads=2,
                           head_dim=8, dtype="fp32", executor=True),
+    # more families: blocks with an offset, grids, halos, strided shards, strided and causal neighborhoods
+    "blocks_offset": dict(pattern="Blocks(4, offset=(2, 1))", grid=[12, 10], heads=2, head_dim=8, dtype="fp32",
+                          executor=True),
+    "grid_2d": dict(pattern="Grid(3)", grid=[9, 6], heads=2, head_dim=8, dtype="fp32", executor=True),
+    "halo_2d": dict(pattern="Halo(block_size=3, halo=1)", grid=[12, 9], heads=2, head_dim=8, dtype="fp32",
+                    executor=True),
+    "strided_shards": dict(pattern="Causal() & StridedShards(4, 1, 2)", grid=[41], heads=2, head_dim=8, dtype="fp32",
+                           executor=True),
+    "na2d_strided_causal": dict(pattern="Neighborhood((3, 5), stride=(2, 1), causal=(True, False))", grid=[12, 10],
+                                heads=2, head_dim=8, dtype="fp32", executor=True),
     "per_head_mix": dict(pattern="PerHead([Neighborhood((3, 3)), Halo(2, 1)])", grid=[12, 8], heads=2, head_dim=8,
                          dtype="fp32", executor=True),
     # a learned per-head scale: its gradient is summed over the ranks
