@@ -4,8 +4,8 @@ one autograd Function.
 p2p (``plan.recv``: halos, sinks, global tokens):
 
 - forward: one round posts every send (the rows each peer needs) and every receive; the
-  rank computes against its own keys while they travel, then each peer's rows in rank order
-  as they arrive, merging by LSE;
+  rank computes against its own keys while they travel, then each peer's rows in rank order,
+  each as soon as it is in, merging by LSE;
 - backward: each received source's dQ share and dK/dV rows are computed first; one round
   sends those dK/dV rows home and receives its own rows' dK/dV from the peers that saw them,
   while the rank computes its own keys' share; the owner adds what arrives in rank order.
@@ -188,9 +188,11 @@ def _p2p_forward(side: _Rank, call: _Call, kv):
     round_ = side.link.post([(p, kv.index_select(2, rows.to(kv.device))) for p, rows in routes.outgoing.items()],
                             [(p, kv.new_empty(b, h, len(t), w)) for p, t in routes.incoming.items()], "forward")
     acc = call.forward(r, kv) if r in side.sources else None
-    received = dict(zip(routes.incoming, side.link.wait(round_)))
-    for p, rows in received.items():
-        acc = merge_into(acc, call.forward(p, rows))
+    received = {}
+    for i, p in enumerate(routes.incoming):       # each peer's rows as soon as they are in
+        received[p] = side.link.received(round_, i)
+        acc = merge_into(acc, call.forward(p, received[p]))
+    side.link.wait(round_)
     return acc, received
 
 

@@ -44,6 +44,7 @@ class Round:
     ops: list          # (peer, "send to" | "receive from") per work
     buffers: list
     phase: str
+    waited: set = dataclasses.field(default_factory=set)   # works already waited for (gloo waits once)
 
 
 @dataclasses.dataclass(eq=False)
@@ -96,16 +97,33 @@ class Link:
 
     def wait(self, round_: Round) -> list[torch.Tensor]:
         """Wait for every message of a round; the filled receive buffers, in posting order."""
-        for work, (peer, what) in zip(round_.works, round_.ops):
-            try:
-                work.wait(self.timeout)
-            except Exception as e:  # gloo: a timeout or "connection closed by peer"
-                first = str(e).splitlines()[0] if str(e) else ""
-                raise PeerError(
-                    f"sparseforge.distributed: rank {self.rank} could not {what} {_peer(peer)} in the "
-                    f"{round_.phase} K/V exchange of {self.name} within {self.timeout.total_seconds():g} s: the "
-                    f"peer process died or is stuck ({type(e).__name__}: {first})") from e
+        for i in range(len(round_.works)):
+            self._wait_work(round_, i)
         return round_.buffers
+
+    def received(self, round_: Round, i: int) -> torch.Tensor:
+        """Wait for the i-th receive of a round only (receives are posted first); its buffer.
+        Where the backend returns one work for the whole round (NCCL coalesces a batch),
+        that is the whole round."""
+        if len(round_.works) == len(round_.ops):
+            self._wait_work(round_, i)
+        else:
+            self.wait(round_)
+        return round_.buffers[i]
+
+    def _wait_work(self, round_: Round, i: int) -> None:
+        if i in round_.waited:
+            return
+        round_.waited.add(i)
+        peer, what = round_.ops[i] if len(round_.works) == len(round_.ops) else ("all", "exchange with")
+        try:
+            round_.works[i].wait(self.timeout)
+        except Exception as e:  # gloo: a timeout or "connection closed by peer"
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise PeerError(
+                f"sparseforge.distributed: rank {self.rank} could not {what} {_peer(peer)} in the "
+                f"{round_.phase} K/V exchange of {self.name} within {self.timeout.total_seconds():g} s: the "
+                f"peer process died or is stuck ({type(e).__name__}: {first})") from e
 
 
 def _peer(peer) -> str:

@@ -188,6 +188,7 @@ class _Trace:
         self.events, self._undo = [], []
         self._wrap(comm.Link, "post", lambda a, kw: f"post {a[3] if len(a) > 3 else kw['phase']}")
         self._wrap(comm.Link, "wait", lambda a, kw: f"wait {a[1].phase}")
+        self._wrap(comm.Link, "received", lambda a, kw: f"wait {a[1].phase}")
         self._wrap(attention._Call, "forward", lambda a, kw: f"compute forward {a[1]}")
         self._wrap(attention._Call, "backward", lambda a, kw: f"compute backward {a[1]}")
 
