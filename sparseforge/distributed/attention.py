@@ -33,10 +33,11 @@ import functools
 
 import torch
 
-from ..dsl.content import Grouped
+from ..dsl.content import Grouped, check_groups
 from ..dsl.pattern import Pattern
 from ..dsl.sequence import Causal, Full
 from ..dsl.problem import Problem
+from ..dsl.semantics import check_key_padding_mask
 from ..backends.cpu import Scores
 from ..dsl.modifiers import Modifiers, check_modifiers, modifier_tensors
 from ..runtime.grouped import split_grouped
@@ -176,7 +177,10 @@ def _empty_result(q, dv: int, ct):
 
 
 def _add(total, part):
-    return part if total is None else tuple(a + b for a, b in zip(total, part))
+    """``total + part`` (a tensor, or tuples elementwise); ``part`` when ``total`` is None."""
+    if total is None:
+        return part
+    return total + part if isinstance(part, torch.Tensor) else tuple(a + b for a, b in zip(total, part))
 
 
 # ------------------------------------------------------------------------------------
@@ -202,17 +206,18 @@ def _p2p_backward(side: _Rank, call: _Call, kv, out, lse, dout, dlse, received):
     dq, grads, sends = None, None, []
     for p, rows in received.items():
         dq_p, dkv_p, g = call.backward(p, rows, out, lse, dout, dlse)
-        dq, grads = _add(dq, (dq_p,)), _add(grads, g)
+        dq, grads = _add(dq, dq_p), _add(grads, g)
         sends.append((p, dkv_p.to(kv.dtype)))
     round_ = side.link.post(sends, [(p, kv.new_empty(b, h, len(rows), w)) for p, rows in routes.outgoing.items()],
                             "backward")
-    dkv = kv.new_zeros(kv.shape, dtype=call.ct)
     if r in side.sources:
-        dq_r, dkv_r, g = call.backward(r, kv, out, lse, dout, dlse)
-        dq, grads, dkv = _add(dq, (dq_r,)), _add(grads, g), dkv_r
+        dq_r, dkv, g = call.backward(r, kv, out, lse, dout, dlse)
+        dq, grads = _add(dq, dq_r), _add(grads, g)
+    else:
+        dkv = kv.new_zeros(kv.shape, dtype=call.ct)
     for (p, rows), grad in zip(routes.outgoing.items(), side.link.wait(round_)):
         dkv.index_add_(2, rows.to(dkv.device), grad.to(call.ct))
-    return (None if dq is None else dq[0]), dkv, grads
+    return dq, dkv, grads
 
 
 # ------------------------------------------------------------------------------------
@@ -261,7 +266,7 @@ def _ring_backward(side: _Rank, call: _Call, kv, out, lse, dout, dlse):
                 dkv = kv.new_zeros(kv.shape, dtype=call.ct)
             if owner in side.sources:
                 dq_s, dkv_s, g = call.backward(owner, block, out, lse, dout, dlse)
-                dq, grads, dkv = _add(dq, (dq_s,)), _add(grads, g), dkv + dkv_s
+                dq, grads, dkv = _add(dq, dq_s), _add(grads, g), dkv + dkv_s
         sends = []
         if block is not None and hops > 0:
             sends.append((nxt if passes_on else owner, dkv))
@@ -277,7 +282,7 @@ def _ring_backward(side: _Rank, call: _Call, kv, out, lse, dout, dlse):
         dkv = arrived_b[0] if next_arrives else None
         if 0 < home == step:
             dkv_own = arrived_b[-1]
-    return (None if dq is None else dq[0]), dkv_own, grads
+    return dq, dkv_own, grads
 
 
 # ------------------------------------------------------------------------------------
@@ -424,20 +429,13 @@ class ContextParallelAttention(torch.nn.Module):
         if self.grouped is not None and groups is None:
             raise ValueError(f"{self.pattern!r} needs groups=: this rank's group ids, int [B, N_local={n_r}]")
         if groups is not None:
-            if not isinstance(groups, torch.Tensor) or groups.dtype.is_floating_point or groups.dtype == torch.bool \
-                    or tuple(groups.shape) != (b, n_r):
-                what = f"{groups.dtype} {list(groups.shape)}" if isinstance(groups, torch.Tensor) else \
-                    type(groups).__name__
-                raise ValueError(f"groups must be this rank's group ids, int [B={b}, N_local={n_r}] (one grouping "
-                                 f"for every head), got {what}")
-            groups = groups.long()
+            groups = check_groups(groups, b, self.problem.heads, n_r, keep_device=True)
+            if groups.shape[1] != 1:
+                raise ValueError(f"groups of shape {tuple(groups.shape)}: per-head group ids are not supported in "
+                                 f"context parallelism; give one grouping [B={b}, N_local={n_r}] for every head")
+            groups = groups[:, 0]
         if key_padding_mask is not None:
-            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool \
-                    or tuple(key_padding_mask.shape) != (b, n_r):
-                what = f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}" \
-                    if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
-                raise ValueError(f"key_padding_mask must be bool [B={b}, N_local={n_r}] (True: a real token) for this "
-                                 f"rank's tokens, got {what}")
+            check_key_padding_mask(key_padding_mask, b, n_r, q.device)
         return groups, key_padding_mask
 
     def _group_ids(self, groups, key_padding_mask):

@@ -17,6 +17,7 @@ compute, a source at a time, in both directions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -70,9 +71,7 @@ class LocalWork:
         self.chunk_elements = chunk_elements
         self.query_tokens = plan.tokens[rank]
         n, world = self.problem.tokens, plan.world_size
-        self.owner = torch.empty(n, dtype=torch.long)
-        for r, t in enumerate(plan.tokens):
-            self.owner[t] = r
+        self.owner = plan.owner
         local_row = torch.full((n,), -1, dtype=torch.long)
         local_row[self.query_tokens] = torch.arange(len(self.query_tokens))
         pieces: dict[int, list[Piece]] = {}
@@ -128,6 +127,7 @@ class LocalWork:
                 if len(keys):
                     yield heads, queries, keys, mask
 
+    @functools.lru_cache(maxsize=None)
     def elements(self, source: int) -> int:
         """Query x key entries of ``source``'s pieces (partial tiles counted whole)."""
         total = 0

@@ -85,6 +85,14 @@ def _rank_tokens(problem: Problem, world_size: int, layout: str, split: tuple[in
     return tuple(block(tuple(int(i) for i in np.unravel_index(r, split))) for r in range(world_size))
 
 
+def token_owner(tokens: tuple[torch.Tensor, ...], n: int) -> torch.Tensor:
+    """int64 [n]: the rank holding each token (``tokens[r]``: rank r's tokens)."""
+    owner = torch.empty(n, dtype=torch.long)
+    for r, t in enumerate(tokens):
+        owner[t] = r
+    return owner
+
+
 # ------------------------------------------------------------------------------------
 # The schedule, decoded per head group
 # ------------------------------------------------------------------------------------
@@ -151,6 +159,11 @@ class ExchangePlan:
     build_seconds: float = 0.0
 
     # -- who needs what ---------------------------------------------------------------
+    @functools.cached_property
+    def owner(self) -> torch.Tensor:
+        """int64 [N]: the rank holding each token."""
+        return token_owner(self.tokens, self.problem.tokens)
+
     def needs(self, rank: int, owner: int) -> bool:
         """Do rank ``rank``'s queries see any key of ``owner`` (always for its own)."""
         return rank == owner or len(self.recv[rank][owner]) > 0
@@ -307,9 +320,7 @@ def plan_exchange(pattern: Pattern, problem: Problem, world_size: int, *, layout
         count_work = problem.tokens <= 1 << 16
     tokens = _rank_tokens(problem, world_size, layout, split)
     n, world = problem.tokens, world_size
-    owner = torch.empty(n, dtype=torch.long)
-    for r, t in enumerate(tokens):
-        owner[t] = r
+    owner = token_owner(tokens, n)
     sched = build_schedule(pattern, problem) if schedule is None else schedule
     ctx = make_context(pattern, problem)
     needed = torch.zeros(world, n, dtype=torch.bool)

@@ -206,7 +206,7 @@ def test_dtensor_inputs_and_torch_compile():
         # bad arguments are refused by name
         words = {"exchange": "exchange", "chunk_elements": "chunk_elements", "shape": "N_local",
                  "placements": "Shard(2)", "mixed": "all be DTensors", "groups_unexpected": "groups= is for Grouped",
-                 "groups_missing": "needs groups=", "groups_shape": "groups must be", "padding_dtype": "key_padding_mask",
+                 "groups_missing": "needs groups=", "groups_shape": "groups must have shape", "padding_dtype": "key_padding_mask",
                  "scale": "scale"}
         for name, word in words.items():
             assert r["argument_errors"][name] and word in r["argument_errors"][name], (name, r["argument_errors"][name])
